@@ -1,0 +1,1 @@
+"""Triton kernel templates that patterncc's code generator fills (shipped as patterncc.kernels)."""

@@ -1,0 +1,912 @@
+"""Pattern IR: small immutable nodes, one per primitive or operator.
+
+Every node is a frozen dataclass with a canonical printed form (``str(node)`` re-parses to
+an equal node). A primitive keeps its whole meaning in one place:
+
+* ``allowed(ctx, q, k)`` -- the token predicate on broadcast integer arrays;
+* ``candidates(ctx)`` -- an analytic superset of the key blocks it touches, as
+  (query block, key block) pairs, never a T x T array;
+* ``classify(ctx, qb, kb)`` -- exact per-block state: EMPTY, PARTIAL or FULL;
+* ``estimate(ctx)`` -- an upper bound on its number of candidate blocks, so an
+  intersection enumerates only its cheapest term;
+* ``triton(names)`` -- the predicate as a Triton expression (used by codegen).
+
+Head selection (``heads=``) and dilation are resolved by ``specialize(head)``, which
+returns a head-free node: the layout and the kernels evaluate those, so primitives never
+look at head numbers themselves.
+
+Example:
+    >>> import patterncc
+    >>> p = patterncc.parse("global([0]) | window(256)")
+    >>> str(p)
+    'global([0]) | window(256)'
+    >>> str(p.specialize(0))
+    'global([0]) | window(256)'
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+
+from .errors import PatternError, Span
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+INT, INDICES = "int", "indices"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of a primitive as written in the language (also usable by keyword)."""
+
+    name: str
+    kind: str = INT
+    minimum: int | None = None
+    default: object = None
+    required: bool = True
+    meaning: str = ""
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a pattern needs to know to become concrete: sequence length and block size."""
+
+    seq_len: int
+    block: int
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.seq_len // self.block)
+
+    def bounds(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First and last token (inclusive) of each block in ``b``; the tail block is short."""
+        lo = b * self.block
+        hi = np.minimum(lo + self.block, self.seq_len) - 1
+        return lo, hi
+
+
+# ----------------------------------------------------------------------------------------
+# helpers shared by the primitives' block footprints
+
+
+def _diagonals(ctx: Ctx, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (qb, kb) with qb - kb in ``deltas`` inside the nb x nb block grid."""
+    nb = ctx.nblocks
+    deltas = np.unique(deltas[(deltas > -nb) & (deltas < nb)]).astype(np.int64)
+    if deltas.size == 0:
+        return _no_blocks()
+    start = np.maximum(deltas, 0)
+    lengths = nb - np.abs(deltas)
+    qb = _ranges(start, lengths)
+    kb = qb - np.repeat(deltas, lengths)
+    return qb, kb
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts.astype(np.int64), lengths) + (np.arange(total, dtype=np.int64) - offsets)
+
+
+def _rows_of_ranges(ctx: Ctx, k_first: np.ndarray, k_last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every query block i, key blocks k_first[i]..k_last[i] (inclusive)."""
+    nb = ctx.nblocks
+    k_first = np.clip(k_first, 0, nb - 1)
+    k_last = np.clip(k_last, -1, nb - 1)
+    lengths = np.maximum(k_last - k_first + 1, 0)
+    qb = np.repeat(np.arange(nb, dtype=np.int64), lengths)
+    return qb, _ranges(k_first, lengths)
+
+
+def _no_blocks() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def _has_multiple(lo: np.ndarray, hi: np.ndarray, d: int) -> np.ndarray:
+    """Whether the integer interval [lo, hi] holds a multiple of d (empty if lo > hi)."""
+    return (lo <= hi) & ((hi // d) * d >= lo)
+
+
+def _state(touched: np.ndarray, full: np.ndarray) -> np.ndarray:
+    return np.where(full & touched, FULL, np.where(touched, PARTIAL, EMPTY)).astype(np.int8)
+
+
+def _heads_str(heads: tuple[int, ...] | None) -> str:
+    return "" if heads is None else f", heads=[{', '.join(map(str, heads))}]"
+
+
+def _heads_arg(heads: tuple[int, ...] | None) -> str:
+    return "" if heads is None else f"heads=[{', '.join(map(str, heads))}]"
+
+
+# ----------------------------------------------------------------------------------------
+# base classes
+
+
+class Pattern:
+    """Base of every IR node. Combine with ``|`` and ``&`` like in the language."""
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return union([self, other])
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return intersect([self, other])
+
+    # -- analysis hooks, overridden by each node
+    def specialize(self, head: int) -> "Pattern":
+        raise NotImplementedError
+
+    def allowed(self, ctx: Ctx, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def candidates(self, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def classify(self, ctx: Ctx, qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def estimate(self, ctx: Ctx) -> int:
+        raise NotImplementedError
+
+    def triton(self, names: "TritonNames") -> str:
+        raise NotImplementedError
+
+    # -- structure
+    def children(self) -> tuple["Pattern", ...]:
+        return ()
+
+    def walk(self) -> Iterable["Pattern"]:
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+    def max_head(self) -> int:
+        """Largest head number named anywhere in the pattern (-1 if none)."""
+        m = -1
+        for node in self.walk():
+            heads = getattr(node, "heads", None)
+            if heads:
+                m = max(m, max(heads))
+        return m
+
+    def check_heads(self, num_heads: int) -> None:
+        """Raise PatternError if a ``heads=`` selection names a head >= num_heads."""
+        for node in self.walk():
+            heads = getattr(node, "heads", None)
+            if heads and max(heads) >= num_heads:
+                raise PatternError(
+                    f"head {max(heads)} selected by '{node}' does not exist: "
+                    f"the attention has {num_heads} heads (0..{num_heads - 1})",
+                    getattr(node, "span", None),
+                )
+
+    def head_dependent(self) -> bool:
+        return any(getattr(n, "heads", None) is not None or isinstance(n, Random) for n in self.walk())
+
+
+@dataclass(frozen=True)
+class TritonNames:
+    """Names the generated kernel uses for the quantities a predicate may read."""
+
+    q: str = "offs_m"
+    k: str = "offs_n"
+    head: str = "head"
+    seq_len: str = "SEQ_LEN"
+    block: str = "LAYOUT_BLOCK"
+
+
+@dataclass(frozen=True)
+class Primitive(Pattern):
+    """A leaf of the IR. Subclasses declare ``name`` and their fields."""
+
+    name = "?"
+
+    def _args(self) -> list[str]:
+        return []
+
+    def __str__(self) -> str:
+        args = self._args()
+        heads = _heads_arg(getattr(self, "heads", None))
+        if heads:
+            args.append(heads)
+        if not args and self.name in NULLARY:
+            return self.name
+        return f"{self.name}({', '.join(args)})"
+
+    def specialize(self, head: int) -> Pattern:
+        heads = getattr(self, "heads", None)
+        if heads is None:
+            return self
+        if head not in heads:
+            return Empty()
+        return replace(self, heads=None)
+
+    def map_windows(self, dilation: int) -> Pattern:
+        return self
+
+
+NULLARY = {"causal", "dense", "empty"}
+
+
+# ----------------------------------------------------------------------------------------
+# primitives
+
+
+@dataclass(frozen=True)
+class Window(Primitive):
+    """``window(w)``: |q - k| <= w. With dilation d: |q - k| <= w*d and (q - k) mod d == 0."""
+
+    w: int
+    dilation: int = 1
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "window"
+    params = (Param("w", minimum=0, meaning="half-width in tokens"),
+              Param("dilation", minimum=1, default=1, required=False, meaning="dilation factor"))
+
+    def _args(self):
+        a = [str(self.w)]
+        if self.dilation != 1:
+            a.append(f"dilation={self.dilation}")
+        return a
+
+    def map_windows(self, dilation: int) -> Pattern:
+        return replace(self, dilation=self.dilation * dilation)
+
+    @property
+    def reach(self) -> int:
+        return self.w * self.dilation
+
+    def allowed(self, ctx, q, k):
+        d = q - k
+        ok = np.abs(d) <= self.reach
+        return ok & (d % self.dilation == 0) if self.dilation > 1 else ok
+
+    def candidates(self, ctx):
+        r = -(-self.reach // ctx.block) + 1
+        return _diagonals(ctx, np.arange(-r, r + 1))
+
+    def classify(self, ctx, qb, kb):
+        q0, q1 = ctx.bounds(qb)
+        k0, k1 = ctx.bounds(kb)
+        lo, hi = q0 - k1, q1 - k0
+        a, b = np.maximum(lo, -self.reach), np.minimum(hi, self.reach)
+        touched = _has_multiple(a, b, self.dilation)
+        inside = (lo >= -self.reach) & (hi <= self.reach)
+        full = inside & ((self.dilation == 1) | ((lo == hi) & (lo % self.dilation == 0)))
+        return _state(touched, full)
+
+    def estimate(self, ctx):
+        return ctx.nblocks * (2 * (-(-self.reach // ctx.block)) + 3)
+
+    def triton(self, n):
+        d = f"({n.q}[:, None] - {n.k}[None, :])"
+        expr = f"(({d} <= {self.reach}) & ({d} >= -{self.reach}))"
+        if self.dilation > 1:
+            expr = f"({expr} & ({d} % {self.dilation} == 0))"
+        return expr
+
+
+@dataclass(frozen=True)
+class Causal(Primitive):
+    """``causal``: k <= q."""
+
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "causal"
+    params = ()
+
+    def allowed(self, ctx, q, k):
+        return k <= q
+
+    def candidates(self, ctx):
+        nb = ctx.nblocks
+        return _rows_of_ranges(ctx, np.zeros(nb, np.int64), np.arange(nb, dtype=np.int64))
+
+    def classify(self, ctx, qb, kb):
+        q0, q1 = ctx.bounds(qb)
+        k0, k1 = ctx.bounds(kb)
+        return _state(k0 <= q1, k1 <= q0)
+
+    def estimate(self, ctx):
+        nb = ctx.nblocks
+        return nb * (nb + 1) // 2
+
+    def triton(self, n):
+        return f"({n.k}[None, :] <= {n.q}[:, None])"
+
+
+@dataclass(frozen=True)
+class Dense(Primitive):
+    """``dense``: every pair."""
+
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "dense"
+    params = ()
+
+    def allowed(self, ctx, q, k):
+        return np.ones(np.broadcast_shapes(np.shape(q), np.shape(k)), bool)
+
+    def candidates(self, ctx):
+        nb = ctx.nblocks
+        return _rows_of_ranges(ctx, np.zeros(nb, np.int64), np.full(nb, nb - 1, np.int64))
+
+    def classify(self, ctx, qb, kb):
+        return np.full(np.shape(qb), FULL, np.int8)
+
+    def estimate(self, ctx):
+        return ctx.nblocks ** 2
+
+    def triton(self, n):
+        return "True"
+
+
+@dataclass(frozen=True)
+class Empty(Primitive):
+    """No pair at all. Only appears after ``specialize`` removes a term from a head."""
+
+    name = "empty"
+    params = ()
+
+    def allowed(self, ctx, q, k):
+        return np.zeros(np.broadcast_shapes(np.shape(q), np.shape(k)), bool)
+
+    def candidates(self, ctx):
+        return _no_blocks()
+
+    def classify(self, ctx, qb, kb):
+        return np.zeros(np.shape(qb), np.int8)
+
+    def estimate(self, ctx):
+        return 0
+
+    def triton(self, n):
+        return "False"
+
+
+@dataclass(frozen=True)
+class IndexRange:
+    """``a..b`` inside a global index list: a <= i < b."""
+
+    start: int
+    stop: int
+
+    def __str__(self):
+        return f"{self.start}..{self.stop}"
+
+
+@dataclass(frozen=True)
+class Global(Primitive):
+    """``global(idx)``: q in idx or k in idx. Negative indices count from the end."""
+
+    items: tuple[int | IndexRange, ...]
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "global"
+    params = (Param("items", INDICES, meaning="token indices: a list, a range a..b, or both"),)
+
+    def _args(self):
+        if len(self.items) == 1 and isinstance(self.items[0], IndexRange):
+            return [str(self.items[0])]
+        return [f"[{', '.join(map(str, self.items))}]"]
+
+    def indices(self, seq_len: int) -> np.ndarray:
+        """The sorted distinct token positions for a sequence of ``seq_len`` tokens."""
+        return _global_indices(self, seq_len)
+
+    def _member(self, ctx) -> np.ndarray:
+        return _global_member(self, ctx.seq_len)
+
+    def allowed(self, ctx, q, k):
+        m = self._member(ctx)
+        return m[q] | m[k]
+
+    def _rows(self, ctx) -> np.ndarray:
+        return np.unique(self.indices(ctx.seq_len) // ctx.block)
+
+    def candidates(self, ctx):
+        nb = ctx.nblocks
+        rows = self._rows(ctx)
+        all_b = np.arange(nb, dtype=np.int64)
+        qb = np.concatenate([np.repeat(rows, nb), np.tile(all_b, rows.size)])
+        kb = np.concatenate([np.tile(all_b, rows.size), np.repeat(rows, nb)])
+        return qb, kb
+
+    def classify(self, ctx, qb, kb):
+        count = np.bincount(self.indices(ctx.seq_len) // ctx.block, minlength=ctx.nblocks)
+        lo, hi = ctx.bounds(np.arange(ctx.nblocks))
+        whole = count == (hi - lo + 1)
+        touched = (count[qb] > 0) | (count[kb] > 0)
+        return _state(touched, whole[qb] | whole[kb])
+
+    def estimate(self, ctx):
+        return 2 * ctx.nblocks * min(ctx.nblocks, self.size_bound(ctx.seq_len))
+
+    def size_bound(self, seq_len: int) -> int:
+        return sum(1 if isinstance(i, int) else max(0, i.stop - i.start) for i in self.items)
+
+    def triton(self, n):
+        return f"({self._member_expr(n, n.q + '[:, None]')} | {self._member_expr(n, n.k + '[None, :]')})"
+
+    def _member_expr(self, n, x):
+        terms = []
+        for i in self.items:
+            if isinstance(i, IndexRange):
+                terms.append(f"(({x} >= {i.start}) & ({x} < {i.stop}))")
+            elif i < 0:
+                terms.append(f"({x} == {n.seq_len} - {-i})")
+            else:
+                terms.append(f"({x} == {i})")
+        return "(" + " | ".join(terms) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _global_indices(node: Global, seq_len: int) -> np.ndarray:
+    parts = []
+    for item in node.items:
+        if isinstance(item, IndexRange):
+            if item.stop > seq_len:
+                raise PatternError(
+                    f"global range {item} reaches past the end of the sequence "
+                    f"(seq_len={seq_len}, valid positions 0..{seq_len - 1})",
+                    node.span,
+                )
+            parts.append(np.arange(item.start, item.stop, dtype=np.int64))
+        else:
+            i = item + seq_len if item < 0 else item
+            if not 0 <= i < seq_len:
+                raise PatternError(
+                    f"global index {item} is outside the sequence "
+                    f"(seq_len={seq_len}: valid indices are {-seq_len}..{seq_len - 1})",
+                    node.span,
+                )
+            parts.append(np.array([i], np.int64))
+    out = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _global_member(node: Global, seq_len: int) -> np.ndarray:
+    m = np.zeros(seq_len, bool)
+    m[_global_indices(node, seq_len)] = True
+    m.flags.writeable = False
+    return m
+
+
+@dataclass(frozen=True)
+class Sink(Primitive):
+    """``sink(n)``: k < n (the first n tokens are visible to every query)."""
+
+    n: int
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "sink"
+    params = (Param("n", minimum=1, meaning="number of sink tokens"),)
+
+    def _args(self):
+        return [str(self.n)]
+
+    def allowed(self, ctx, q, k):
+        return np.broadcast_to(k < self.n, np.broadcast_shapes(np.shape(q), np.shape(k)))
+
+    def candidates(self, ctx):
+        nb = ctx.nblocks
+        last = min(nb, -(-self.n // ctx.block)) - 1
+        return _rows_of_ranges(ctx, np.zeros(nb, np.int64), np.full(nb, last, np.int64))
+
+    def classify(self, ctx, qb, kb):
+        k0, k1 = ctx.bounds(kb)
+        return _state(k0 < self.n, k1 < self.n)
+
+    def estimate(self, ctx):
+        return ctx.nblocks * min(ctx.nblocks, -(-self.n // ctx.block))
+
+    def triton(self, n):
+        return f"({n.k}[None, :] < {self.n})"
+
+
+@dataclass(frozen=True)
+class Strided(Primitive):
+    """``strided(s)``: (q - k) mod s == 0."""
+
+    s: int
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "strided"
+    params = (Param("s", minimum=1, meaning="stride in tokens"),)
+
+    def _args(self):
+        return [str(self.s)]
+
+    def allowed(self, ctx, q, k):
+        return (q - k) % self.s == 0
+
+    def candidates(self, ctx):
+        t = ctx.seq_len
+        multiples = np.arange(-((t - 1) // self.s), (t - 1) // self.s + 1, dtype=np.int64) * self.s
+        deltas = np.concatenate([multiples // ctx.block, -((-multiples) // ctx.block)])
+        return _diagonals(ctx, deltas)
+
+    def classify(self, ctx, qb, kb):
+        q0, q1 = ctx.bounds(qb)
+        k0, k1 = ctx.bounds(kb)
+        lo, hi = q0 - k1, q1 - k0
+        full = (self.s == 1) | ((lo == hi) & (lo % self.s == 0))
+        return _state(_has_multiple(lo, hi, self.s), full)
+
+    def estimate(self, ctx):
+        nb = ctx.nblocks
+        return nb * min(nb, 2 * (-(-ctx.seq_len // self.s)) + 2)
+
+    def triton(self, n):
+        return f"((({n.q}[:, None] - {n.k}[None, :]) % {self.s}) == 0)"
+
+
+@dataclass(frozen=True)
+class Block(Primitive):
+    """``block(b)``: floor(q / b) == floor(k / b) (block-local attention)."""
+
+    b: int
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "block"
+    params = (Param("b", minimum=1, meaning="block length in tokens"),)
+
+    def _args(self):
+        return [str(self.b)]
+
+    def allowed(self, ctx, q, k):
+        return q // self.b == k // self.b
+
+    def candidates(self, ctx):
+        q0, q1 = ctx.bounds(np.arange(ctx.nblocks, dtype=np.int64))
+        first_key = (q0 // self.b) * self.b
+        last_key = np.minimum((q1 // self.b + 1) * self.b, ctx.seq_len) - 1
+        return _rows_of_ranges(ctx, first_key // ctx.block, last_key // ctx.block)
+
+    def classify(self, ctx, qb, kb):
+        q0, q1 = ctx.bounds(qb)
+        k0, k1 = ctx.bounds(kb)
+        a0, a1, b0, b1 = q0 // self.b, q1 // self.b, k0 // self.b, k1 // self.b
+        touched = np.maximum(a0, b0) <= np.minimum(a1, b1)
+        return _state(touched, (a0 == a1) & (b0 == b1) & (a0 == b0))
+
+    def estimate(self, ctx):
+        return ctx.nblocks * (-(-self.b // ctx.block) + 2)
+
+    def triton(self, n):
+        return f"(({n.q}[:, None] // {self.b}) == ({n.k}[None, :] // {self.b}))"
+
+
+@dataclass(frozen=True)
+class Random(Primitive):
+    """``random(r, seed=s)``: BigBird block-random attention.
+
+    Each query block attends ceil(r / block) distinct whole key blocks, drawn from the
+    seed and, after ``specialize``, the head number, so heads differ but every process
+    and device draws the same blocks.
+    """
+
+    r: int
+    seed: int = 0
+    heads: tuple[int, ...] | None = None
+    stream: int | None = None  # the head it was specialised for; None in parsed IR
+    span: Span | None = field(default=None, compare=False, repr=False)
+    name = "random"
+    params = (Param("r", minimum=1, meaning="random keys per query block, in tokens"),
+              Param("seed", minimum=0, default=0, required=False, meaning="random seed"))
+
+    def _args(self):
+        a = [str(self.r), f"seed={self.seed}"]
+        if self.stream is not None:
+            a.append(f"stream={self.stream}")
+        return a
+
+    def specialize(self, head):
+        if self.heads is not None and head not in self.heads:
+            return Empty()
+        return replace(self, heads=None, stream=head)
+
+    def chosen(self, ctx: Ctx) -> np.ndarray:
+        """[nblocks, per_row] key blocks drawn for each query block."""
+        return _random_blocks(self.r, self.seed, self.stream or 0, ctx.block, ctx.nblocks)
+
+    def allowed(self, ctx, q, k):
+        sel = self.chosen(ctx)[q // ctx.block]
+        return (sel == (k // ctx.block)[..., None]).any(-1)
+
+    def candidates(self, ctx):
+        sel = self.chosen(ctx)
+        qb = np.repeat(np.arange(ctx.nblocks, dtype=np.int64), sel.shape[1])
+        return qb, sel.reshape(-1)
+
+    def classify(self, ctx, qb, kb):
+        sel = self.chosen(ctx)
+        hit = (sel[qb] == kb[:, None]).any(-1)
+        return _state(hit, hit)
+
+    def estimate(self, ctx):
+        return ctx.nblocks * min(ctx.nblocks, -(-self.r // ctx.block))
+
+    def triton(self, n):
+        # Random blocks are whole blocks: the layout marks them FULL. Inside a PARTIAL
+        # block (random intersected with something) the kernel reads a per-block flag.
+        raise NotImplementedError("random terms are lowered through per-block flags")
+
+
+@functools.lru_cache(maxsize=512)
+def _random_blocks(r: int, seed: int, stream: int, block: int, nb: int) -> np.ndarray:
+    per_row = min(nb, -(-r // block))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream])))
+    chosen = np.empty((nb, per_row), np.int64)
+    # Floyd's sampling, vectorised over query blocks: per_row distinct draws per row.
+    for i, j in enumerate(range(nb - per_row, nb)):
+        t = rng.integers(0, j + 1, size=nb)
+        dup = (chosen[:, :i] == t[:, None]).any(1)
+        chosen[:, i] = np.where(dup, j, t)
+    chosen.sort(axis=1)
+    chosen.flags.writeable = False
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------
+# operators
+
+
+def _paren(node: Pattern, inside: type) -> str:
+    s = str(node)
+    if isinstance(node, (Union, Dilate)) or (isinstance(node, Intersect) and inside is Intersect):
+        return f"({s})"
+    return s
+
+
+@dataclass(frozen=True)
+class Union(Pattern):
+    """``a | b | ...``: a pair is allowed if any term allows it."""
+
+    terms: tuple[Pattern, ...]
+
+    def children(self):
+        return self.terms
+
+    def __str__(self):
+        return " | ".join(_paren(t, Union) if isinstance(t, Dilate) else str(t) for t in self.terms)
+
+    def specialize(self, head):
+        return union(t.specialize(head) for t in self.terms)
+
+    def map_windows(self, dilation):
+        return union(t.map_windows(dilation) for t in self.terms)
+
+    def allowed(self, ctx, q, k):
+        out = self.terms[0].allowed(ctx, q, k)
+        for t in self.terms[1:]:
+            out = out | t.allowed(ctx, q, k)
+        return out
+
+    def candidates(self, ctx):
+        parts = [t.candidates(ctx) for t in self.terms]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def classify(self, ctx, qb, kb):
+        # Exact about emptiness; a block covered only by the union of PARTIAL terms stays
+        # PARTIAL (the predicate is then evaluated, which is correct if not the fastest).
+        out = self.terms[0].classify(ctx, qb, kb)
+        for t in self.terms[1:]:
+            out = np.maximum(out, t.classify(ctx, qb, kb))
+        return out
+
+    def estimate(self, ctx):
+        return sum(t.estimate(ctx) for t in self.terms)
+
+    def triton(self, n):
+        return "(" + " | ".join(t.triton(n) for t in self.terms) + ")"
+
+
+@dataclass(frozen=True)
+class Intersect(Pattern):
+    """``a & b & ...``: a pair is allowed if every term allows it."""
+
+    terms: tuple[Pattern, ...]
+
+    def children(self):
+        return self.terms
+
+    def __str__(self):
+        return " & ".join(_paren(t, Intersect) for t in self.terms)
+
+    def specialize(self, head):
+        return intersect(t.specialize(head) for t in self.terms)
+
+    def map_windows(self, dilation):
+        return intersect(t.map_windows(dilation) for t in self.terms)
+
+    def allowed(self, ctx, q, k):
+        out = self.terms[0].allowed(ctx, q, k)
+        for t in self.terms[1:]:
+            out = out & t.allowed(ctx, q, k)
+        return out
+
+    def candidates(self, ctx):
+        # Enumerate only the cheapest term; classify() filters by the others.
+        return min(self.terms, key=lambda t: t.estimate(ctx)).candidates(ctx)
+
+    def classify(self, ctx, qb, kb):
+        states = np.stack([t.classify(ctx, qb, kb) for t in self.terms])
+        out = states.min(0)
+        # Two PARTIAL terms may not overlap inside a block: settle those at token level
+        # so that no listed block is empty. Rare in practice (e.g. a dilated window's
+        # diagonal block intersected with causal), and bounded by touched blocks.
+        unsure = np.flatnonzero((out == PARTIAL) & ((states == PARTIAL).sum(0) >= 2))
+        if unsure.size:
+            out[unsure] = np.where(_blocks_any(self, ctx, qb[unsure], kb[unsure]), PARTIAL, EMPTY)
+        return out
+
+    def estimate(self, ctx):
+        return min(t.estimate(ctx) for t in self.terms)
+
+    def triton(self, n):
+        return "(" + " & ".join(t.triton(n) for t in self.terms) + ")"
+
+
+def _blocks_any(node: Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Whether each listed block holds at least one allowed pair (token-level check)."""
+    out = np.zeros(qb.size, bool)
+    offs = np.arange(ctx.block, dtype=np.int64)
+    for s in range(0, qb.size, chunk):
+        q = qb[s:s + chunk, None, None] * ctx.block + offs[None, :, None]
+        k = kb[s:s + chunk, None, None] * ctx.block + offs[None, None, :]
+        valid = (q < ctx.seq_len) & (k < ctx.seq_len)
+        qc, kc = np.minimum(q, ctx.seq_len - 1), np.minimum(k, ctx.seq_len - 1)
+        out[s:s + chunk] = (node.allowed(ctx, qc, kc) & valid).any(axis=(1, 2))
+    return out
+
+
+@dataclass(frozen=True)
+class Dilate(Pattern):
+    """``pattern | dilate(d, heads=h)``: on the selected heads every window(w) term of
+    ``pattern`` becomes |q - k| <= w*d and (q - k) mod d == 0 (Longformer dilation)."""
+
+    inner: Pattern
+    d: int
+    heads: tuple[int, ...] | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def children(self):
+        return (self.inner,)
+
+    def __str__(self):
+        inner = f"({self.inner})" if isinstance(self.inner, Dilate) else str(self.inner)
+        heads = _heads_str(self.heads)
+        return f"{inner} | dilate({self.d}{heads})"
+
+    def specialize(self, head):
+        inner = self.inner.specialize(head)
+        if self.heads is None or head in self.heads:
+            inner = inner.map_windows(self.d)
+        return inner
+
+    def map_windows(self, dilation):
+        return Dilate(self.inner.map_windows(dilation), self.d, self.heads, self.span)
+
+    def _unspecialized(self):
+        raise TypeError("evaluate a Dilate node through specialize(head) first")
+
+    allowed = candidates = classify = estimate = triton = lambda self, *a: self._unspecialized()
+
+
+# ----------------------------------------------------------------------------------------
+# smart constructors: the only way composite nodes are built, so the IR stays normalised
+
+
+def _order(terms: Iterable[Pattern]) -> tuple[Pattern, ...]:
+    unique = {}
+    for t in terms:
+        unique.setdefault(t, t)
+    return tuple(sorted(unique.values(), key=lambda t: (type(t).__name__ != "Dilate", str(t))))
+
+
+def union(terms: Iterable[Pattern]) -> Pattern:
+    """Flattened, de-duplicated, canonically ordered union (Empty dropped)."""
+    flat: list[Pattern] = []
+    for t in terms:
+        flat.extend(t.terms if isinstance(t, Union) else [t])
+    flat = [t for t in flat if not isinstance(t, Empty)]
+    if any(isinstance(t, Dense) and t.heads is None for t in flat):
+        return next(t for t in flat if isinstance(t, Dense) and t.heads is None)
+    out = _order(flat)
+    if not out:
+        return Empty()
+    return out[0] if len(out) == 1 else Union(out)
+
+
+def intersect(terms: Iterable[Pattern]) -> Pattern:
+    """Flattened, de-duplicated, canonically ordered intersection (Dense dropped)."""
+    flat: list[Pattern] = []
+    for t in terms:
+        flat.extend(t.terms if isinstance(t, Intersect) else [t])
+    if any(isinstance(t, Empty) for t in flat):
+        return Empty()
+    kept = [t for t in flat if not (isinstance(t, Dense) and t.heads is None)]
+    out = _order(kept)
+    if not out:
+        return Dense()
+    return out[0] if len(out) == 1 else Intersect(out)
+
+
+def dilate(inner: Pattern, d: int, heads: tuple[int, ...] | None = None, span: Span | None = None) -> Pattern:
+    return inner if d == 1 else Dilate(inner, d, heads, span)
+
+
+# ----------------------------------------------------------------------------------------
+# programs: per-layer patterns from a .attn file
+
+
+@dataclass(frozen=True)
+class Section:
+    """``layers start..stop: pattern`` (stop exclusive)."""
+
+    start: int
+    stop: int
+    pattern: Pattern
+
+    def __str__(self):
+        return f"layers {self.start}..{self.stop}: {self.pattern}"
+
+
+@dataclass(frozen=True)
+class Program:
+    """A whole ``.attn`` source: options and one pattern per range of layers.
+
+    A source with a single pattern and no ``layers`` sections has one section covering
+    every layer (``num_layers`` is None then).
+    """
+
+    sections: tuple[Section, ...]
+    block_size: int | None = None
+    heads: int | None = None
+    causal: bool = False
+    source: str = field(default="<string>", compare=False)
+
+    @property
+    def num_layers(self) -> int | None:
+        return None if self.single else self.sections[-1].stop
+
+    @property
+    def single(self) -> bool:
+        return len(self.sections) == 1 and self.sections[0].stop < 0
+
+    def pattern_for_layer(self, layer: int) -> Pattern:
+        if self.single:
+            return self.sections[0].pattern
+        for s in self.sections:
+            if s.start <= layer < s.stop:
+                return s.pattern
+        raise IndexError(f"layer {layer} is outside this program's layers 0..{self.num_layers - 1}")
+
+    def options(self) -> dict:
+        return {"block_size": self.block_size, "heads": self.heads, "causal": self.causal}
+
+    def __str__(self):
+        lines = []
+        if self.block_size is not None:
+            lines.append(f"block_size = {self.block_size}")
+        if self.heads is not None:
+            lines.append(f"heads = {self.heads}")
+        if self.causal:
+            lines.append("causal = true")
+        if self.single:
+            lines.append(str(self.sections[0].pattern))
+        else:
+            lines.extend(str(s) for s in self.sections)
+        return "\n".join(lines)

@@ -1,0 +1,333 @@
+"""Layout: the block-sparse structure of a pattern for one (seq_len, heads, block size).
+
+For every head and query block the layout lists the key blocks it touches, each FULL
+(every pair inside the sequence allowed, no mask needed) or PARTIAL (the token predicate
+must be evaluated), as a CSR index over rows ``head * nblocks + query_block``, plus the
+transposed index (rows ``head * nblocks + key_block``) for the backward pass.
+
+It is built from each primitive's analytic block footprint (``ir``), never from a T x T
+array, so memory grows with the touched blocks. ``get_layout`` caches layouts in a bounded
+LRU keyed by (pattern, seq_len, heads, block size).
+
+Example:
+    >>> from patterncc import parse
+    >>> from patterncc.layout import get_layout
+    >>> lay = get_layout(parse("window(256) | global([0])"), seq_len=4096, num_heads=2, block_size=64)
+    >>> lay.nnz, round(lay.block_density, 4)
+    (1398, 0.1707)
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ir
+from .ir import FULL, PARTIAL, Ctx
+
+MAX_SEQ_LEN = 2 ** 31 - 1
+MASK_LIMIT = 16384  # largest T for which mask() builds a dense [H, T, T] array
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Blocks of one distinct head behaviour, sorted by (query block, key block)."""
+
+    qb: np.ndarray
+    kb: np.ndarray
+    full: np.ndarray
+
+
+def build_head(pattern: ir.Pattern, ctx: Ctx) -> HeadLayout:
+    """Touched blocks of a head-free (specialised) pattern."""
+    qb, kb = pattern.candidates(ctx)
+    nb = ctx.nblocks
+    keys = np.unique(qb.astype(np.int64) * nb + kb)
+    qb, kb = keys // nb, keys % nb
+    state = pattern.classify(ctx, qb, kb)
+    keep = state != ir.EMPTY
+    return HeadLayout(qb[keep], kb[keep], state[keep] == FULL)
+
+
+@dataclass(eq=False)
+class Layout:
+    """Block-sparse layout of ``pattern`` for a (seq_len, num_heads, block_size).
+
+    Arrays (NumPy, on the host):
+
+    * ``indptr`` [H * nb + 1], ``kblock`` [nnz], ``full`` [nnz]: forward CSR, row
+      ``h * nb + qb`` lists its key blocks in increasing order;
+    * ``t_indptr`` [H * nb + 1], ``t_qblock`` [nnz], ``t_entry`` [nnz]: transposed CSR,
+      row ``h * nb + kb`` lists its query blocks; ``t_entry`` points back to the forward
+      entry, so per-entry data (FULL flags, masks) is shared by both.
+    """
+
+    pattern: ir.Pattern
+    seq_len: int
+    num_heads: int
+    block_size: int
+    heads: tuple[ir.Pattern, ...]  # the specialised pattern of each head
+    indptr: np.ndarray
+    kblock: np.ndarray
+    full: np.ndarray
+    t_indptr: np.ndarray
+    t_qblock: np.ndarray
+    t_entry: np.ndarray
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    # -- shape
+    @property
+    def nblocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+    @property
+    def ctx(self) -> Ctx:
+        return Ctx(self.seq_len, self.block_size)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.kblock.size)
+
+    @property
+    def entry_head(self) -> np.ndarray:
+        """Head of every forward entry."""
+        return self._cached("entry_head", lambda: np.repeat(
+            np.arange(self.num_heads * self.nblocks) // self.nblocks, np.diff(self.indptr)))
+
+    @property
+    def entry_qblock(self) -> np.ndarray:
+        """Query block of every forward entry."""
+        return self._cached("entry_qblock", lambda: np.repeat(
+            np.arange(self.num_heads * self.nblocks) % self.nblocks, np.diff(self.indptr)))
+
+    def row_counts(self) -> np.ndarray:
+        """[H, nb] number of key blocks each query block touches."""
+        return np.diff(self.indptr).reshape(self.num_heads, self.nblocks)
+
+    def col_counts(self) -> np.ndarray:
+        """[H, nb] number of query blocks touching each key block."""
+        return np.diff(self.t_indptr).reshape(self.num_heads, self.nblocks)
+
+    def row(self, head: int, qblock: int) -> tuple[np.ndarray, np.ndarray]:
+        """Key blocks and FULL flags of one query block."""
+        r = head * self.nblocks + qblock
+        s, e = self.indptr[r], self.indptr[r + 1]
+        return self.kblock[s:e], self.full[s:e]
+
+    def head_groups(self) -> list[list[int]]:
+        """Heads grouped by identical behaviour (same specialised pattern)."""
+        groups: dict[ir.Pattern, list[int]] = {}
+        for h, p in enumerate(self.heads):
+            groups.setdefault(p, []).append(h)
+        return list(groups.values())
+
+    # -- costs
+    @property
+    def block_density(self) -> float:
+        """Touched blocks over all blocks (nb^2 per head)."""
+        return self.nnz / (self.num_heads * self.nblocks ** 2)
+
+    @property
+    def full_fraction(self) -> float:
+        return float(self.full.mean()) if self.nnz else 0.0
+
+    def pairs_per_head(self) -> np.ndarray:
+        """Exact number of allowed (q, k) pairs of each head.
+
+        FULL blocks count rows x columns; PARTIAL blocks evaluate the predicate at token
+        level, one block chunk at a time (heads with the same behaviour counted once).
+        """
+        return self._cached("pairs", self._count_pairs)
+
+    def _count_pairs(self) -> np.ndarray:
+        ctx = self.ctx
+        lengths = np.diff(np.minimum(np.arange(self.nblocks + 1) * self.block_size, self.seq_len))
+        out = np.zeros(self.num_heads, np.int64)
+        for heads in self.head_groups():
+            h = heads[0]
+            s, e = self.indptr[h * self.nblocks], self.indptr[(h + 1) * self.nblocks]
+            qb, kb, full = self.entry_qblock[s:e], self.kblock[s:e], self.full[s:e]
+            total = int((lengths[qb[full]] * lengths[kb[full]]).sum())
+            total += int(partial_block_masks(self.heads[h], ctx, qb[~full], kb[~full]).sum())
+            out[heads] = total
+        return out
+
+    @property
+    def density(self) -> float:
+        """Allowed token pairs over T^2, averaged over heads."""
+        return float(self.pairs_per_head().sum()) / (self.num_heads * float(self.seq_len) ** 2)
+
+    def flops(self, head_dim: int, batch: int = 1, backward: bool = False) -> dict[str, float]:
+        """Matmul FLOPs of the sparse kernel (touched blocks) and of dense attention."""
+        per_pair = 4 * head_dim * (3.5 if backward else 1.0)  # QK^T and PV; backward ~2.5x more
+        sparse = per_pair * self.nnz * self.block_size ** 2 * batch
+        useful = per_pair * float(self.pairs_per_head().sum()) * batch
+        dense = per_pair * self.num_heads * float(self.seq_len) ** 2 * batch
+        return {"sparse": sparse, "useful": useful, "dense": dense}
+
+    def kv_bytes(self, head_dim: int, itemsize: int = 2, batch: int = 1) -> dict[str, float]:
+        """Bytes of K and V read by a block-sparse pass vs a dense one (no reuse in cache)."""
+        per_block = 2 * self.block_size * head_dim * itemsize * batch
+        return {"sparse": per_block * self.nnz, "dense": per_block * self.num_heads * self.nblocks ** 2}
+
+    def summary(self) -> dict:
+        counts = self.row_counts()
+        return {
+            "pattern": str(self.pattern), "seq_len": self.seq_len, "num_heads": self.num_heads,
+            "block_size": self.block_size, "nblocks": self.nblocks, "touched_blocks": self.nnz,
+            "block_density": self.block_density, "density": self.density,
+            "full_fraction": self.full_fraction,
+            "blocks_per_row": {"min": int(counts.min()), "mean": float(counts.mean()),
+                               "max": int(counts.max())},
+            "empty_rows": int((counts == 0).sum()),
+        }
+
+    # -- pictures and tests (small T only)
+    def block_matrix(self, head: int) -> np.ndarray:
+        """[nb, nb] int8: 0 untouched, 1 PARTIAL, 2 FULL, for one head (for pictures)."""
+        nb = self.nblocks
+        out = np.zeros((nb, nb), np.int8)
+        s, e = self.indptr[head * nb], self.indptr[(head + 1) * nb]
+        out[self.entry_qblock[s:e], self.kblock[s:e]] = np.where(self.full[s:e], FULL, PARTIAL)
+        return out
+
+    def mask(self) -> np.ndarray:
+        """[H, T, T] bool token mask from the pattern's predicate (small T only)."""
+        if self.seq_len > MASK_LIMIT:
+            raise ValueError(f"mask() builds an [H, T, T] array; seq_len={self.seq_len} is over "
+                             f"the {MASK_LIMIT} limit. Use the layout's blocks instead.")
+        t = np.arange(self.seq_len)
+        return np.stack([p.allowed(self.ctx, t[:, None], t[None, :]) for p in self.heads])
+
+    def partial_masks(self) -> np.ndarray:
+        """[nnz, B, B] bool token masks of every entry (FULL entries all True inside T).
+
+        Memory grows with touched blocks; used by the PyTorch backend and tests.
+        """
+        return self._cached("partial_masks", self._entry_masks)
+
+    def _entry_masks(self) -> np.ndarray:
+        bs = self.block_size
+        out = np.ones((self.nnz, bs, bs), bool)
+        qb, kb = self.entry_qblock, self.kblock
+        for heads in self.head_groups():
+            sel = np.flatnonzero(np.isin(self.entry_head, heads) & ~self.full)
+            if sel.size:
+                out[sel] = partial_block_masks(self.heads[heads[0]], self.ctx, qb[sel], kb[sel])
+        offs = np.arange(bs)
+        qv = (qb[:, None] * bs + offs[None, :]) < self.seq_len
+        kv = (kb[:, None] * bs + offs[None, :]) < self.seq_len
+        out &= qv[:, :, None] & kv[:, None, :]
+        return out
+
+    def save_npz(self, path) -> None:
+        np.savez_compressed(
+            path, pattern=np.array(str(self.pattern)), seq_len=self.seq_len, num_heads=self.num_heads,
+            block_size=self.block_size, indptr=self.indptr, kblock=self.kblock, full=self.full,
+            t_indptr=self.t_indptr, t_qblock=self.t_qblock, t_entry=self.t_entry)
+
+    def _cached(self, key, fn):
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+
+def partial_block_masks(pattern: ir.Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray,
+                        chunk: int = 512) -> np.ndarray:
+    """[n, B, B] token masks of blocks (qb[i], kb[i]); tokens past the sequence are False."""
+    bs = ctx.block
+    out = np.zeros((qb.size, bs, bs), bool)
+    offs = np.arange(bs, dtype=np.int64)
+    for s in range(0, qb.size, chunk):
+        q = qb[s:s + chunk, None, None] * bs + offs[None, :, None]
+        k = kb[s:s + chunk, None, None] * bs + offs[None, None, :]
+        valid = (q < ctx.seq_len) & (k < ctx.seq_len)
+        q, k = np.minimum(q, ctx.seq_len - 1), np.minimum(k, ctx.seq_len - 1)
+        out[s:s + chunk] = pattern.allowed(ctx, q, k) & valid
+    return out
+
+
+def build_layout(pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int = 64) -> Layout:
+    """Build a layout (uncached; prefer :func:`get_layout`)."""
+    _check_sizes(seq_len, num_heads, block_size)
+    pattern.check_heads(num_heads)
+    ctx = Ctx(seq_len, block_size)
+    nb = ctx.nblocks
+    specialised = tuple(pattern.specialize(h) for h in range(num_heads))
+    per_pattern: dict[ir.Pattern, HeadLayout] = {}
+    for p in specialised:
+        if p not in per_pattern:
+            per_pattern[p] = build_head(p, ctx)
+    parts = [per_pattern[p] for p in specialised]
+    counts = np.stack([np.bincount(hl.qb, minlength=nb) for hl in parts]).reshape(-1)
+    indptr = np.zeros(num_heads * nb + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    kblock = np.concatenate([hl.kb for hl in parts]).astype(np.int32)
+    full = np.concatenate([hl.full for hl in parts])
+    heads = np.repeat(np.arange(num_heads, dtype=np.int64), [hl.kb.size for hl in parts])
+    qblock = np.concatenate([hl.qb for hl in parts])
+    order = np.lexsort((qblock, kblock, heads))  # by head, then key block, then query block
+    t_counts = np.bincount(heads * nb + kblock, minlength=num_heads * nb)
+    t_indptr = np.zeros(num_heads * nb + 1, np.int64)
+    np.cumsum(t_counts, out=t_indptr[1:])
+    lay = Layout(pattern, seq_len, num_heads, block_size, specialised, indptr, kblock, full,
+                 t_indptr, qblock[order].astype(np.int32), order.astype(np.int64))
+    lay._memo["entry_head"] = heads
+    lay._memo["entry_qblock"] = qblock
+    return lay
+
+
+def _check_sizes(seq_len: int, num_heads: int, block_size: int) -> None:
+    for name, v in (("seq_len", seq_len), ("num_heads", num_heads), ("block_size", block_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if seq_len > MAX_SEQ_LEN:
+        raise ValueError(f"seq_len={seq_len} is over the supported maximum {MAX_SEQ_LEN}")
+    if block_size < 16 or block_size & (block_size - 1) or block_size > 256:
+        raise ValueError(f"block_size must be a power of two between 16 and 256, got {block_size}")
+
+
+class LayoutCache:
+    """Bounded LRU of layouts keyed by (pattern, seq_len, num_heads, block_size).
+
+    Thread-safe; ``hits`` and ``misses`` count lookups.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.max_entries = max_entries
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int) -> Layout:
+        key = (pattern, int(seq_len), int(num_heads), int(block_size))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        lay = build_layout(pattern, *key[1:])
+        with self._lock:
+            self._items[key] = lay
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return lay
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+CACHE = LayoutCache()
+
+
+def get_layout(pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int = 64) -> Layout:
+    """The cached layout of ``pattern`` for (seq_len, num_heads, block_size)."""
+    return CACHE.get(pattern, seq_len, num_heads, block_size)
