@@ -10,7 +10,10 @@ Write a pattern, get a block-sparse layout, graph diagnostics and an attention o
 """
 from .errors import PatternError
 from .ir import Pattern, Program
+from .layout import Layout
+from .op import SparseAttention, compile
 from .parser import load, parse, parse_program
 
-__all__ = ["PatternError", "Pattern", "Program", "parse", "parse_program", "load"]
+__all__ = ["PatternError", "Pattern", "Program", "Layout", "SparseAttention",
+           "parse", "parse_program", "load", "compile"]
 __version__ = "0.1.0"
