@@ -155,10 +155,10 @@ def _write_kernels(program: ir.Program, out: Path) -> list[str]:
 
 
 def cmd_diagnose(args) -> int:
-    from .analysis import diagnose, format_table, plot_growth
-
     program = read_source(args.source)
     heads, block = _settings(args, program)
+    from .analysis import diagnose, format_table, plot_growth
+
     report = diagnose(program, args.seq_len, num_heads=heads, layers=args.layers, block_size=block,
                       progress=sys.stderr.isatty())
     data = report.to_dict()

@@ -554,38 +554,48 @@ class Strided(Primitive):
 
 @dataclass(frozen=True)
 class Block(Primitive):
-    """``block(b)``: floor(q / b) == floor(k / b) (block-local attention)."""
+    """``block(b)``: floor(q / b) == floor(k / b) (block-local attention).
+
+    ``block(b, width=n)`` also lets each chunk see its n neighbouring chunks on either
+    side, |floor(q / b) - floor(k / b)| <= n: BigBird's block-level sliding window.
+    """
 
     b: int
+    width: int = 0
     heads: tuple[int, ...] | None = None
     span: Span | None = field(default=None, compare=False, repr=False)
     name = "block"
-    params = (Param("b", minimum=1, meaning="block length in tokens"),)
+    params = (Param("b", minimum=1, meaning="block length in tokens"),
+              Param("width", minimum=0, default=0, required=False, meaning="neighbouring blocks on each side"))
 
     def _args(self):
-        return [str(self.b)]
+        return [str(self.b)] + ([f"width={self.width}"] if self.width else [])
 
     def allowed(self, ctx, q, k):
-        return q // self.b == k // self.b
+        return np.abs(q // self.b - k // self.b) <= self.width
 
     def candidates(self, ctx):
         q0, q1 = ctx.bounds(np.arange(ctx.nblocks, dtype=np.int64))
-        first_key = (q0 // self.b) * self.b
-        last_key = np.minimum((q1 // self.b + 1) * self.b, ctx.seq_len) - 1
+        first_key = np.maximum(q0 // self.b - self.width, 0) * self.b
+        last_key = np.minimum((q1 // self.b + self.width + 1) * self.b, ctx.seq_len) - 1
         return _rows_of_ranges(ctx, first_key // ctx.block, last_key // ctx.block)
 
     def classify(self, ctx, qb, kb):
         q0, q1 = ctx.bounds(qb)
         k0, k1 = ctx.bounds(kb)
         a0, a1, b0, b1 = q0 // self.b, q1 // self.b, k0 // self.b, k1 // self.b
-        touched = np.maximum(a0, b0) <= np.minimum(a1, b1)
-        return _state(touched, (a0 == a1) & (b0 == b1) & (a0 == b0))
+        gap = np.maximum(a0, b0) - np.minimum(a1, b1)  # distance between the chunk ranges
+        farthest = np.maximum(a1 - b0, b1 - a0)
+        return _state(gap <= self.width, farthest <= self.width)
 
     def estimate(self, ctx):
-        return ctx.nblocks * (-(-self.b // ctx.block) + 2)
+        return ctx.nblocks * ((2 * self.width + 1) * -(-self.b // ctx.block) + 2)
 
     def triton(self, n):
-        return f"(({n.q}[:, None] // {self.b}) == ({n.k}[None, :] // {self.b}))"
+        d = f"(({n.q}[:, None] // {self.b}) - ({n.k}[None, :] // {self.b}))"
+        if self.width == 0:
+            return f"({d} == 0)"
+        return f"(({d} <= {self.width}) & ({d} >= -{self.width}))"
 
 
 @dataclass(frozen=True)
