@@ -1,0 +1,181 @@
+"""Benchmark patterncc against dense SDPA and FlexAttention on the reference patterns.
+
+One run times, per (T, pattern, head dim): dense scaled_dot_product_attention with the
+flash backend and with the cuDNN backend, FlexAttention on the same pattern, and
+patterncc's Triton op, forward and forward+backward (bf16, B=1, H=16), median of
+triton.testing.do_bench. It writes ``bench/results/<date>-<device>.json`` and prints a
+Markdown table for ``bench/RESULTS.md``.
+
+    python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
+    TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
+
+eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
+attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import patterncc  # noqa: E402
+
+# The reference patterns of DESIGN.md, in the pattern language.
+PATTERNS = {
+    "longformer": "window(256) | global([0])",
+    "bigbird": "block(64, width=1) | global(0..128) | random(192, seed=1)",
+    "causal_window": "window(1023) & causal",
+    "dilated": "window(256) | dilate(2)",
+}
+
+
+def flex_mask_mod(name: str, op, T: int, H: int, dev: str):
+    """The same pattern as a FlexAttention mask_mod (random blocks taken from patterncc's layout)."""
+    if name == "longformer":
+        return lambda b, h, q, k: ((q - k).abs() <= 256) | (q == 0) | (k == 0)
+    if name == "causal_window":
+        return lambda b, h, q, k: (q >= k) & (q - k <= 1023)
+    if name == "dilated":
+        return lambda b, h, q, k: ((q - k).abs() <= 512) & ((q - k) % 2 == 0)
+    if name == "bigbird":
+        lay = op.layout(T, H)
+        nb = lay.nblocks
+        rnd = torch.zeros(H, nb, nb, dtype=torch.bool)
+        for h in range(H):
+            r = [n for n in lay.heads[h].walk() if isinstance(n, patterncc.ir.Random)][0]
+            sel = torch.as_tensor(r.chosen(lay.ctx))
+            rnd[h].scatter_(1, sel, True)
+        rnd = rnd.to(dev)
+        def bigbird(b, h, q, k):
+            qb, kb = q // 64, k // 64
+            return ((qb - kb).abs() <= 1) | (q < 128) | (k < 128) | rnd[h, qb, kb]
+        return bigbird
+    raise KeyError(name)
+
+
+def bench(fn, grad_to_none=None):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grad_to_none)
+
+
+def versions() -> dict:
+    import triton
+    return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "patterncc": patterncc.__version__,
+            "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
+
+
+def main() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 1000
+    warnings.filterwarnings("ignore")
+    flex = torch.compile(flex_attention, dynamic=False)
+    dev = "cuda"
+    B, H = 1, 16
+    Ts = [int(x) for x in os.environ.get("TS", "4096,16384,65536").split(",")]
+    Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
+    names = os.environ.get("PATTERNS", ",".join(PATTERNS)).split(",")
+    skip_flex = os.environ.get("SKIP_FLEX") == "1"
+    rows = []
+    for D in Ds:
+        for T in Ts:
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            do = torch.randn_like(q)
+            dense = {}
+            for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        f = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+                        def fb():
+                            F.scaled_dot_product_attention(q, k, v).backward(do)
+                        dense[label] = (f, bench(fb, [q, k, v]))
+                except Exception as e:  # cuDNN may be missing for a shape
+                    print(f"dense {label} failed: {e}", file=sys.stderr)
+                    dense[label] = (None, None)
+            for name in names:
+                op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+                lay = op.layout(T, H)
+                density = lay.density
+                t0 = time.perf_counter()
+                out = op(q, k, v)
+                torch.cuda.synchronize()
+                first_call = time.perf_counter() - t0
+                pf = bench(lambda: op(q, k, v))
+                def pfb():
+                    op(q, k, v).backward(do)
+                pfb_ms = bench(pfb, [q, k, v])
+                flex_f = flex_fb = None
+                if not skip_flex:
+                    try:
+                        mm = flex_mask_mod(name, op, T, H, dev)
+                        bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
+                                               _compile=True)
+                        flex(q, k, v, block_mask=bm)
+                        flex_f = bench(lambda: flex(q, k, v, block_mask=bm))
+                        def ffb():
+                            flex(q, k, v, block_mask=bm).backward(do)
+                        flex_fb = bench(ffb, [q, k, v])
+                    except Exception as e:
+                        print(f"flex {name} T={T} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                df, dfb = dense["flash"]
+                cf, cfb = dense["cudnn"]
+                r = dict(T=T, pattern=name, D=D, density=round(density, 5), block_density=round(lay.block_density, 5),
+                         full_fraction=round(lay.full_fraction, 4),
+                         dense_fwd_ms=df, dense_fwdbwd_ms=dfb, cudnn_fwd_ms=cf, cudnn_fwdbwd_ms=cfb,
+                         flex_fwd_ms=flex_f, flex_fwdbwd_ms=flex_fb, pcc_fwd_ms=pf, pcc_fwdbwd_ms=pfb_ms,
+                         eff_fwd=df * density / pf if df else None,
+                         eff_fwdbwd=dfb * density / pfb_ms if dfb else None,
+                         eff_cudnn_fwd=cf * density / pf if cf else None,
+                         eff_cudnn_fwdbwd=cfb * density / pfb_ms if cfb else None,
+                         flex_eff_fwd=df * density / flex_f if (df and flex_f) else None,
+                         flex_eff_fwdbwd=dfb * density / flex_fb if (dfb and flex_fb) else None,
+                         speedup_vs_flex_fwd=flex_f / pf if flex_f else None,
+                         speedup_vs_flex_fwdbwd=flex_fb / pfb_ms if flex_fb else None,
+                         pcc_first_call_s=round(first_call, 3))
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                del out
+    meta = versions()
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = meta["device"].replace(" ", "-")
+    path = out_dir / f"{meta['date']}-{device}.json"
+    path.write_text(json.dumps({"meta": meta, "setup": {"B": B, "H": H, "dtype": "bfloat16", "block_size": 64},
+                                "rows": rows}, indent=1))
+    print(f"\nwrote {path}")
+    print(markdown(meta, rows))
+
+
+def _f(x, nd=3):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}",
+             "", "| T | pattern | D | density | dense fwd | flex fwd | pcc fwd | eff fwd | flex eff fwd | vs flex fwd "
+             "| dense f+b | flex f+b | pcc f+b | eff f+b | flex eff f+b | vs flex f+b | eff cuDNN fwd |",
+             "|" + "---|" * 17]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['density']:.4f} | {_f(r['dense_fwd_ms'])} | "
+                     f"{_f(r['flex_fwd_ms'])} | {_f(r['pcc_fwd_ms'])} | {_f(r['eff_fwd'], 2)} | "
+                     f"{_f(r['flex_eff_fwd'], 2)} | {_f(r['speedup_vs_flex_fwd'], 2)}x | {_f(r['dense_fwdbwd_ms'])} | "
+                     f"{_f(r['flex_fwdbwd_ms'])} | {_f(r['pcc_fwdbwd_ms'])} | {_f(r['eff_fwdbwd'], 2)} | "
+                     f"{_f(r['flex_eff_fwdbwd'], 2)} | {_f(r['speedup_vs_flex_fwdbwd'], 2)}x | {_f(r['eff_cudnn_fwd'], 2)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
