@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+CONTEXT = 60  # characters shown either side of the spot on a long line
+
+
 @dataclass(frozen=True)
 class Span:
     """Where a piece of pattern source came from: file name, 1-based line and columns.
@@ -49,8 +52,9 @@ class PatternError(ValueError):
         if self.span is None:
             return f"{self.source}: {self.reason}"
         s = self.span
-        return (
-            f"{s.source}:{s.line}:{s.column}: {self.reason}\n"
-            f"  {s.text.rstrip()}\n"
-            f"  {s.caret()}"
-        )
+        text, caret = s.text.rstrip(), s.caret()
+        if len(text) > 2 * CONTEXT:  # show a window of a very long line around the spot
+            start = max(0, s.column - 1 - CONTEXT)
+            text = ("..." if start else "") + text[start:start + 2 * CONTEXT] + "..."
+            caret = (" " * 3 if start else "") + caret[start:start + 2 * CONTEXT]
+        return f"{s.source}:{s.line}:{s.column}: {self.reason}\n  {text}\n  {caret}"

@@ -34,7 +34,7 @@ OPTIONS = {"block_size": "a positive power of two, e.g. block_size = 64",
            "causal": "true or false"}
 MAX_INT = 2 ** 40
 MAX_NESTING = 200
-MAX_SOURCE = 4 * 2 ** 20
+MAX_SOURCE = 128 * 1024  # parsing stays well under a second up to this size
 
 _READABLE = {
     "NAME": "a name", "SIGNED_INT": "an integer", "FLOAT": "a number", "STRING": "a string",
@@ -118,7 +118,8 @@ def load(path: str | Path) -> ir.Program:
 
 def _check_size(src: str, source: str) -> None:
     if len(src) > MAX_SOURCE:
-        raise PatternError(f"source is {len(src)} characters long; the limit is {MAX_SOURCE}", source=source)
+        raise PatternError(f"source is {len(src)} characters long; the limit is {MAX_SOURCE} "
+                           f"(write long index lists as ranges, e.g. global(0..4096))", source=source)
     depth = 0
     for i, ch in enumerate(src):
         if ch in "([":
