@@ -194,13 +194,29 @@ class Pattern:
 
 @dataclass(frozen=True)
 class TritonNames:
-    """Names the generated kernel uses for the quantities a predicate may read."""
+    """What a generated predicate may read, as Triton expressions and names.
 
-    q: str = "offs_m"
-    k: str = "offs_n"
+    ``q`` and ``k`` are the query / key token positions already broadcast to the tile
+    (``offs_m[:, None]`` and ``offs_n[None, :]`` give a [BLOCK_M, BLOCK_N] predicate; the
+    backward dK/dV kernel swaps the axes). ``flags`` is the entry's int32 flag word:
+    bit ``1 + i`` says the block was drawn by ``random_bits[i]`` (a head-free Random node,
+    ``stream=None``). ``tables`` points at int8 per-token membership tables, one row of
+    ``seq_len`` per node of ``table_nodes`` (global index sets too large to spell out).
+    """
+
+    q: str = "offs_m[:, None]"
+    k: str = "offs_n[None, :]"
     head: str = "head"
     seq_len: str = "SEQ_LEN"
     block: str = "LAYOUT_BLOCK"
+    flags: str = "flags"
+    tables: str = "tables"
+    random_bits: tuple = ()
+    table_nodes: tuple = ()
+
+    def transposed(self) -> "TritonNames":
+        """The same names with the tile axes swapped ([BLOCK_N, BLOCK_M] predicates)."""
+        return replace(self, q="offs_m[None, :]", k="offs_n[:, None]")
 
 
 @dataclass(frozen=True)
@@ -288,7 +304,7 @@ class Window(Primitive):
         return ctx.nblocks * (2 * (-(-self.reach // ctx.block)) + 3)
 
     def triton(self, n):
-        d = f"({n.q}[:, None] - {n.k}[None, :])"
+        d = f"({n.q} - {n.k})"
         expr = f"(({d} <= {self.reach}) & ({d} >= -{self.reach}))"
         if self.dilation > 1:
             expr = f"({expr} & ({d} % {self.dilation} == 0))"
@@ -321,7 +337,7 @@ class Causal(Primitive):
         return nb * (nb + 1) // 2
 
     def triton(self, n):
-        return f"({n.k}[None, :] <= {n.q}[:, None])"
+        return f"({n.k} <= {n.q})"
 
 
 @dataclass(frozen=True)
@@ -435,9 +451,14 @@ class Global(Primitive):
         return sum(1 if isinstance(i, int) else max(0, i.stop - i.start) for i in self.items)
 
     def triton(self, n):
-        return f"({self._member_expr(n, n.q + '[:, None]')} | {self._member_expr(n, n.k + '[None, :]')})"
+        return f"({self._member_expr(n, n.q)} | {self._member_expr(n, n.k)})"
 
     def _member_expr(self, n, x):
+        if self in n.table_nodes:
+            # Many indices: one int8 load from this node's per-token membership table.
+            i = n.table_nodes.index(self)
+            base = n.tables if i == 0 else f"({n.tables} + {n.seq_len}.to(tl.int64) * {i})"
+            return f"(tl.load({base} + {x}, mask={x} < {n.seq_len}, other=0) != 0)"
         terms = []
         for i in self.items:
             if isinstance(i, IndexRange):
@@ -512,7 +533,7 @@ class Sink(Primitive):
         return ctx.nblocks * min(ctx.nblocks, -(-self.n // ctx.block))
 
     def triton(self, n):
-        return f"({n.k}[None, :] < {self.n})"
+        return f"({n.k} < {self.n})"
 
 
 @dataclass(frozen=True)
@@ -549,7 +570,7 @@ class Strided(Primitive):
         return nb * min(nb, 2 * (-(-ctx.seq_len // self.s)) + 2)
 
     def triton(self, n):
-        return f"((({n.q}[:, None] - {n.k}[None, :]) % {self.s}) == 0)"
+        return f"((({n.q} - {n.k}) % {self.s}) == 0)"
 
 
 @dataclass(frozen=True)
@@ -592,7 +613,7 @@ class Block(Primitive):
         return ctx.nblocks * ((2 * self.width + 1) * -(-self.b // ctx.block) + 2)
 
     def triton(self, n):
-        d = f"(({n.q}[:, None] // {self.b}) - ({n.k}[None, :] // {self.b}))"
+        d = f"(({n.q} // {self.b}) - ({n.k} // {self.b}))"
         if self.width == 0:
             return f"({d} == 0)"
         return f"(({d} <= {self.width}) & ({d} >= -{self.width}))"
@@ -650,8 +671,13 @@ class Random(Primitive):
 
     def triton(self, n):
         # Random blocks are whole blocks: the layout marks them FULL. Inside a PARTIAL
-        # block (random intersected with something) the kernel reads a per-block flag.
-        raise NotImplementedError("random terms are lowered through per-block flags")
+        # block (random intersected with something) the kernel reads the entry's flag bit,
+        # set at lowering time from classify(); the bit is a scalar, true for the whole tile.
+        key = replace(self, heads=None, stream=None)
+        if key not in n.random_bits:
+            raise NotImplementedError(f"{self} has no flag bit: lower it through the codegen, "
+                                      "which assigns one bit per random term")
+        return f"((({n.flags} >> {1 + n.random_bits.index(key)}) & 1) != 0)"
 
 
 @functools.lru_cache(maxsize=512)
@@ -855,7 +881,9 @@ def intersect(terms: Iterable[Pattern]) -> Pattern:
 
 
 def dilate(inner: Pattern, d: int, heads: tuple[int, ...] | None = None, span: Span | None = None) -> Pattern:
-    return inner if d == 1 else Dilate(inner, d, heads, span)
+    if d == 1 or not any(isinstance(n, Window) for n in inner.walk()):
+        return inner  # nothing left to dilate (e.g. a window absorbed by dense)
+    return Dilate(inner, d, heads, span)
 
 
 # ----------------------------------------------------------------------------------------

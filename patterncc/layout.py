@@ -302,6 +302,7 @@ class LayoutCache:
         self.hits = self.misses = 0
 
     def get(self, pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int) -> Layout:
+        _check_sizes(seq_len, num_heads, block_size)
         key = (pattern, int(seq_len), int(num_heads), int(block_size))
         with self._lock:
             if key in self._items:

@@ -13,8 +13,8 @@ Example:
 from __future__ import annotations
 
 import difflib
+import re
 import functools
-from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +22,7 @@ import lark
 from lark import Lark, Token, Tree
 
 from . import ir
+from ._data import read_text
 from .errors import PatternError, Span
 
 PRIMITIVES: dict[str, type[ir.Primitive]] = {
@@ -63,7 +64,7 @@ class _IgnoreNewlinesInBrackets:
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
-    text = resources.files("patterncc.grammar").joinpath("patterncc.lark").read_text()
+    text = read_text("patterncc.grammar", "patterncc.lark")
     return Lark(text, parser="lalr", propagate_positions=True, postlex=_IgnoreNewlinesInBrackets(),
                 maybe_placeholders=False)
 
@@ -99,7 +100,10 @@ def parse_program(src: str, *, source: str = "<string>") -> ir.Program:
         raise PatternError(f"a pattern source must be a str, not {type(src).__name__}", source=source)
     _check_size(src, source)
     tree = _syntax(src, source)
-    return _Builder(src, source).program(tree)
+    try:
+        return _Builder(src, source).program(tree)
+    except RecursionError:  # a safety net: _check_size bounds the nesting first
+        raise PatternError(f"pattern nested too deeply (the limit is {MAX_NESTING})", source=source) from None
 
 
 def load(path: str | Path) -> ir.Program:
@@ -121,14 +125,20 @@ def _check_size(src: str, source: str) -> None:
         raise PatternError(f"source is {len(src)} characters long; the limit is {MAX_SOURCE} "
                            f"(write long index lists as ranges, e.g. global(0..4096))", source=source)
     depth = 0
-    for i, ch in enumerate(src):
+    code = _blank_comments_and_strings(src)
+    for i, ch in enumerate(code):
         if ch in "([":
             depth += 1
             if depth > MAX_NESTING:
                 raise PatternError(f"brackets nested more than {MAX_NESTING} deep",
                                    _span_at(src, source, i, i + 1))
         elif ch in ")]":
-            depth -= 1
+            depth = max(0, depth - 1)
+
+
+def _blank_comments_and_strings(src: str) -> str:
+    """The source with comments and string literals replaced by spaces (same length)."""
+    return re.sub(r"#[^\n]*|\"[^\"\n]*\"|'[^'\n]*'", lambda m: " " * len(m.group()), src)
 
 
 def _span_at(src: str, source: str, start: int, end: int) -> Span:
@@ -158,6 +168,9 @@ def _syntax(src: str, source: str) -> Tree:
             span = Span(span.source, span.line, span.end_column, span.end_column + 1, span.text)
             raise PatternError(f"unexpected end of input; expected {expected}", span) from None
         start = tok.start_pos if tok.start_pos is not None else 0
+        if tok.type == "SIGNED_INT" and str(tok).startswith("-") and {"VBAR", "AMPERSAND"} & set(e.expected):
+            raise PatternError("unknown operator '-': patterns combine with '|' (union) and '&' "
+                               "(intersection)", _span_at(src, source, start, start + 1)) from None
         what = "end of line" if tok.type == "_NL" else repr(str(tok))
         span = _span_at(src, source, start, start + max(1, len(str(tok).rstrip("\r\n"))))
         if tok.type == "_NL":
@@ -183,7 +196,7 @@ def _expected(names) -> str:
 
 class _Builder:
     def __init__(self, src: str, source: str):
-        self.lines = src.splitlines() or [""]
+        self.lines = src.split("\n")  # lark counts lines by "\n" alone
         self.source = source
         self.scope: dict[str, ir.Pattern] = {}
 
@@ -324,8 +337,9 @@ class _Builder:
         if not terms:
             return mods[0][1]  # a lone dilate: reported by top() or by the enclosing union
         pattern = ir.union(t for _, t in terms)
+        has_window = any(isinstance(n, ir.Window) for _, t in terms for n in t.walk())
         for c, m in mods:
-            if not any(isinstance(n, ir.Window) for n in pattern.walk()):
+            if not has_window:
                 raise self.error("dilate(...) has no window(w) term to act on in this union", c)
             pattern = ir.dilate(pattern, m.d, m.heads, m.span)
         return pattern
@@ -430,7 +444,7 @@ class _Builder:
                 out.append(ir.IndexRange(lo, hi))
             else:
                 out.append(self.integer(it, f"an index of {name}"))
-        unique = sorted(set(out), key=lambda x: (isinstance(x, ir.IndexRange), x.start if isinstance(x, ir.IndexRange) else x))
+        unique = sorted(set(out), key=lambda x: (1, x.start, x.stop) if isinstance(x, ir.IndexRange) else (0, x, 0))
         return tuple(unique)
 
     def heads(self, a) -> tuple[int, ...]:
