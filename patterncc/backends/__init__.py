@@ -1,1 +1,3 @@
-"""Attention backends: block-sparse PyTorch (torch_backend) and generated Triton (triton_backend)."""
+"""Attention backends: ``torch_backend`` (block-sparse PyTorch, CPU and fallback) and
+``triton_backend`` (generated Triton kernels, GPU; imported lazily so that
+``import patterncc`` never imports Triton)."""

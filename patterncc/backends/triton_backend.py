@@ -1,0 +1,181 @@
+"""Block-sparse attention on the generated Triton kernels (the GPU path).
+
+``attention(q, k, v, layout, scale)`` runs the pattern's generated module (see
+:mod:`patterncc.codegen`) over the layout's kernel plan (see :mod:`patterncc.lowering`):
+
+* forward: one launch of ``_attn_fwd`` over the work items (plus ``_attn_fwd_merge`` when
+  a heavy row was split), saving the base-2 log-sum-exp per query row;
+* backward: ``_attn_bwd_preprocess`` (Delta = rowsum(dO * O)), ``_attn_bwd_dkdv`` over the
+  kv index, ``_attn_bwd_dq`` over the forward index (plus ``_sum_partials`` for split rows).
+
+No host synchronisation, nothing of size T^2: the plan tensors are cached on the layout,
+scratch buffers hold only the partials of split rows. Triton itself is imported lazily
+(``import patterncc`` never imports it), and with ``TRITON_INTERPRET=1`` the same kernels
+run on CPU tensors under Triton's interpreter (slow; for tests).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import codegen, lowering
+from ..layout import Layout
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Launch configuration. Tiles are TILE x TILE (smaller when the layout block is): a larger
+# layout block is walked as several tiles. 4 warps kept registers lowest for D = 64 and 128
+# when compiled for sm_90 (8 warps spilled in the backward); tuning is left to benchmarks.
+TILE = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
+              *, split: int | None = None) -> torch.Tensor:
+    """out [B, H, T, D] for q [B, H, T, D], k, v [B, H_kv, T, D]; differentiable in q, k, v.
+
+    The caller validated shapes, dtypes and devices and made the tensors contiguous.
+    ``split`` overrides the longest run of blocks one program walks (see lowering).
+    """
+    return _SparseAttention.apply(q, k, v, layout, float(scale), split)
+
+
+def generated_source(pattern) -> str:
+    """The generated Triton module source for ``pattern``."""
+    return codegen.generated_source(pattern)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, split):
+        out, lse = forward(q, k, v, layout, scale, split)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.split = layout, scale, split
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.scale, ctx.split,
+                               need_q, need_k or need_v)
+        return dq, dk if need_k else None, dv if need_v else None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+
+
+class _Launch:
+    """Per-call constants shared by the launches of one pass."""
+
+    def __init__(self, q, k, layout: Layout, split):
+        if q.dtype not in DTYPES:
+            raise ValueError(f"the triton backend takes float16, bfloat16 or float32, not {q.dtype}")
+        self.b, self.h, self.t, self.d = q.shape
+        if self.b > 65535:
+            raise ValueError(f"batch {self.b} is over the 65535 the kernels' second grid axis allows")
+        self.group = self.h // k.shape[1]
+        if self.t != layout.seq_len or self.h != layout.num_heads:
+            raise ValueError(f"layout is for seq_len={layout.seq_len}, heads={layout.num_heads}; "
+                             f"got q of shape {tuple(q.shape)}")
+        self.gen = codegen.load(layout.pattern)
+        self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split)
+        self.nb = layout.nblocks
+        self.lb = layout.block_size
+        self.d_pad = max(16, 1 << (self.d - 1).bit_length())
+        self.block = min(self.lb, TILE)
+        interp = codegen.interpreting()
+        self.consts = dict(
+            HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb,
+            BLOCK_M=self.block, BLOCK_N=self.block,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=interp and q.dtype == torch.bfloat16,
+        )
+        self.opts = {} if interp else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+    def scratch(self, slots: int, device, rows_only=False):
+        shape = (max(slots, 1), self.b, self.lb) if rows_only else (max(slots, 1), self.b, self.lb, self.d_pad)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Uninitialised buffer the kernels fill completely (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def forward(q, k, v, layout: Layout, scale: float, split: int | None = None):
+    """(out, lse) without autograd: lse [B, H, T] fp32 is the base-2 log-sum-exp of the
+    scores times scale * log2(e), +inf on rows no key reaches (a building block for custom ops)."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    run = _Launch(q, k, layout, split)
+    plan, it = run.plan, run.plan.fwd
+    out = _empty(q.shape, q)
+    lse = _empty((run.b, run.h, run.t), q, torch.float32)
+    so = run.scratch(it.n_slots, q.device)
+    sm = run.scratch(it.n_slots, q.device, rows_only=True)
+    sl = run.scratch(it.n_slots, q.device, rows_only=True)
+    tiles = run.lb // run.block
+    run.gen.kernel("_attn_fwd")[(it.n_items * tiles, run.b)](
+        q, k, v, out, lse, so, sm, sl,
+        it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
+        scale * LOG2E, run.t, run.nb, run.b, run.h, run.group,
+        **run.consts, **run.opts)
+    if it.n_merge:
+        run.gen.kernel("_attn_fwd_merge")[(it.n_merge * tiles, run.b)](
+            out, lse, so, sm, sl, it.merge_row, it.merge_start, it.merge_end,
+            run.t, run.nb, run.b, run.h,
+            HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK_M=run.block, **run.opts)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | None = None,
+             need_q: bool = True, need_kv: bool = True):
+    """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    run = _Launch(q, k, layout, split)
+    plan, c = run.plan, run.consts
+    tiles = run.lb // run.block
+    dev = q.device
+
+    delta = _empty(lse.shape, lse)
+    m_blocks = math.ceil(run.t / run.block)
+    run.gen.kernel("_attn_bwd_preprocess")[(run.b * run.h * m_blocks,)](
+        out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=run.block, **run.opts)
+
+    dk = dv = dq = None
+    if need_kv:
+        dk = _empty(k.shape, k)
+        dv = _empty(v.shape, v)
+        it = plan.kv
+        sk, sv = run.scratch(it.n_slots, dev), run.scratch(it.n_slots, dev)
+        run.gen.kernel("_attn_bwd_dkdv")[(it.n_items * tiles, run.b)](
+            q, k, v, do, lse, delta, dk, dv, sk, sv,
+            it.row, it.start, it.end, it.slot, plan.kv_qblock, plan.kv_qhead, plan.kv_flags, plan.tables,
+            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group, **c, **run.opts)
+        if it.n_merge:
+            for dst, scratch in ((dk, sk), (dv, sv)):
+                _sum(run, dst, scratch, it, run.h // run.group)
+
+    if need_q:
+        dq = _empty(q.shape, q)
+        it = plan.fwd
+        sq = run.scratch(it.n_slots, dev)
+        run.gen.kernel("_attn_bwd_dq")[(it.n_items * tiles, run.b)](
+            q, k, v, do, lse, delta, dq, sq,
+            it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
+            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group, **c, **run.opts)
+        if it.n_merge:
+            _sum(run, dq, sq, it, run.h)
+    return dq, dk, dv
+
+
+def _sum(run: _Launch, dst, scratch, it: lowering.WorkItems, heads: int):
+    tiles = run.lb // run.block
+    run.gen.kernel("_sum_partials")[(it.n_merge * tiles, run.b)](
+        dst, scratch, it.merge_row, it.merge_start, it.merge_end, run.t, run.nb, run.b, heads,
+        HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK=run.block, **run.opts)
+

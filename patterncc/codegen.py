@@ -1,0 +1,346 @@
+"""Code generation: Pattern IR -> a Triton module (the pattern's predicate + the kernels).
+
+A generated module is the kernel templates of ``kernels/`` (forward, backward dK/dV over
+the transposed index, backward dQ over the forward index) preceded by the one part that
+depends on the pattern: ``token_mask`` (and its transpose ``token_mask_t``), the token
+predicate that PARTIAL blocks evaluate, emitted from the IR by each node's ``triton()``.
+
+What the predicate may read besides the token positions:
+
+* ``head``: head-dependent patterns (``heads=`` selections, ``dilate(..., heads=)``) become
+  one branch per group of heads with the same specialised pattern. Heads past the largest
+  one the pattern names all behave alike, so the module does not depend on the head count;
+* ``flags``: the entry's flag word. ``random(...)`` terms pick whole blocks: the lowering
+  sets bit ``1 + i`` on every entry that random term ``i`` drew. A random term directly
+  under the top-level union is dropped from the predicate (a block it draws is FULL, so
+  inside a PARTIAL block it is always false);
+* ``tables``: global index sets of more than ``TABLE_THRESHOLD`` items read an int8
+  per-token membership table (built by the lowering per sequence length) instead of a
+  long chain of comparisons.
+
+Modules are cached: in memory per (pattern, interpreter flag) and on disk under
+``$PATTERNCC_CACHE_DIR`` (default ``~/.cache/patterncc/kernels``), named by a hash of their
+source and written atomically. Triton's ``@jit`` needs real source files, hence the disk.
+Everything about sequence length lives in runtime arguments, so a new length reuses the
+module and Triton's compiled binaries; only a layout is built.
+
+Example:
+    >>> import patterncc
+    >>> from patterncc import codegen
+    >>> src = codegen.generated_source(patterncc.parse("window(16) & causal"))
+    >>> src.splitlines()[1]
+    '# pattern: causal & window(16)'
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from ._data import read_text
+from pathlib import Path
+
+from . import __version__, ir
+
+CODEGEN_VERSION = 1
+TABLE_THRESHOLD = 16  # a global(...) with more items than this reads a membership table
+MAX_RANDOM_TERMS = 30  # flag bits 1..30 of an int32 word
+TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
+MARKER = "# @template-begin"
+KERNEL_NAMES = ("_attn_fwd", "_attn_fwd_merge", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
+                "_attn_bwd_dq", "_sum_partials")
+
+
+@dataclass(frozen=True)
+class PredicatePlan:
+    """What the generated predicate reads; shared with the lowering, which fills it in.
+
+    ``groups``: (heads, head-free predicate pattern) per branch; the last group has
+    ``heads=None`` and covers every head not named before (the ``else`` branch).
+    ``random_nodes``: head-free Random terms that need a flag bit (bit ``1 + index``).
+    ``table_nodes``: Global terms read through a membership table (table ``index``).
+    """
+
+    pattern: ir.Pattern
+    groups: tuple[tuple[tuple[int, ...] | None, ir.Pattern], ...]
+    random_nodes: tuple[ir.Random, ...]
+    table_nodes: tuple[ir.Global, ...]
+
+    def names(self, transposed: bool = False) -> ir.TritonNames:
+        n = ir.TritonNames(random_bits=self.random_nodes, table_nodes=self.table_nodes)
+        return n.transposed() if transposed else n
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A loaded generated module and what its kernels need from the lowering."""
+
+    plan: PredicatePlan
+    source: str
+    path: Path
+    module: object
+
+    def kernel(self, name: str):
+        return getattr(self.module, name)
+
+
+# ----------------------------------------------------------------------------------------
+# analysis: per-head predicate patterns, random bits, membership tables
+
+
+def kernel_form(p: ir.Pattern) -> ir.Pattern:
+    """The head-free pattern as the predicate sees it (input: a specialised pattern).
+
+    Random terms lose their per-head stream (the flag bit carries the head's draw), and
+    random terms directly under the top-level union are dropped: the blocks they draw are
+    FULL, so inside a PARTIAL block they are false.
+    """
+    p = _strip_streams(p)
+    if isinstance(p, ir.Random):
+        return ir.Empty()
+    if isinstance(p, ir.Union):
+        return ir.union(t for t in p.terms if not isinstance(t, ir.Random))
+    return p
+
+
+def _strip_streams(p: ir.Pattern) -> ir.Pattern:
+    if isinstance(p, ir.Random):
+        return replace(p, stream=None, heads=None)
+    if isinstance(p, ir.Union):
+        return ir.union(_strip_streams(t) for t in p.terms)
+    if isinstance(p, ir.Intersect):
+        return ir.intersect(_strip_streams(t) for t in p.terms)
+    return p
+
+
+def analyse(pattern: ir.Pattern) -> PredicatePlan:
+    """Group heads by predicate and collect the random terms and large index sets."""
+    last = pattern.max_head() + 1  # every head >= last behaves like head `last`
+    by_pred: dict[ir.Pattern, list[int]] = {}
+    for h in range(last + 1):
+        by_pred.setdefault(kernel_form(pattern.specialize(h)), []).append(h)
+    default = kernel_form(pattern.specialize(last))
+    groups = [(tuple(hs), p) for p, hs in by_pred.items() if p != default]
+    groups.append((None, default))
+    randoms: dict[ir.Random, None] = {}
+    tables: dict[ir.Global, None] = {}
+    for _, p in groups:
+        for node in p.walk():
+            if isinstance(node, ir.Random):
+                randoms.setdefault(node)
+            elif isinstance(node, ir.Global) and len(node.items) > TABLE_THRESHOLD:
+                tables.setdefault(node)
+    if len(randoms) > MAX_RANDOM_TERMS:
+        raise ValueError(f"a pattern may hold at most {MAX_RANDOM_TERMS} distinct random terms "
+                         f"inside intersections, got {len(randoms)}")
+    return PredicatePlan(pattern, tuple(groups), tuple(randoms), tuple(tables))
+
+
+# ----------------------------------------------------------------------------------------
+# rendering
+
+
+def _expr(p: ir.Pattern, n: ir.TritonNames, indent: str) -> str:
+    """The predicate of ``p`` as one Triton expression of the tile's shape.
+
+    Top-level terms go one per line; an expression that does not read both token axes
+    (``sink``, ``dense``, a lone random flag) is widened so every branch has the tile's shape.
+    """
+    if isinstance(p, ir.Dense):
+        return f"({n.q} >= 0) & ({n.k} >= 0)"
+    if isinstance(p, ir.Empty):
+        return f"({n.q} < 0) & ({n.k} < 0)"
+    if isinstance(p, (ir.Union, ir.Intersect)):
+        sym = "|" if isinstance(p, ir.Union) else "&"
+        parts = [t.triton(n) for t in p.terms]
+        rest = "".join(f"\n{indent}{sym} {t}" for t in parts[1:])
+        expr = f"(\n{indent}{parts[0]}{rest}\n{indent[4:]})"
+        text = " ".join(parts)
+    else:
+        expr = text = p.triton(n)
+    widen = [f"({x} >= 0)" for x in (n.q, n.k) if x not in text]
+    if widen:
+        expr = f"{expr} & " + " & ".join(widen)
+    return expr
+
+
+def _heads_cond(heads: tuple[int, ...]) -> str:
+    """``head == 1``-style condition, consecutive heads as ranges."""
+    runs, start = [], heads[0]
+    for a, b in zip(heads, heads[1:] + (None,)):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    parts = [f"(head == {a})" if a == b else f"((head >= {a}) & (head <= {b}))" for a, b in runs]
+    return " | ".join(parts)
+
+
+def _predicate_fn(plan: PredicatePlan, name: str, transposed: bool) -> str:
+    n = plan.names(transposed)
+    shape = "[BLOCK_N, BLOCK_M]" if transposed else "[BLOCK_M, BLOCK_N]"
+    lines = [
+        "@triton.jit",
+        f"def {name}(offs_m, offs_n, head, flags, SEQ_LEN, tables):",
+        f'    """{shape} bool: True where query offs_m may attend key offs_n (PARTIAL blocks)."""',
+    ]
+    if len(plan.groups) == 1:
+        p = plan.groups[0][1]
+        lines += [f"    # {p}", f"    mask = {_expr(p, n, ' ' * 8)}"]
+    else:
+        for i, (heads, p) in enumerate(plan.groups):
+            if heads is None:
+                lines.append("    else:")
+            else:
+                lines.append(f"    {'if' if i == 0 else 'elif'} {_heads_cond(heads)}:")
+            lines += [f"        # {p}", f"        mask = {_expr(p, n, ' ' * 12)}"]
+    lines.append("    return mask")
+    return "\n".join(lines)
+
+
+def _template(name: str) -> str:
+    text = read_text("patterncc.kernels", name)
+    head, sep, body = text.partition(MARKER)
+    if not sep:
+        raise RuntimeError(f"kernel template {name} lacks the '{MARKER}' line")
+    return body.strip("\n")
+
+
+def render(plan: PredicatePlan) -> str:
+    """The full source of the generated module for a predicate plan."""
+    head = [
+        f"# Generated by patterncc {__version__} (codegen v{CODEGEN_VERSION}). Do not edit: regenerate.",
+        f"# pattern: {plan.pattern}",
+    ]
+    if len(plan.groups) > 1:
+        for heads, p in plan.groups:
+            who = "other heads" if heads is None else f"heads {', '.join(map(str, heads))}"
+            head.append(f"#   {who}: {p}")
+    for i, r in enumerate(plan.random_nodes):
+        head.append(f"# flag bit {i + 1}: {r} (set per entry by the lowering)")
+    for i, g in enumerate(plan.table_nodes):
+        head.append(f"# membership table {i}: {g}")
+    head += [
+        "#",
+        "# token_mask / token_mask_t: the pattern's token predicate, evaluated on PARTIAL blocks",
+        "# only; FULL blocks run unmasked and untouched blocks are never loaded. The kernels",
+        "# below come from patterncc/kernels/ (" + ", ".join(TEMPLATES) + ").",
+        '"""Generated block-sparse attention kernels for: ' + str(plan.pattern).replace('"""', "'''").replace("\\", "\\\\") + '"""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        f"PATTERN = {str(plan.pattern)!r}",
+        "",
+        "",
+        _predicate_fn(plan, "token_mask", transposed=False),
+        "",
+        "",
+        _predicate_fn(plan, "token_mask_t", transposed=True),
+    ]
+    parts = ["\n".join(head)]
+    for t in TEMPLATES:
+        parts.append(f"# ---- kernels/{t} " + "-" * max(0, 70 - len(t)) + "\n\n" + _template(t))
+    return "\n\n\n".join(parts) + "\n"
+
+
+def generated_source(pattern: ir.Pattern) -> str:
+    """The generated Triton module source for ``pattern`` (what ``compile --out`` writes)."""
+    return render(analyse(pattern))
+
+
+# ----------------------------------------------------------------------------------------
+# loading and caching
+
+
+class _Stats:
+    """Counters of the module cache: ``hits`` (in memory), ``loads`` (imported from disk),
+    ``writes`` (files written)."""
+
+    def __init__(self):
+        self.hits = self.loads = self.writes = 0
+
+    def __repr__(self):
+        return f"CacheStats(hits={self.hits}, loads={self.loads}, writes={self.writes})"
+
+
+stats = _Stats()
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("PATTERNCC_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patterncc"
+    return base / "kernels"
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (TRITON_INTERPRET), read as Triton does."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def load(pattern: ir.Pattern) -> Generated:
+    """The generated module of ``pattern``, generated and imported once per process.
+
+    Keyed also by TRITON_INTERPRET, which Triton reads when ``@jit`` decorates a function.
+    """
+    key = (pattern, interpreting())
+    with _lock:
+        got = _modules.get(key)
+        if got is not None:
+            stats.hits += 1
+            return got
+        plan = analyse(pattern)
+        source = render(plan)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        path = cache_dir() / f"pcc_{digest}.py"
+        try:
+            _write_once(path, source)
+        except OSError:  # unwritable cache directory: fall back to a private temp dir
+            path = Path(tempfile.gettempdir()) / f"patterncc-{os.getuid()}" / "kernels" / path.name
+            _write_once(path, source)
+        name = f"patterncc_generated_{digest}{'_interp' if key[1] else ''}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            stats.loads += 1
+        got = Generated(plan, source, path, module)
+        _modules[key] = got
+        return got
+
+
+def _write_once(path: Path, source: str) -> None:
+    """Write ``source`` to ``path`` unless an identical file is there (temp file + replace)."""
+    try:
+        if path.read_text() == source:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    stats.writes += 1
+
+
+def clear_memory_cache() -> None:
+    """Forget loaded modules (the files on disk stay); for tests."""
+    with _lock:
+        _modules.clear()

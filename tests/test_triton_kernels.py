@@ -1,0 +1,215 @@
+"""The generated Triton kernels against the float64 dense reference: output and dq, dk, dv.
+
+Where the kernels run: on a CUDA machine, compiled on the GPU; without CUDA, on CPU tensors
+under Triton's interpreter (TRITON_INTERPRET=1). Triton reads that variable when ``@jit``
+decorates a function -- for patterncc that is when ``codegen.load`` imports a generated
+module, not when ``triton`` is imported -- and codegen keys its module cache on the flag.
+So the module-scoped ``interpreter`` fixture below sets the variable (and a private kernel
+cache directory) for this file only, and it works whatever other test modules imported
+before; no subprocess is needed. The interpreter is slow: shapes stay small (T <= 333,
+D <= 80, B <= 2, H <= 4) with 32/64-token blocks where the case allows.
+
+Every buffer the kernels write (out, LSE, Delta, dq, dk, dv) is allocated full of NaN
+(``poisoned`` fixture), so an element a kernel fails to write shows up as NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterncc
+from patterncc import codegen, lowering
+from patterncc.layout import get_layout
+from reference import reference_attention, rel_err
+from strategies import pattern_sources
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATTERNCC_CACHE_DIR", str(tmp_path_factory.mktemp("pcc_kernels")))
+        if not CUDA:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    from patterncc.backends import triton_backend
+
+    def nan_empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+    monkeypatch.setattr(triton_backend, "_empty", nan_empty)
+
+
+def _inputs(b, h, hkv, t, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda hh: torch.randn(b, hh, t, d, generator=g).to(dtype).to(DEVICE).requires_grad_()  # noqa: E731
+    return mk(h), mk(hkv), mk(hkv)
+
+
+def run_case(src, t, h=2, hkv=None, d=32, b=1, bs=32, dtype=torch.float32, split=None, scale=None, seed=0):
+    """Run the kernels and the reference; return (errors of out/dq/dk/dv, out, grads, mask)."""
+    from patterncc.backends import triton_backend
+
+    hkv = hkv or h
+    pattern = patterncc.parse(src)
+    layout = get_layout(pattern, t, h, bs)
+    q, k, v = _inputs(b, h, hkv, t, d, dtype, seed)
+    scale = d ** -0.5 if scale is None else scale
+    out = triton_backend.attention(q, k, v, layout, scale, split=split)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    mask = torch.from_numpy(layout.mask()).to(DEVICE)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, mask, scale)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    errs = [rel_err(out, ref)] + [rel_err(a, r) for a, r in zip(grads, ref_grads)]
+    for x in (out, *grads):
+        assert torch.isfinite(x).all(), "NaN/inf in the kernel's output or gradients (unwritten elements?)"
+    return errs, out, grads, mask
+
+
+def assert_close(errs, tol=FP32_TOL):
+    names = ("out", "dq", "dk", "dv")
+    bad = {n: e for n, e in zip(names, errs) if not e < tol}
+    assert not bad, f"relative errors over {tol}: {bad}"
+
+
+# (pattern, T, H, H_kv, D, B, block size, split)
+CASES = [
+    ("window(8)", 100, 2, 2, 32, 1, 16, None),
+    ("window(16) & causal", 77, 2, 2, 32, 1, 16, None),
+    ("global([0, -1]) | window(4)", 129, 2, 2, 32, 1, 32, None),
+    ("global([0, -1]) | window(4)", 129, 2, 1, 32, 1, 16, 2),  # heavy rows split: merge kernels
+    ("global(10..40) | window(3)", 150, 1, 1, 16, 1, 32, 3),
+    ("sink(4) | window(8) & causal", 120, 2, 2, 32, 1, 32, None),
+    ("strided(8) & causal", 130, 2, 2, 32, 1, 32, None),
+    ("block(24) | window(4)", 100, 2, 2, 32, 1, 32, None),
+    ("block(32, width=1)", 100, 1, 1, 32, 1, 16, None),
+    ("dense", 1, 1, 1, 16, 1, 16, None),
+    ("dense", 70, 2, 1, 32, 2, 64, None),
+    ("random(32, seed=1)", 200, 2, 2, 32, 1, 32, None),
+    ("random(32, seed=1) & causal", 160, 2, 2, 32, 1, 32, None),
+    ("(random(32, seed=1) & causal) | (random(64, seed=2) & window(40)) | sink(2)", 200, 2, 2, 16, 1, 32, None),
+    ("window(4) | dilate(2, heads=[1])", 120, 2, 2, 32, 2, 32, None),
+    ("window(6) | dilate(3)", 100, 1, 1, 32, 1, 16, None),
+    ("window(8) | strided(64, heads=[1])", 200, 4, 2, 32, 1, 32, None),
+    ("(window(4) | global([7], heads=[0, 2])) & causal", 150, 4, 4, 32, 1, 32, None),
+    ("global([" + ", ".join(str(5 * i) for i in range(20)) + "]) & causal", 150, 2, 2, 32, 1, 32, None),  # table
+    ("window(3) | global([" + ", ".join(str(-7 * i - 1) for i in range(18)) + "])", 140, 1, 1, 16, 1, 32, None),
+    ("window(20) | global([3])", 333, 2, 2, 16, 1, 128, None),  # 128-token blocks: 2 x 2 tiles
+    ("window(10) & causal", 90, 4, 1, 80, 1, 32, None),  # D=80 padded to 128, MQA
+    ("block(64, width=1) | global(0..128) | random(192, seed=0)", 300, 2, 2, 32, 1, 64, None),  # BigBird
+]
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", CASES, ids=[f"{c[0][:40]}-T{c[1]}" for c in CASES])
+def test_matches_reference_fp32(src, t, h, hkv, d, b, bs, split):
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+
+
+@pytest.mark.parametrize("src,h,empty_heads", [
+    ("global([3]) & causal", 4, ()),          # queries 0..2 see no key
+    ("window(2, heads=[0])", 2, (1,)),       # head 1 sees nothing at all
+    ("window(4, heads=[1]) | (global([60]) & causal)", 4, ()),
+])
+def test_empty_rows_give_zero_output_and_gradients(src, h, empty_heads):
+    t = 90
+    errs, out, (dq, dk, dv), mask = run_case(src, t, h, hkv=h // 2, d=16, bs=32)
+    assert_close(errs)
+    empty = ~mask.any(-1)  # [H, T] query rows no key reaches
+    assert empty.any()
+    assert (out[:, empty] == 0).all()
+    assert (dq[:, empty] == 0).all()
+    for head in empty_heads:
+        assert (out[:, head] == 0).all() and (dq[:, head] == 0).all()
+    never_seen = ~mask.any(-2)  # keys no query of a head reads; with H_kv = H/2 check pairs
+    pair = never_seen.view(h // 2, 2, t).all(1)
+    assert (dk[:, pair] == 0).all() and (dv[:, pair] == 0).all()
+
+
+def test_scale_and_odd_lengths():
+    for t in (1, 33, 65):
+        errs, *_ = run_case("window(5) | sink(1)", t, 1, d=16, bs=32, scale=0.3)
+        assert_close(errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    # bf16 under the interpreter runs its dots in fp32 (UPCAST): Triton 3.9's interpreter
+    # computes bf16 tl.dot wrongly; loads, stores and conversions are still bf16.
+    errs, *_ = run_case("(window(8) | global([0])) & causal", 100, 2, 1, 32, 1, 32, dtype=dtype)
+    assert_close(errs, 1e-2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(src=pattern_sources(max_index=48, num_heads=2, max_leaves=3),
+       t=st.integers(48, 130), bs=st.sampled_from((16, 32)), gqa=st.booleans())
+def test_generated_patterns(src, t, bs, gqa):
+    errs, *_ = run_case(src, t, 2, 1 if gqa else 2, 16, 1, bs)
+    assert_close(errs)
+
+
+def test_new_sequence_length_reuses_the_kernel():
+    from patterncc.backends import triton_backend
+
+    pattern = patterncc.parse("window(6) & causal | sink(2)")
+    q, k, v = _inputs(1, 2, 2, 64, 16, torch.float32)
+    triton_backend.attention(q, k, v, get_layout(pattern, 64, 2, 32), 0.25)
+    first = codegen.load(pattern)
+    loads, hits = codegen.stats.loads, codegen.stats.hits
+    q, k, v = _inputs(1, 2, 2, 97, 16, torch.float32)
+    out = triton_backend.attention(q, k, v, get_layout(pattern, 97, 2, 32), 0.25)
+    assert out.shape == (1, 2, 97, 16)
+    assert codegen.stats.loads == loads  # nothing generated or imported again
+    assert codegen.stats.hits > hits
+    assert codegen.load(pattern) is first
+    assert first.path.read_text() == first.source
+    assert "# pattern: " + str(pattern) in first.source
+
+
+def test_op_backend_triton_matches_torch_backend():
+    src = "window(8) | global([0]) | random(32, seed=4)"
+    q, k, v = _inputs(2, 4, 2, 100, 32, torch.float32, seed=3)
+    out_t = patterncc.compile(src, block_size=32, backend="triton")(q, k, v)
+    out_p = patterncc.compile(src, block_size=32, backend="torch")(q, k, v)
+    assert rel_err(out_t, out_p) < FP32_TOL
+
+
+def test_plan_is_cached_per_layout_and_split_covers_every_entry():
+    layout = get_layout(patterncc.parse("window(16) | global([0])"), 300, 2, 16)
+    pred = codegen.analyse(layout.pattern)
+    plan = lowering.plan_for(layout, pred, DEVICE, group=2, split=8)
+    assert lowering.plan_for(layout, pred, DEVICE, group=2, split=8) is plan
+    for items, n in ((plan.fwd, layout.nnz), (plan.kv, layout.nnz)):
+        start, end = items.start.cpu().numpy()[:items.n_items], items.end.cpu().numpy()[:items.n_items]
+        assert (end - start <= 8).all()
+        covered = np.zeros(n, int)
+        for s, e in zip(start, end):
+            covered[s:e] += 1
+        assert (covered == 1).all()
+    assert plan.fwd.n_merge == 2  # query block 0 of each head attends all 19 key blocks
+    assert plan.fwd.merge_row.tolist() == [0, layout.nblocks]
+
+
+def test_only_the_gradients_asked_for():
+    from patterncc.backends import triton_backend
+
+    layout = get_layout(patterncc.parse("window(8) & causal"), 70, 2, 32)
+    q, k, v = _inputs(1, 2, 1, 70, 16, torch.float32)
+    k, v = k.detach(), v.detach()
+    dq, = torch.autograd.grad(triton_backend.attention(q, k, v, layout, 0.25).sum(), (q,))
+    ref_q = q.detach().double().requires_grad_()
+    ref = reference_attention(ref_q, k.double(), v.double(), torch.from_numpy(layout.mask()).to(DEVICE), 0.25)
+    ref_dq, = torch.autograd.grad(ref.sum(), (ref_q,))
+    assert rel_err(dq, ref_dq) < FP32_TOL
