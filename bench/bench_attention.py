@@ -152,7 +152,8 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = meta["device"].replace(" ", "-")
-    path = out_dir / f"{meta['date']}-{device}.json"
+    tag = os.environ.get("TAG")
+    path = out_dir / f"{meta['date']}-{device}{'-' + tag if tag else ''}.json"
     path.write_text(json.dumps({"meta": meta, "setup": {"B": B, "H": H, "dtype": "bfloat16", "block_size": 64},
                                 "rows": rows}, indent=1))
     print(f"\nwrote {path}")

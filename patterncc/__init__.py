@@ -10,10 +10,12 @@ Write a pattern, get a block-sparse layout, graph diagnostics and an attention o
 """
 from .errors import PatternError
 from .ir import Pattern, Program
+from .deepspeed import from_sparsity_config
 from .layout import Layout
+from .nn import SparseSelfAttention
 from .op import SparseAttention, compile
 from .parser import load, parse, parse_program
 
-__all__ = ["PatternError", "Pattern", "Program", "Layout", "SparseAttention",
-           "parse", "parse_program", "load", "compile"]
+__all__ = ["PatternError", "Pattern", "Program", "Layout", "SparseAttention", "SparseSelfAttention",
+           "parse", "parse_program", "load", "compile", "from_sparsity_config"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ EPILOG_COMPILE = """examples:
   patterncc compile examples/longformer.attn --seq-len 4096 --out out/
   patterncc compile "window(256) | global([0]) | random(64, seed=1) | dilate(2, heads=2)" --seq-len 16384 --heads 16
   patterncc compile "window(1024) & causal" --seq-len 65536 --json
+  patterncc compile examples/longformer.attn --seq-len 16384 --out out/ --html
 """
 
 EPILOG_DIAGNOSE = """examples:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arg(c)
     c.add_argument("--head-dim", type=_positive, default=64, metavar="D",
                    help="head dimension used for FLOP and byte counts (default 64), e.g. --head-dim 128")
+    c.add_argument("--html", action="store_true",
+                   help="with --out: also write report.html, one self-contained page (pattern source, layout "
+                        "pictures, cost table, receptive-field plot) to open in a browser")
     c.set_defaults(func=cmd_compile)
     d = sub.add_parser(
         "diagnose", help="reachability, hop diameter and receptive field per layer",
@@ -106,6 +110,8 @@ def cmd_compile(args) -> int:
     from .report import compile_report, format_report, layer_groups, save_layout_png
     from .layout import get_layout
 
+    if args.html and not args.out:
+        raise ValueError("--html writes report.html into the output directory; add --out DIR")
     program = read_source(args.source)
     heads, block = _settings(args, program)
     t0 = time.perf_counter()
@@ -122,6 +128,8 @@ def cmd_compile(args) -> int:
         save_layout_png(program, args.seq_len, heads, block, out / "layout.png")
         files.append("layout.png")
         files += _write_kernels(program, out)
+        if args.html:
+            files.append(_write_html(program, args, heads, block, out).name)
         rep["files"] = files
         (out / "report.json").write_text(json.dumps(rep, indent=1))
     if args.json:
@@ -152,6 +160,14 @@ def _write_kernels(program: ir.Program, out: Path) -> list[str]:
         except Exception as e:  # the report is still useful without the kernel
             print(f"warning: could not generate the kernel source: {e}", file=sys.stderr)
     return files
+
+
+def _write_html(program: ir.Program, args, heads: int, block: int, out: Path) -> Path:
+    """report.html, with the receptive-field section."""
+    from .analysis import diagnose
+    from .html import write_report
+    diagnostics = diagnose(program, args.seq_len, num_heads=heads, block_size=block, progress=sys.stderr.isatty())
+    return write_report(program, args.seq_len, heads, block, out, diagnostics=diagnostics, head_dim=args.head_dim)
 
 
 def cmd_diagnose(args) -> int:

@@ -94,6 +94,24 @@ class SparseAttention:
         from .backends import triton_backend
         return triton_backend.generated_source(self.pattern_for_layer(layer))
 
+    def block_mask(self, seq_len: int, num_heads: int | None = None, *, layer: int | None = None, device=None):
+        """The equivalent FlexAttention ``BlockMask``: FULL blocks as Flex full blocks, PARTIAL
+        blocks with this pattern's ``mask_mod`` (see :mod:`patterncc.interop`).
+
+        >>> import patterncc
+        >>> op = patterncc.compile("window(16) & causal", block_size=16)
+        >>> op.block_mask(64, 1).to_dense()[0, 0].tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+        """
+        from .interop import block_mask
+        return block_mask(self, seq_len, num_heads, layer=layer, device=device)
+
+    def mask_mod(self, seq_len: int, num_heads: int | None = None, *, layer: int | None = None, device=None):
+        """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (see :mod:`patterncc.interop`)."""
+        from .interop import mask_mod
+        return mask_mod(self.pattern_for_layer(layer), seq_len, self._heads(num_heads), self.block_size,
+                        device=device)
+
     def _heads(self, num_heads: int | None) -> int:
         if num_heads is None:
             if self.program.heads is None:

@@ -174,7 +174,7 @@ def save_layout_png(program: ir.Program, seq_len: int, num_heads: int, block_siz
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"block layout, T={seq_len}, block {block_size} (dark: FULL, light: PARTIAL)", fontsize=9)
+    fig.suptitle(f"block layout, T={seq_len}, block {block_size}\n(dark: FULL, light: PARTIAL)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
