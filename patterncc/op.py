@@ -43,6 +43,7 @@ class SparseAttention:
         if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size}")
         self.backend = backend
+        self._keys: dict[ir.Pattern, str] = {}
 
     # -- structure
     @property
@@ -133,13 +134,24 @@ class SparseAttention:
         if b == 0 or t == 0:
             return torch.zeros_like(q) + 0 * (k.sum() + v.sum())
         pattern = self.pattern_for_layer(layer)
-        layout = get_layout(pattern, t, heads, self.block_size)
-        backend = self._backend_for(q)
-        if backend == "triton":
-            from .backends import triton_backend
-            return triton_backend.attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, float(scale))
+        if self._backend_for(q) == "triton":
+            # Straight to the custom op: torch.compile sees one opaque op (the layout is
+            # built, and cached, inside it), CUDA graphs capture it after a warm-up call.
+            key = self._keys.get(pattern) or self._key(pattern)
+            return torch.ops.patterncc.sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                        key, float(scale))[0]
+        if torch.compiler.is_compiling():  # host-side plan: run it eagerly (a graph break)
+            return torch.compiler.disable(self._torch_path)(q, k, v, pattern, heads, float(scale))
+        return self._torch_path(q, k, v, pattern, heads, float(scale))
+
+    def _torch_path(self, q, k, v, pattern: ir.Pattern, heads: int, scale: float) -> torch.Tensor:
         from .backends import torch_backend
-        return torch_backend.attention(q, k, v, layout, float(scale))
+        return torch_backend.attention(q, k, v, get_layout(pattern, q.shape[2], heads, self.block_size), scale)
+
+    def _key(self, pattern: ir.Pattern) -> str:
+        from .backends import triton_backend
+        self._keys[pattern] = key = triton_backend.op_key(pattern, self.block_size)
+        return key
 
     def _backend_for(self, q: torch.Tensor) -> str:
         if self.backend == "torch":

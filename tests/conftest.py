@@ -5,6 +5,9 @@
 * Hypothesis profiles: ``default`` (fast, used locally and in CI) and ``thorough``
   (many more examples); pick one with ``HYPOTHESIS_PROFILE=thorough``. Deadlines are
   off: the first call of a pattern fills caches and timing on shared CI runners varies.
+* Without a CUDA device the Triton kernels run under Triton's CPU interpreter. Triton
+  decides that when its own ``@jit`` helpers are decorated, at its import, so
+  TRITON_INTERPRET is set here, before any test (or torch.compile) can import triton.
 """
 from __future__ import annotations
 
@@ -14,6 +17,12 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:

@@ -38,8 +38,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
 
     The caller validated shapes, dtypes and devices and made the tensors contiguous.
     ``split`` overrides the longest run of blocks one program walks (see lowering).
+    Runs through the ``patterncc::sparse_attention`` custom op, so ``torch.compile`` sees
+    one opaque op (no graph break) and CUDA graphs can capture it after a warm-up call.
     """
-    return _SparseAttention.apply(q, k, v, layout, float(scale), split)
+    key = op_key(layout.pattern, layout.block_size, split)
+    return torch.ops.patterncc.sparse_attention(q, k, v, key, float(scale))[0]
+
+
+def op_key(pattern, block_size: int, split: int | None = None) -> str:
+    """The string the custom op carries to find its pattern again (ops take no Python objects)."""
+    key = f"{block_size}/{split}/{pattern}"
+    _PATTERNS.setdefault(key, (pattern, block_size, split))
+    return key
 
 
 def generated_source(pattern) -> str:
@@ -47,21 +57,55 @@ def generated_source(pattern) -> str:
     return codegen.generated_source(pattern)
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale, split):
-        out, lse = forward(q, k, v, layout, scale, split)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.split = layout, scale, split
-        return out
+# ----------------------------------------------------------------------------------------
+# the custom op: forward, backward and their fake (shape-only) versions for tracing
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.scale, ctx.split,
-                               need_q, need_k or need_v)
-        return dq, dk if need_k else None, dv if need_v else None, None, None, None
+_PATTERNS: dict = {}
+
+
+def _layout_of(key: str, q: torch.Tensor) -> tuple[Layout, int | None]:
+    from ..layout import get_layout
+    pattern, block, split = _PATTERNS[key]
+    return get_layout(pattern, q.shape[2], q.shape[1], block), split
+
+
+@torch.library.custom_op("patterncc::sparse_attention", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    layout, split = _layout_of(key, q)
+    return forward(q, k, v, layout, scale, split)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, key, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("patterncc::sparse_attention_backward", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout, split = _layout_of(key, q)
+    return backward(do.contiguous(), q, k, v, out, lse, layout, scale, split)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, key, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.key, ctx.scale = key, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.patterncc.sparse_attention_backward(dout, q, k, v, out, lse, ctx.key, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
