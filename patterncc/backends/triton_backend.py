@@ -16,6 +16,7 @@ run on CPU tensors under Triton's interpreter (slow; for tests).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,12 +25,28 @@ from ..layout import Layout
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Launch configuration. Tiles are TILE x TILE (smaller when the layout block is): a larger
-# layout block is walked as several tiles. 4 warps kept registers lowest for D = 64 and 128
-# when compiled for sm_90 (8 warps spilled in the backward); tuning is left to benchmarks.
-TILE = 64
-NUM_WARPS = 4
-NUM_STAGES = 2
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch configuration of one kernel: tile (capped at the layout block, which a
+    larger layout block is walked in), warps and software-pipelining stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Per kernel ("fwd", "dkdv", "dq") and head-dim class (<= 64, <= 128, wider). The entries
+# come from bench/tune.py on an H100 (see bench/RESULTS.md); set CONFIGS[...] to override.
+CONFIGS: dict[tuple[str, int], KernelConfig] = {}
+DEFAULT_CONFIG = KernelConfig()
+
+
+def config_for(kind: str, head_pad: int) -> KernelConfig:
+    width = 64 if head_pad <= 64 else 128 if head_pad <= 128 else 256
+    return CONFIGS.get((kind, width), DEFAULT_CONFIG)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
@@ -129,15 +146,18 @@ class _Launch:
         self.nb = layout.nblocks
         self.lb = layout.block_size
         self.d_pad = max(16, 1 << (self.d - 1).bit_length())
-        self.block = min(self.lb, TILE)
-        interp = codegen.interpreting()
+        self.interp = codegen.interpreting()
         self.consts = dict(
             HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb,
-            BLOCK_M=self.block, BLOCK_N=self.block,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST=interp and q.dtype == torch.bfloat16,
+            UPCAST=self.interp and q.dtype == torch.bfloat16,
         )
-        self.opts = {} if interp else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+    def config(self, kind: str) -> tuple[int, int, dict]:
+        """(BLOCK_M, BLOCK_N, launch options) of one kernel."""
+        c = config_for(kind, self.d_pad)
+        opts = {} if self.interp else dict(num_warps=c.num_warps, num_stages=c.num_stages)
+        return min(self.lb, c.block_m), min(self.lb, c.block_n), opts
 
     def scratch(self, slots: int, device, rows_only=False):
         shape = (max(slots, 1), self.b, self.lb) if rows_only else (max(slots, 1), self.b, self.lb, self.d_pad)
@@ -161,17 +181,18 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None):
     so = run.scratch(it.n_slots, q.device)
     sm = run.scratch(it.n_slots, q.device, rows_only=True)
     sl = run.scratch(it.n_slots, q.device, rows_only=True)
-    tiles = run.lb // run.block
+    bm, bn, opts = run.config("fwd")
+    tiles = run.lb // bm
     run.gen.kernel("_attn_fwd")[(it.n_items * tiles, run.b)](
         q, k, v, out, lse, so, sm, sl,
         it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
         scale * LOG2E, run.t, run.nb, run.b, run.h, run.group,
-        **run.consts, **run.opts)
+        BLOCK_M=bm, BLOCK_N=bn, **run.consts, **opts)
     if it.n_merge:
         run.gen.kernel("_attn_fwd_merge")[(it.n_merge * tiles, run.b)](
             out, lse, so, sm, sl, it.merge_row, it.merge_start, it.merge_end,
             run.t, run.nb, run.b, run.h,
-            HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK_M=run.block, **run.opts)
+            HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK_M=bm, **opts)
     return out, lse
 
 
@@ -182,13 +203,13 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     run = _Launch(q, k, layout, split)
     plan, c = run.plan, run.consts
-    tiles = run.lb // run.block
     dev = q.device
 
     delta = _empty(lse.shape, lse)
-    m_blocks = math.ceil(run.t / run.block)
+    bm, _, opts = run.config("dq")
+    m_blocks = math.ceil(run.t / bm)
     run.gen.kernel("_attn_bwd_preprocess")[(run.b * run.h * m_blocks,)](
-        out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=run.block, **run.opts)
+        out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
     dk = dv = dq = None
     if need_kv:
@@ -196,30 +217,32 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         dv = _empty(v.shape, v)
         it = plan.kv
         sk, sv = run.scratch(it.n_slots, dev), run.scratch(it.n_slots, dev)
-        run.gen.kernel("_attn_bwd_dkdv")[(it.n_items * tiles, run.b)](
+        bm, bn, opts = run.config("dkdv")
+        run.gen.kernel("_attn_bwd_dkdv")[(it.n_items * (run.lb // bn), run.b)](
             q, k, v, do, lse, delta, dk, dv, sk, sv,
             it.row, it.start, it.end, it.slot, plan.kv_qblock, plan.kv_qhead, plan.kv_flags, plan.tables,
-            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group, **c, **run.opts)
+            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group,
+            BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
         if it.n_merge:
             for dst, scratch in ((dk, sk), (dv, sv)):
-                _sum(run, dst, scratch, it, run.h // run.group)
+                _sum(run, dst, scratch, it, run.h // run.group, bn, opts)
 
     if need_q:
         dq = _empty(q.shape, q)
         it = plan.fwd
         sq = run.scratch(it.n_slots, dev)
-        run.gen.kernel("_attn_bwd_dq")[(it.n_items * tiles, run.b)](
+        bm, bn, opts = run.config("dq")
+        run.gen.kernel("_attn_bwd_dq")[(it.n_items * (run.lb // bm), run.b)](
             q, k, v, do, lse, delta, dq, sq,
             it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
-            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group, **c, **run.opts)
+            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group,
+            BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
         if it.n_merge:
-            _sum(run, dq, sq, it, run.h)
+            _sum(run, dq, sq, it, run.h, bm, opts)
     return dq, dk, dv
 
 
-def _sum(run: _Launch, dst, scratch, it: lowering.WorkItems, heads: int):
-    tiles = run.lb // run.block
-    run.gen.kernel("_sum_partials")[(it.n_merge * tiles, run.b)](
+def _sum(run: _Launch, dst, scratch, it: lowering.WorkItems, heads: int, block: int, opts: dict):
+    run.gen.kernel("_sum_partials")[(it.n_merge * (run.lb // block), run.b)](
         dst, scratch, it.merge_row, it.merge_start, it.merge_end, run.t, run.nb, run.b, heads,
-        HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK=run.block, **run.opts)
-
+        HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK=block, **opts)
