@@ -18,9 +18,12 @@ What the predicate may read besides the token positions:
   per-token membership table (built by the lowering per sequence length) instead of a
   long chain of comparisons.
 
-Modules are cached: in memory per (pattern, interpreter flag) and on disk under
-``$PATTERNCC_CACHE_DIR`` (default ``~/.cache/patterncc/kernels``), named by a hash of their
-source and written atomically. Triton's ``@jit`` needs real source files, hence the disk.
+Modules are cached: in memory per (pattern, interpreter flag), an LRU bounded by
+``MAX_MODULES`` entries and ``MAX_MODULE_BYTES`` (source plus compiled kernel binaries,
+``$PATTERNCC_KERNEL_CACHE_BYTES``), and on disk under ``$PATTERNCC_CACHE_DIR`` (default
+``~/.cache/patterncc/kernels``), named by a hash of their source and written atomically
+(temporary file + rename, so concurrent processes never see a half-written file); a file
+whose text is not the expected source (corrupted, truncated) is rewritten. Triton's ``@jit`` needs real source files, hence the disk.
 Everything about sequence length lives in runtime arguments, so a new length reuses the
 module and Triton's compiled binaries; only a layout is built.
 
@@ -33,6 +36,7 @@ Example:
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.util
 import os
@@ -266,8 +270,55 @@ class _Stats:
 
 
 stats = _Stats()
-_modules: dict = {}
+_modules: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
+MAX_MODULES = 64
+
+
+def _max_module_bytes() -> int:
+    try:
+        return int(os.environ.get("PATTERNCC_KERNEL_CACHE_BYTES", 256 << 20))
+    except ValueError:
+        return 256 << 20
+
+
+MAX_MODULE_BYTES = _max_module_bytes()
+
+
+def module_bytes(gen: "Generated") -> int:
+    """Approximate bytes of a loaded module: its source plus the binaries Triton compiled
+    for its kernels so far (best effort; Triton's cache layout is internal)."""
+    total = len(gen.source)
+    for name in KERNEL_NAMES:
+        caches = getattr(getattr(gen.module, name, None), "device_caches", None)
+        try:
+            for entry in list(caches.values()) if caches else ():
+                for kernel in list(entry[0].values()):
+                    total += sum(len(a) for a in getattr(kernel, "asm", {}).values())
+        except Exception:  # pragma: no cover - another Triton version
+            pass
+    return total
+
+
+def _shrink(keep) -> None:
+    """Evict least recently used modules (never ``keep``) past MAX_MODULES / MAX_MODULE_BYTES.
+    Callers holding a module keep using it; a later load imports it again from disk."""
+    while len(_modules) > max(1, MAX_MODULES):
+        _forget(*_modules.popitem(last=False))
+    total = sum(module_bytes(g) for g in _modules.values())
+    for key in list(_modules):
+        if total <= MAX_MODULE_BYTES:
+            break
+        if key != keep:
+            gen = _modules.pop(key)
+            total -= module_bytes(gen)
+            _forget(key, gen)
+
+
+def _forget(key, gen: "Generated") -> None:
+    name = getattr(gen.module, "__name__", None)
+    if name and sys.modules.get(name) is gen.module:
+        del sys.modules[name]
 
 
 def cache_dir() -> Path:
@@ -290,6 +341,7 @@ def load(pattern: ir.Pattern) -> Generated:
     with _lock:
         got = _modules.get(key)
         if got is not None:
+            _modules.move_to_end(key)
             stats.hits += 1
             return got
         plan = analyse(pattern)
@@ -315,21 +367,23 @@ def load(pattern: ir.Pattern) -> Generated:
             stats.loads += 1
         got = Generated(plan, source, path, module)
         _modules[key] = got
+        _shrink(key)
         return got
 
 
 def _write_once(path: Path, source: str) -> None:
     """Write ``source`` to ``path`` unless an identical file is there (temp file + replace)."""
+    data = source.encode("utf-8")
     try:
-        if path.read_text() == source:
+        if path.read_bytes() == data:
             return
-    except OSError:
+    except OSError:  # missing or unreadable; anything else there (garbage, a truncated file) is replaced
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -6,8 +6,9 @@ must be evaluated), as a CSR index over rows ``head * nblocks + query_block``, p
 transposed index (rows ``head * nblocks + key_block``) for the backward pass.
 
 It is built from each primitive's analytic block footprint (``ir``), never from a T x T
-array, so memory grows with the touched blocks. ``get_layout`` caches layouts in a bounded
-LRU keyed by (pattern, seq_len, heads, block size).
+array, so memory grows with the touched blocks. ``get_layout`` caches layouts in an LRU
+keyed by (pattern, seq_len, heads, block size), bounded in entries and in bytes (a layout
+counts its arrays and everything memoised on it: token masks, kernel plans on the device).
 
 Example:
     >>> from patterncc import parse
@@ -19,7 +20,10 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +80,10 @@ class Layout:
     t_qblock: np.ndarray
     t_entry: np.ndarray
     _memo: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._lock = threading.RLock()  # memoised data is computed once, whatever the threads
+        self._size = (-1, 0)  # (len(_memo) when measured, bytes)
 
     # -- shape
     @property
@@ -229,9 +237,42 @@ class Layout:
             t_indptr=self.t_indptr, t_qblock=self.t_qblock, t_entry=self.t_entry)
 
     def _cached(self, key, fn):
-        if key not in self._memo:
-            self._memo[key] = fn()
-        return self._memo[key]
+        got = self._memo.get(key)
+        if got is None:
+            with self._lock:
+                got = self._memo.get(key)
+                if got is None:
+                    got = self._memo[key] = fn()
+        return got
+
+    def nbytes(self) -> int:
+        """Bytes this layout holds: its index arrays plus everything memoised on it (token
+        masks of PARTIAL blocks, per-device kernel plans: host and device memory alike)."""
+        # No lock: the memo only grows, a snapshot of its values is taken atomically, and a
+        # cache lookup must not wait for another thread building a plan on this layout.
+        values = tuple(self._memo.values())
+        if self._size[0] != len(values):
+            arrays = (self.indptr, self.kblock, self.full, self.t_indptr, self.t_qblock, self.t_entry)
+            self._size = (len(values), _nbytes(arrays) + _nbytes(values))
+        return self._size[1]
+
+
+def _nbytes(obj, depth: int = 0) -> int:
+    """Bytes of the arrays and tensors inside ``obj`` (tuples, lists, dicts, dataclasses)."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if depth > 8:
+        return 0
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(x, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(x, depth + 1) for x in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_nbytes(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj))
+    nbytes = getattr(obj, "nbytes", None)  # torch.Tensor (any device) and other array types
+    if isinstance(nbytes, int):
+        return nbytes
+    return 0
 
 
 def partial_block_masks(pattern: ir.Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray,
@@ -289,33 +330,94 @@ def _check_sizes(seq_len: int, num_heads: int, block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two between 16 and 256, got {block_size}")
 
 
-class LayoutCache:
-    """Bounded LRU of layouts keyed by (pattern, seq_len, num_heads, block_size).
+DEFAULT_CACHE_BYTES = 1 << 30
+CACHE_BYTES_ENV = "PATTERNCC_LAYOUT_CACHE_BYTES"
 
-    Thread-safe; ``hits`` and ``misses`` count lookups.
+
+def _bytes_from_env(default: int = DEFAULT_CACHE_BYTES) -> int:
+    """``$PATTERNCC_LAYOUT_CACHE_BYTES``: a byte count, optionally with a K, M or G suffix
+    (powers of 1024), e.g. ``512M``; the default (1 GiB) when unset or malformed."""
+    text = os.environ.get(CACHE_BYTES_ENV, "").strip()
+    if not text:
+        return default
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text) * scale
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"{CACHE_BYTES_ENV}={text!r} is not a byte count such as 1073741824 or 512M; "
+                      f"using {default}", stacklevel=2)
+        return default
+    return value
+
+
+class LayoutCache:
+    """LRU of layouts keyed by (pattern, seq_len, num_heads, block_size), bounded both in
+    entries (``max_entries``) and in bytes (``max_bytes``, default
+    ``$PATTERNCC_LAYOUT_CACHE_BYTES`` or 1 GiB).
+
+    A layout's bytes (:meth:`Layout.nbytes`) include what is memoised on it after it was
+    cached (token masks, kernel plans on each device), so the bound is enforced again on
+    every lookup. The layout just returned is never evicted, even if it alone is over the
+    bound. Thread-safe: concurrent lookups of one missing key build it once; ``hits`` and
+    ``misses`` count lookups.
     """
 
-    def __init__(self, max_entries: int = 32):
+    def __init__(self, max_entries: int = 32, max_bytes: int | None = None):
         self.max_entries = max_entries
+        self.max_bytes = _bytes_from_env() if max_bytes is None else max_bytes
         self._items: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._building: dict = {}  # key -> lock held while that layout is being built
         self.hits = self.misses = 0
 
     def get(self, pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int) -> Layout:
         _check_sizes(seq_len, num_heads, block_size)
         key = (pattern, int(seq_len), int(num_heads), int(block_size))
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-            self.misses += 1
-        lay = build_layout(pattern, *key[1:])
-        with self._lock:
-            self._items[key] = lay
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+        while True:
+            with self._lock:
+                lay = self._items.get(key)
+                if lay is not None:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    self._shrink(key)
+                    return lay
+                building = self._building.get(key)
+                if building is None:
+                    building = self._building[key] = threading.Lock()
+                    building.acquire()
+                    self.misses += 1
+                    break
+            with building:  # another thread builds this layout: wait for it, then look again
+                pass
+        try:
+            lay = build_layout(pattern, *key[1:])
+            with self._lock:
+                self._items[key] = lay
+                self._shrink(key)
+        finally:
+            with self._lock:
+                del self._building[key]
+            building.release()
         return lay
+
+    def _shrink(self, keep) -> None:
+        """Evict least recently used layouts (never ``keep``) until within both bounds."""
+        items = self._items
+        while len(items) > max(1, self.max_entries):
+            items.popitem(last=False)
+        total = sum(lay.nbytes() for lay in items.values())
+        for key in list(items):
+            if total <= self.max_bytes:
+                break
+            if key != keep:
+                total -= items.pop(key).nbytes()
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached layouts (see :meth:`Layout.nbytes`)."""
+        with self._lock:
+            return sum(lay.nbytes() for lay in self._items.values())
 
     def clear(self) -> None:
         with self._lock:

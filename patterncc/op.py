@@ -43,7 +43,9 @@ class SparseAttention:
         if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size}")
         self.backend = backend
-        self._keys: dict[ir.Pattern, str] = {}
+        # The custom-op keys, made now: under torch.compile no host code may run to make them.
+        from .backends.triton_backend import op_key
+        self._keys = {s.pattern: op_key(s.pattern, self.block_size) for s in program.sections}
 
     # -- structure
     @property
@@ -135,11 +137,14 @@ class SparseAttention:
             return torch.zeros_like(q) + 0 * (k.sum() + v.sum())
         pattern = self.pattern_for_layer(layer)
         if self._backend_for(q) == "triton":
-            # Straight to the custom op: torch.compile sees one opaque op (the layout is
-            # built, and cached, inside it), CUDA graphs capture it after a warm-up call.
-            key = self._keys.get(pattern) or self._key(pattern)
-            return torch.ops.patterncc.sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                        key, float(scale))[0]
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            if torch.compiler.is_compiling():
+                # One opaque custom op for torch.compile: the layout is built, and cached,
+                # inside it, so no host code is traced.
+                key = self._keys[pattern]
+                return torch.ops.patterncc.sparse_attention(q, k, v, key, float(scale))[0]
+            from .backends import triton_backend
+            return triton_backend.attention(q, k, v, get_layout(pattern, t, heads, self.block_size), float(scale))
         if torch.compiler.is_compiling():  # host-side plan: run it eagerly (a graph break)
             return torch.compiler.disable(self._torch_path)(q, k, v, pattern, heads, float(scale))
         return self._torch_path(q, k, v, pattern, heads, float(scale))
@@ -148,10 +153,7 @@ class SparseAttention:
         from .backends import torch_backend
         return torch_backend.attention(q, k, v, get_layout(pattern, q.shape[2], heads, self.block_size), scale)
 
-    def _key(self, pattern: ir.Pattern) -> str:
-        from .backends import triton_backend
-        self._keys[pattern] = key = triton_backend.op_key(pattern, self.block_size)
-        return key
+
 
     def _backend_for(self, q: torch.Tensor) -> str:
         if self.backend == "torch":

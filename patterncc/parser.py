@@ -30,12 +30,18 @@ PRIMITIVES: dict[str, type[ir.Primitive]] = {
     for cls in (ir.Window, ir.Causal, ir.Global, ir.Sink, ir.Strided, ir.Block, ir.Dense, ir.Random)
 }
 MODIFIERS = ("dilate",)
-OPTIONS = {"block_size": "a positive power of two, e.g. block_size = 64",
+OPTIONS = {"block_size": "a power of two from 16 to 256, e.g. block_size = 64",
            "heads": "a positive integer, e.g. heads = 12",
            "causal": "true or false"}
 MAX_INT = 2 ** 40
-MAX_NESTING = 200
-MAX_SOURCE = 128 * 1024  # parsing stays well under a second up to this size
+MAX_NESTING = 200  # brackets in the source
+MAX_SOURCE = 64 * 1024  # characters; parsing stays well under a second up to this size
+MAX_DEPTH = 64  # '|' / '&' / dilate levels of one pattern (bounds recursion in every later stage)
+MAX_TERMS = 50_000  # IR nodes of one pattern, 'let' definitions expanded
+MAX_WORK = 200_000  # IR nodes handled while building a whole program (bounds parse time)
+MAX_HEADS = 65536
+MAX_LAYERS = 65536
+MAX_BLOCK = 256
 
 _READABLE = {
     "NAME": "a name", "SIGNED_INT": "an integer", "FLOAT": "a number", "STRING": "a string",
@@ -102,8 +108,9 @@ def parse_program(src: str, *, source: str = "<string>") -> ir.Program:
     tree = _syntax(src, source)
     try:
         return _Builder(src, source).program(tree)
-    except RecursionError:  # a safety net: _check_size bounds the nesting first
-        raise PatternError(f"pattern nested too deeply (the limit is {MAX_NESTING})", source=source) from None
+    except RecursionError:  # a safety net: _check_size and the builder bound the nesting first
+        raise PatternError(f"pattern nested too deeply (the limit is {MAX_NESTING} brackets and "
+                           f"{MAX_DEPTH} levels of operators)", source=source) from None
 
 
 def load(path: str | Path) -> ir.Program:
@@ -123,7 +130,7 @@ def load(path: str | Path) -> ir.Program:
 def _check_size(src: str, source: str) -> None:
     if len(src) > MAX_SOURCE:
         raise PatternError(f"source is {len(src)} characters long; the limit is {MAX_SOURCE} "
-                           f"(write long index lists as ranges, e.g. global(0..4096))", source=source)
+                           f"(64 KiB; write long index lists as ranges, e.g. global(0..4096))", source=source)
     depth = 0
     code = _blank_comments_and_strings(src)
     for i, ch in enumerate(code):
@@ -199,6 +206,8 @@ class _Builder:
         self.lines = src.split("\n")  # lark counts lines by "\n" alone
         self.source = source
         self.scope: dict[str, ir.Pattern] = {}
+        self.sizes: dict[int, tuple[ir.Pattern, int, int]] = {}  # id -> (node, tree size, depth)
+        self.work = 0
 
     # -- spans
     def span(self, node) -> Span:
@@ -214,6 +223,41 @@ class _Builder:
 
     def error(self, msg: str, node) -> PatternError:
         return PatternError(msg, self.span(node))
+
+    # -- size limits: IR nodes are shared (a 'let' name used twice is one object), but
+    # every later stage (printing, hashing, specialising per head) walks them as a tree,
+    # so the tree size and depth are what is bounded, measured without recursion.
+    def measure(self, node: ir.Pattern) -> tuple[int, int]:
+        memo = self.sizes
+        stack = [(node, False)]
+        while stack:
+            n, ready = stack.pop()
+            if id(n) in memo:
+                continue
+            kids = n.children()
+            if ready or not kids:
+                size = 1 + sum(memo[id(c)][1] for c in kids)
+                depth = 1 + max(memo[id(c)][2] for c in kids) if kids else 0
+                memo[id(n)] = (n, size, depth)  # the node is kept, so its id stays unique
+            else:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids if id(c) not in memo)
+        return memo[id(node)][1:]
+
+    def built(self, node: ir.Pattern, tree) -> ir.Pattern:
+        """Check a newly combined pattern against MAX_DEPTH, MAX_TERMS and MAX_WORK."""
+        size, depth = self.measure(node)
+        self.work += size
+        if depth > MAX_DEPTH:
+            raise self.error(f"pattern nested too deeply: more than {MAX_DEPTH} levels of '|', '&' "
+                             f"and dilate", tree)
+        if size > MAX_TERMS:
+            raise self.error(f"pattern too large: {size} terms once 'let' names are expanded "
+                             f"(the limit is {MAX_TERMS})", tree)
+        if self.work > MAX_WORK:
+            raise self.error(f"program too large: its patterns hold more than {MAX_WORK} terms "
+                             f"once 'let' names are expanded", tree)
+        return node
 
     # -- program
     def program(self, tree: Tree) -> ir.Program:
@@ -266,8 +310,11 @@ class _Builder:
             options[name] = str(value.children[0]) == "true"
             return
         v = self.integer(value, f"option '{name}'", minimum=1)
-        if name == "block_size" and (v < 16 or v & (v - 1)):
-            raise self.error(f"option 'block_size' must be a power of two >= 16, got {v}", value)
+        if name == "block_size" and (v < 16 or v > MAX_BLOCK or v & (v - 1)):
+            raise self.error(f"option 'block_size' must be a power of two from 16 to {MAX_BLOCK}, "
+                             f"got {v}", value)
+        if name == "heads" and v > MAX_HEADS:
+            raise self.error(f"option 'heads' is {v}; the most supported is {MAX_HEADS}", value)
         options[name] = v
 
     def let(self, stmt: Tree) -> None:
@@ -283,6 +330,8 @@ class _Builder:
         _, rng, expr = stmt.children
         start = self.integer(rng.children[0], "a layer number", minimum=0)
         stop = self.integer(rng.children[1], "a layer number", minimum=0)
+        if stop > MAX_LAYERS:
+            raise self.error(f"layer {stop} is past the supported maximum ({MAX_LAYERS} layers)", rng)
         if stop <= start:
             raise self.error(f"empty layer range {start}..{stop}: the end is exclusive and must be "
                              f"greater than the start", rng)
@@ -320,7 +369,7 @@ class _Builder:
                 if isinstance(t, _DilateTerm):
                     raise self.error("dilate(...) modifies the union it is a term of; write "
                                      "'pattern | dilate(d)', not '&'", c)
-            return ir.intersect(terms)
+            return self.built(ir.intersect(terms), tree)
         if kind == "ref":
             return self.ref(tree.children[0])
         if kind == "call":
@@ -336,12 +385,12 @@ class _Builder:
             return terms[0][1]
         if not terms:
             return mods[0][1]  # a lone dilate: reported by top() or by the enclosing union
-        pattern = ir.union(t for _, t in terms)
+        pattern = self.built(ir.union(t for _, t in terms), tree)
         has_window = any(isinstance(n, ir.Window) for _, t in terms for n in t.walk())
         for c, m in mods:
             if not has_window:
                 raise self.error("dilate(...) has no window(w) term to act on in this union", c)
-            pattern = ir.dilate(pattern, m.d, m.heads, m.span)
+            pattern = self.built(ir.dilate(pattern, m.d, m.heads, m.span), c)
         return pattern
 
     def ref(self, tok: Token) -> ir.Pattern:
@@ -450,8 +499,8 @@ class _Builder:
     def heads(self, a) -> tuple[int, ...]:
         if isinstance(a, Tree) and a.data == "int":
             h = self.integer(a, "heads", 1)
-            if h > 65536:
-                raise self.error(f"heads={h} is more heads than supported (65536)", a)
+            if h > MAX_HEADS:
+                raise self.error(f"heads={h} is more heads than supported ({MAX_HEADS})", a)
             return tuple(range(h))
         if isinstance(a, Tree) and a.data in ("list", "range"):
             items = a.children if a.data == "list" else [a]

@@ -40,7 +40,12 @@ class KernelConfig:
 
 # Per kernel ("fwd", "dkdv", "dq") and head-dim class (<= 64, <= 128, wider). The entries
 # come from bench/tune.py on an H100 (see bench/RESULTS.md); set CONFIGS[...] to override.
-CONFIGS: dict[tuple[str, int], KernelConfig] = {}
+CONFIGS: dict[tuple[str, int], KernelConfig] = {
+    # 2026-11-24, H100, T=16384, bf16: 0.81x the default's forward+backward time each
+    # (dK/dV walks query tiles, dQ key tiles: narrow inner tiles pipeline better there).
+    ("dkdv", 64): KernelConfig(16, 64, 4, 3),
+    ("dq", 64): KernelConfig(64, 16, 4, 3),
+}
 DEFAULT_CONFIG = KernelConfig()
 
 
@@ -58,8 +63,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     Runs through the ``patterncc::sparse_attention`` custom op, so ``torch.compile`` sees
     one opaque op (no graph break) and CUDA graphs can capture it after a warm-up call.
     """
-    key = op_key(layout.pattern, layout.block_size, split)
-    return torch.ops.patterncc.sparse_attention(q, k, v, key, float(scale))[0]
+    if torch.compiler.is_compiling():
+        key = op_key(layout.pattern, layout.block_size, split)
+        return torch.ops.patterncc.sparse_attention(q, k, v, key, float(scale))[0]
+    return _SparseAttention.apply(q, k, v, layout, float(scale), split)
+
+
+class _SparseAttention(torch.autograd.Function):
+    """The eager path. The custom op below runs the same forward/backward for
+    torch.compile; in eager mode its dispatch layer costs about 0.5 ms of host time per
+    forward+backward on an H100 host (bench/profile_op.py), enough to idle the GPU."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, split):
+        out, lse = forward(q, k, v, layout, scale, split)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.split = layout, scale, split
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.scale, ctx.split,
+                              need_q, need_k or need_v)
+        return dq, dk if need_k else None, dv if need_v else None, None, None, None
 
 
 def op_key(pattern, block_size: int, split: int | None = None) -> str:
