@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import linecache
 import os
 import sys
 import tempfile
@@ -356,19 +357,33 @@ def load(pattern: ir.Pattern) -> Generated:
         name = f"patterncc_generated_{digest}{'_interp' if key[1] else ''}"
         module = sys.modules.get(name)
         if module is None:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
+            module = _import(name, path, source)
             stats.loads += 1
         got = Generated(plan, source, path, module)
         _modules[key] = got
         _shrink(key)
         return got
+
+
+def _import(name: str, path: Path, source: str):
+    """Import ``source`` as module ``name`` whose file is ``path``.
+
+    The code is compiled from the source in memory, not read back through the import
+    system, so a stale or corrupted ``__pycache__`` entry (or a file another process is
+    replacing) cannot break it. Triton's ``@jit`` reads function sources through
+    ``inspect``/``linecache``; the lines are primed there from the same source.
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    linecache.cache[str(path)] = (len(source), None, source.splitlines(True), str(path))
+    code = compile(source, str(path), "exec", dont_inherit=True)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _write_once(path: Path, source: str) -> None:

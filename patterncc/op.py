@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -19,12 +20,20 @@ import numpy as np
 import torch
 
 from . import ir
-from .layout import Layout, get_layout
+from .layout import MAX_SEQ_LEN, Layout, get_layout
 from .parser import load, parse_program
 
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_BLOCK = 64
+# What the generated Triton kernels support (the PyTorch path has no such limits): head
+# dims are padded to a power of two, and D = 256 already takes ~130 KB of shared memory in
+# the backward kernels on an H100; the batch is the second grid axis (65535 at most); the
+# first grid axis (work items x row tiles, at least B * H * ceil(T / 16) programs counting
+# the backward's row-tile pass) must stay below 2**31.
+TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_BATCH = 65535
+TRITON_MAX_GRID = 2 ** 31 - 1
 
 
 class SparseAttention:
@@ -128,13 +137,13 @@ class SparseAttention:
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  *, layer: int | None = None) -> torch.Tensor:
-        _validate(q, k, v, scale)
+        _validate(q, k, v, scale, self._backend_for(q) if isinstance(q, torch.Tensor) else "torch")
         b, h, t, d = q.shape
         heads = self._heads(h)
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         if b == 0 or t == 0:
-            return torch.zeros_like(q) + 0 * (k.sum() + v.sum())
+            return torch.zeros_like(q) + 0 * (q.sum() + k.sum() + v.sum())  # grads (zero) for all three
         pattern = self.pattern_for_layer(layer)
         if self._backend_for(q) == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -177,7 +186,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _validate(q, k, v, scale) -> None:
+def _validate(q, k, v, scale, backend: str = "torch") -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -201,8 +210,29 @@ def _validate(q, k, v, scale) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q's {q.shape[1]} heads are not a multiple of k/v's {k.shape[1]} heads (GQA/MQA "
                          f"needs H divisible by H_kv)")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                                  and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    b, h, t, d = q.shape
+    if h == 0:
+        raise ValueError(f"q has 0 heads (shape {tuple(q.shape)}); [batch, heads, seq_len, head_dim] needs heads >= 1")
+    if d == 0:
+        raise ValueError(f"head_dim is 0 (q of shape {tuple(q.shape)}); it must be at least 1")
+    if t > MAX_SEQ_LEN:
+        raise ValueError(f"seq_len={t} is over the supported maximum {MAX_SEQ_LEN} (2**31 - 1)")
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are meta tensors; the op needs real data (CPU or CUDA)")
+    if backend == "triton":
+        if d > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"head_dim={d} is over the triton backend's maximum {TRITON_MAX_HEAD_DIM}; "
+                             f"use backend='torch' or a smaller head dim")
+        if b > TRITON_MAX_BATCH:
+            raise ValueError(f"batch {b} is over the triton backend's maximum {TRITON_MAX_BATCH} "
+                             f"(the kernels' second grid axis); split the batch")
+        if b * h * -(-t // 16) > TRITON_MAX_GRID:
+            raise ValueError(f"batch x heads x ceil(seq_len / 16) = {b * h * -(-t // 16)} is over the "
+                             f"triton backend's maximum grid of {TRITON_MAX_GRID} programs; split the "
+                             f"batch or the heads")
 
 
 def compile(source: str | os.PathLike | ir.Pattern | ir.Program, block_size: int | None = None,

@@ -178,7 +178,7 @@ def _syntax(src: str, source: str) -> Tree:
         if tok.type == "SIGNED_INT" and str(tok).startswith("-") and {"VBAR", "AMPERSAND"} & set(e.expected):
             raise PatternError("unknown operator '-': patterns combine with '|' (union) and '&' "
                                "(intersection)", _span_at(src, source, start, start + 1)) from None
-        what = "end of line" if tok.type == "_NL" else repr(str(tok))
+        what = "end of line" if tok.type == "_NL" else repr(_short(str(tok)))
         span = _span_at(src, source, start, start + max(1, len(str(tok).rstrip("\r\n"))))
         if tok.type == "_NL":
             span = Span(span.source, span.line, span.column, span.column + 1, span.text)
@@ -188,6 +188,11 @@ def _syntax(src: str, source: str) -> Tree:
         raise PatternError(f"unexpected {what}; expected {expected}{hint}", span) from None
     except lark.exceptions.UnexpectedInput as e:  # pragma: no cover - other lark errors
         raise PatternError(f"syntax error: {e}", source=source) from None
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``text`` cut to about ``limit`` characters for a message (the caret shows the spot)."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-8:]} ({len(text)} characters)"
 
 
 def _expected(names) -> str:
@@ -300,7 +305,7 @@ class _Builder:
         name_tok, value = stmt.children
         name = str(name_tok)
         if name not in OPTIONS:
-            raise self.error(f"unknown option '{name}'{self.suggest(name, OPTIONS)}; "
+            raise self.error(f"unknown option '{_short(name)}'{self.suggest(name, OPTIONS)}; "
                              f"options are {', '.join(OPTIONS)}", name_tok)
         if name in options:
             raise self.error(f"option '{name}' is set twice", name_tok)
@@ -323,7 +328,7 @@ class _Builder:
         if name in PRIMITIVES or name in MODIFIERS or name in ("true", "false"):
             raise self.error(f"'{name}' is a primitive; choose another name for the definition", name_tok)
         if name in self.scope:
-            raise self.error(f"'{name}' is already defined", name_tok)
+            raise self.error(f"'{_short(name)}' is already defined", name_tok)
         self.scope[name] = self.top(expr)
 
     def section(self, stmt: Tree) -> ir.Section:
@@ -404,7 +409,7 @@ class _Builder:
             return cls(span=self.span(tok))
         if name in MODIFIERS:
             raise self.error("dilate needs arguments: dilate(d, heads=h)", tok)
-        raise self.error(f"unknown name '{name}'{self.suggest(name, list(PRIMITIVES) + list(self.scope))}; "
+        raise self.error(f"unknown name '{_short(name)}'{self.suggest(name, list(PRIMITIVES) + list(self.scope))}; "
                          f"expected a primitive ({', '.join(PRIMITIVES)}) or a name defined with 'let'", tok)
 
     def call(self, tree: Tree) -> ir.Pattern:
@@ -415,9 +420,9 @@ class _Builder:
         cls = PRIMITIVES.get(name)
         if cls is None:
             if name in self.scope:
-                raise self.error(f"'{name}' is a pattern defined with 'let', not a function; "
+                raise self.error(f"'{_short(name)}' is a pattern defined with 'let', not a function; "
                                  f"use it without parentheses", name_tok)
-            raise self.error(f"unknown primitive '{name}'{self.suggest(name, list(PRIMITIVES) + ['dilate'])}; "
+            raise self.error(f"unknown primitive '{_short(name)}'{self.suggest(name, list(PRIMITIVES) + ['dilate'])}; "
                              f"primitives are {', '.join(PRIMITIVES)} and dilate", name_tok)
         values, heads = self.bind(cls.params, args, tree, name, allow_heads=True)
         return cls(**values, heads=heads, span=self.span(tree))
@@ -448,7 +453,7 @@ class _Builder:
             p = next((p for p in params if p.name == key), None)
             if p is None:
                 names = [p.name for p in params] + ["heads"]
-                raise self.error(f"{name} has no argument '{key}'{self.suggest(key, names)}; "
+                raise self.error(f"{name} has no argument '{_short(key)}'{self.suggest(key, names)}; "
                                  f"usage: {self.usage_of(name, params)}", key_tok)
             if key in values:
                 raise self.error(f"{name} got '{key}' twice", key_tok)
@@ -471,7 +476,7 @@ class _Builder:
             raise self.error(f"{what} must be an integer, got {self.describe(a)}", a)
         text = str(a.children[0])
         if len(text.lstrip("-")) > 13 or abs(int(text)) > MAX_INT:
-            raise self.error(f"{what} is too large: {text} (the limit is 2**40)", a)
+            raise self.error(f"{what} is too large: {_short(text, 30)} (the limit is 2**40)", a)
         v = int(text)
         if minimum is not None and v < minimum:
             need = "positive" if minimum == 1 else f">= {minimum}"
@@ -529,11 +534,13 @@ class _Builder:
             text = self.span(a).text[self.span(a).column - 1:self.span(a).end_column - 1]
             kinds = {"float": "a number with a fraction", "string": "a string", "word": "a name",
                      "list": "a list", "range": "a range", "int": "an integer"}
-            return f"{kinds.get(a.data, a.data)} '{text}'"
+            return f"{kinds.get(a.data, a.data)} '{_short(text)}'"
         return repr(str(a))
 
     @staticmethod
     def suggest(name: str, choices) -> str:
+        if len(name) > 64:
+            return ""
         close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
         return f" (did you mean '{close[0]}'?)" if close else ""
 

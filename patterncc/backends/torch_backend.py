@@ -109,7 +109,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
     w = torch.exp(m - m_row[:, row])
     l_row = torch.zeros((b, rows, bs), dtype=m.dtype, device=m.device).index_add(1, row, w * l_item)
     o_row = torch.zeros((b, rows, bs, d), dtype=m.dtype, device=m.device).index_add(1, row, w[..., None] * o_item)
-    ok = l_row > 0
-    out = o_row / torch.where(ok, l_row, torch.ones((), dtype=m.dtype, device=m.device))[..., None]
+    empty = l_row == 0  # no key reaches the row (a NaN l is a row that read a NaN: kept)
+    out = o_row / torch.where(empty, torch.ones((), dtype=m.dtype, device=m.device), l_row)[..., None]
+    # Rows no key reaches are 0 even when a value in a block they share is not finite
+    # (their p is 0, but 0 x NaN is NaN).
+    out = torch.where(empty[..., None], torch.zeros((), dtype=m.dtype, device=m.device), out)
     out = out.view(b, h, nb * bs, d)[:, :, :t]
     return out.to(out_dtype)

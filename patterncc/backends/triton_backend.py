@@ -41,10 +41,8 @@ class KernelConfig:
 # Per kernel ("fwd", "dkdv", "dq") and head-dim class (<= 64, <= 128, wider). The entries
 # come from bench/tune.py on an H100 (see bench/RESULTS.md); set CONFIGS[...] to override.
 CONFIGS: dict[tuple[str, int], KernelConfig] = {
-    # 2026-11-24, H100, T=16384, bf16: 0.81x the default's forward+backward time each
-    # (dK/dV walks query tiles, dQ key tiles: narrow inner tiles pipeline better there).
-    ("dkdv", 64): KernelConfig(16, 64, 4, 3),
-    ("dq", 64): KernelConfig(64, 16, 4, 3),
+    # Empty: on 2026-11-24 (H100) no candidate of bench/tune.py beat 64x64 tiles, 4 warps,
+    # 2 stages in an interleaved A/B at T=65536 (bench/ab_configs.py, bench/RESULTS.md).
 }
 DEFAULT_CONFIG = KernelConfig()
 
