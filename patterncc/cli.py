@@ -192,6 +192,11 @@ def cmd_diagnose(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``patterncc`` command; returns the exit status (2 for a bad pattern or input).
+
+    >>> main(["compile", "window(4) - causal", "--seq-len", "64"])
+    2
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

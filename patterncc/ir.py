@@ -853,7 +853,11 @@ def _order(terms: Iterable[Pattern]) -> tuple[Pattern, ...]:
 
 
 def union(terms: Iterable[Pattern]) -> Pattern:
-    """Flattened, de-duplicated, canonically ordered union (Empty dropped)."""
+    """Flattened, de-duplicated, canonically ordered union (Empty dropped).
+
+    >>> str(union([Causal(), Window(4), Causal()]))
+    'causal | window(4)'
+    """
     flat: list[Pattern] = []
     for t in terms:
         flat.extend(t.terms if isinstance(t, Union) else [t])
@@ -867,7 +871,11 @@ def union(terms: Iterable[Pattern]) -> Pattern:
 
 
 def intersect(terms: Iterable[Pattern]) -> Pattern:
-    """Flattened, de-duplicated, canonically ordered intersection (Dense dropped)."""
+    """Flattened, de-duplicated, canonically ordered intersection (Dense dropped).
+
+    >>> str(intersect([Window(4), Dense(), Causal()]))
+    'causal & window(4)'
+    """
     flat: list[Pattern] = []
     for t in terms:
         flat.extend(t.terms if isinstance(t, Intersect) else [t])
@@ -881,6 +889,11 @@ def intersect(terms: Iterable[Pattern]) -> Pattern:
 
 
 def dilate(inner: Pattern, d: int, heads: tuple[int, ...] | None = None, span: Span | None = None) -> Pattern:
+    """``inner | dilate(d, heads=...)``; a no-op when there is no window left to dilate.
+
+    >>> str(dilate(Window(4), 2, (0,)).specialize(0)), str(dilate(Causal(), 2))
+    ('window(4, dilation=2)', 'causal')
+    """
     if d == 1 or not any(isinstance(n, Window) for n in inner.walk()):
         return inner  # nothing left to dilate (e.g. a window absorbed by dense)
     return Dilate(inner, d, heads, span)

@@ -42,6 +42,12 @@ class SparseAttention:
     ``op(q, k, v, scale=None, layer=None)`` with q [B, H, T, D] and k, v [B, H_kv, T, D]
     (H divisible by H_kv) returns [B, H, T, D]. For a per-layer program pass ``layer=``.
     Query rows that no key reaches give zeros. Autograd works on every backend.
+
+    >>> import torch, patterncc
+    >>> op = patterncc.compile("layers 0..2: window(4)\\nlayers 2..4: window(8)", block_size=16)
+    >>> x = torch.randn(1, 2, 40, 8)
+    >>> op(x, x, x, layer=3).shape, op.num_layers
+    (torch.Size([1, 2, 40, 8]), 4)
     """
 
     def __init__(self, program: ir.Program, block_size: int | None = None, backend: str = "auto"):

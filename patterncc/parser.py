@@ -114,7 +114,12 @@ def parse_program(src: str, *, source: str = "<string>") -> ir.Program:
 
 
 def load(path: str | Path) -> ir.Program:
-    """Read and parse a ``.attn`` file."""
+    """Read and parse a ``.attn`` file (errors name the file).
+
+    >>> prog = load("examples/longformer.attn")
+    >>> prog.num_layers, prog.heads, str(prog.pattern_for_layer(0))
+    (12, 12, 'global([0]) | window(32)')
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

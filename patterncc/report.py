@@ -5,7 +5,7 @@ Example:
     >>> from patterncc.report import compile_report
     >>> rep = compile_report(parse_program("window(16) | global([0])"), seq_len=256, num_heads=2, block_size=16)
     >>> rep["groups"][0]["touched_blocks"]
-    154
+    148
 """
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ from .layout import Layout, get_layout
 
 
 def layer_groups(program: ir.Program) -> list[tuple[str, ir.Pattern]]:
-    """(label, pattern) for every layer section of a program."""
+    """(label, pattern) for every layer section of a program.
+
+    >>> from patterncc import parse_program
+    >>> [label for label, _ in layer_groups(parse_program("layers 0..2: causal\\nlayers 2..3: dense"))]
+    ['layers 0..2', 'layers 2..3']
+    """
     if program.single:
         return [("all layers", program.sections[0].pattern)]
     return [(f"layers {s.start}..{s.stop}", s.pattern) for s in program.sections]
@@ -94,7 +99,13 @@ def _si(x: float) -> str:
 
 
 def format_report(rep: dict) -> str:
-    """Aligned terminal summary of a compile report."""
+    """Aligned terminal summary of a compile report.
+
+    >>> from patterncc import parse_program
+    >>> text = format_report(compile_report(parse_program("window(16)"), 256, 1, 16))
+    >>> text.splitlines()[1].split()[:3]
+    ['layers', 'density', 'blocks']
+    """
     lines = [f"{rep['source']}: seq_len={rep['seq_len']} heads={rep['num_heads']} "
              f"block_size={rep['block_size']} head_dim={rep['head_dim']}"]
     header = ("layers", "density", "blocks", "blk dens", "FULL", "max/row", "FLOPs fwd", "vs dense", "K/V bytes", "vs dense")
