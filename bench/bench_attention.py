@@ -89,6 +89,7 @@ def main() -> None:
     names = os.environ.get("PATTERNS", ",".join(PATTERNS)).split(",")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
     rows = []
+    done, total = 0, len(Ds) * len(Ts) * len(names)
     for D in Ds:
         for T in Ts:
             torch.manual_seed(0)
@@ -106,6 +107,8 @@ def main() -> None:
                     print(f"dense {label} failed: {e}", file=sys.stderr)
                     dense[label] = (None, None)
             for name in names:
+                done += 1
+                _progress(done, total, f"D={D} T={T} {name}")
                 op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
                 lay = op.layout(T, H)
                 density = lay.density
@@ -158,6 +161,14 @@ def main() -> None:
                                 "rows": rows}, indent=1))
     print(f"\nwrote {path}")
     print(markdown(meta, rows))
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    """A one-line progress bar on stderr (a new line per step when stderr is not a terminal)."""
+    width = 30
+    bar = "#" * (width * done // total) + "-" * (width - width * done // total)
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(f"[{bar}] {done}/{total} {what}", end=end, file=sys.stderr, flush=True)
 
 
 def _f(x, nd=3):
