@@ -107,7 +107,8 @@ def _finish_rows(out_base, lse_base, m_first, offs_m, acc, m_i, l_i, SEQ_LEN,
                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Normalise and store one tile of output rows and their LSE; empty rows give 0 / +inf."""
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # 0, not 0 * NaN: a row that attends nothing ignores non-finite values in its tiles.
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     _store_rows(out_base, m_first, offs_m, out.to(out_base.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(lse_base + offs_m, lse, mask=offs_m < SEQ_LEN)

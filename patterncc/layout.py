@@ -250,8 +250,8 @@ class Layout:
         masks of PARTIAL blocks, per-device kernel plans: host and device memory alike)."""
         # No lock: the memo only grows, a snapshot of its values is taken atomically, and a
         # cache lookup must not wait for another thread building a plan on this layout.
-        values = tuple(self._memo.values())
-        if self._size[0] != len(values):
+        if self._size[0] != len(self._memo):
+            values = tuple(self._memo.values())
             arrays = (self.indptr, self.kblock, self.full, self.t_indptr, self.t_qblock, self.t_entry)
             self._size = (len(values), _nbytes(arrays) + _nbytes(values))
         return self._size[1]
@@ -376,6 +376,8 @@ class LayoutCache:
         self._items: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self._building: dict = {}  # key -> lock held while that layout is being built
+        self._bytes: dict = {}  # key -> bytes when last measured
+        self._total = 0
         self.hits = self.misses = 0
 
     def get(self, pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: int) -> Layout:
@@ -409,25 +411,30 @@ class LayoutCache:
         return lay
 
     def _shrink(self, keep) -> None:
-        """Evict least recently used layouts (never ``keep``) until within both bounds."""
-        items = self._items
-        while len(items) > max(1, self.max_entries):
-            items.popitem(last=False)
-        total = sum(lay.nbytes() for lay in items.values())
-        for key in list(items):
-            if total <= self.max_bytes:
+        """Re-measure ``keep`` (what is memoised on a layout grows after it was cached, and
+        it is handed out only through here) and evict least recently used layouts, never
+        ``keep``, until within both bounds."""
+        items, sizes = self._items, self._bytes
+        now = items[keep].nbytes()
+        self._total += now - sizes.get(keep, 0)
+        sizes[keep] = now
+        while len(items) > max(1, self.max_entries) or (self._total > self.max_bytes and len(items) > 1):
+            key = next(iter(items))
+            if key == keep:  # only when keep is the single entry left
                 break
-            if key != keep:
-                total -= items.pop(key).nbytes()
+            del items[key]
+            self._total -= sizes.pop(key)
 
     def nbytes(self) -> int:
-        """Bytes held by the cached layouts (see :meth:`Layout.nbytes`)."""
+        """Bytes held by the cached layouts (see :meth:`Layout.nbytes`), measured now."""
         with self._lock:
             return sum(lay.nbytes() for lay in self._items.values())
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._bytes.clear()
+            self._total = 0
             self.hits = self.misses = 0
 
     def __len__(self) -> int:

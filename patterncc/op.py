@@ -54,9 +54,11 @@ class SparseAttention:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.program = program
-        self.block_size = block_size or program.block_size or DEFAULT_BLOCK
-        if self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256:
-            raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size}")
+        self.block_size = block_size if block_size is not None else program.block_size or DEFAULT_BLOCK
+        if (not isinstance(self.block_size, (int, np.integer)) or isinstance(self.block_size, bool)
+                or self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256):
+            raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size!r}")
+        self.block_size = int(self.block_size)
         self.backend = backend
         # The custom-op keys, made now: under torch.compile no host code may run to make them.
         from .backends.triton_backend import op_key

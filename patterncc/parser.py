@@ -195,6 +195,14 @@ def _syntax(src: str, source: str) -> Tree:
         raise PatternError(f"syntax error: {e}", source=source) from None
 
 
+def _distinct(terms) -> list:
+    """Terms with repeated objects dropped (a 'let' name used many times is one object):
+    the IR constructors hash and print every term, and a large definition written a
+    thousand times over must not cost a thousand times its size."""
+    seen: set[int] = set()
+    return [t for t in terms if not (id(t) in seen or seen.add(id(t)))]
+
+
 def _short(text: str, limit: int = 40) -> str:
     """``text`` cut to about ``limit`` characters for a message (the caret shows the spot)."""
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-8:]} ({len(text)} characters)"
@@ -365,7 +373,9 @@ class _Builder:
         node = self.expr(tree)
         if isinstance(node, _DilateTerm):
             raise self.error("dilate(...) needs a pattern to act on, e.g. 'window(256) | dilate(2)'", tree)
-        return node
+        # every section and definition counts its whole size, even a bare 'let' name:
+        # later stages print, hash and walk each section's pattern
+        return self.built(node, tree)
 
     def expr(self, tree) -> ir.Pattern:
         kind = tree.data
@@ -379,7 +389,7 @@ class _Builder:
                 if isinstance(t, _DilateTerm):
                     raise self.error("dilate(...) modifies the union it is a term of; write "
                                      "'pattern | dilate(d)', not '&'", c)
-            return self.built(ir.intersect(terms), tree)
+            return self.built(ir.intersect(_distinct(terms)), tree)
         if kind == "ref":
             return self.ref(tree.children[0])
         if kind == "call":
@@ -395,8 +405,9 @@ class _Builder:
             return terms[0][1]
         if not terms:
             return mods[0][1]  # a lone dilate: reported by top() or by the enclosing union
-        pattern = self.built(ir.union(t for _, t in terms), tree)
-        has_window = any(isinstance(n, ir.Window) for _, t in terms for n in t.walk())
+        distinct = _distinct(t for _, t in terms)
+        pattern = self.built(ir.union(distinct), tree)
+        has_window = any(isinstance(n, ir.Window) for t in distinct for n in t.walk())
         for c, m in mods:
             if not has_window:
                 raise self.error("dilate(...) has no window(w) term to act on in this union", c)
