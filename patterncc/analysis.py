@@ -60,6 +60,7 @@ import numpy as np
 
 from . import ir
 from .layout import Layout, get_layout, partial_block_masks
+from .report import head_ranges
 
 EXACT_AUTO_MAX = 4096     # token-level analysis by default up to this sequence length
 EXACT_MAX = 16384         # ... and on request (exact=True) up to this one
@@ -1340,7 +1341,7 @@ def format_table(report: DiagnosticsReport) -> str:
     if len(r.head_groups) > 1:
         lines.append("")
         gh = ("heads", "rf min", "rf median", "rf max", "coverage min", "connected", "diameter", "full at", "pattern")
-        grows = [(_compress(g.heads), str(g.rf_min), f"{g.rf_median:g}", str(g.rf_max), f"{g.coverage_min:.4f}",
+        grows = [(head_ranges(g.heads), str(g.rf_min), f"{g.rf_median:g}", str(g.rf_max), f"{g.coverage_min:.4f}",
                   "yes" if g.strongly_connected else "no", str(g.hop_diameter) if g.hop_diameter is not None else "-",
                   str(g.layers_to_full_coverage) if g.layers_to_full_coverage is not None else "never",
                   " ; ".join(g.patterns)) for g in r.head_groups]
@@ -1351,17 +1352,6 @@ def format_table(report: DiagnosticsReport) -> str:
         lines.append("")
         lines.append(f"note: {r.guarantee}")
     return "\n".join(lines)
-
-
-def _compress(heads: list[int]) -> str:
-    out, start = [], None
-    for i, h in enumerate(heads):
-        if start is None:
-            start = h
-        if i + 1 == len(heads) or heads[i + 1] != h + 1:
-            out.append(str(start) if start == h else f"{start}-{h}")
-            start = None
-    return ",".join(out)
 
 
 def plot_growth(report: DiagnosticsReport, path) -> Path:

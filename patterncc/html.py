@@ -31,7 +31,7 @@ import numpy as np
 
 from . import ir
 from .layout import get_layout
-from .report import _compress, _si, block_picture, compile_report, layer_groups, save_layout_png
+from .report import _si, block_picture, compile_report, head_ranges, layer_groups, save_layout_png
 
 __all__ = ["write_report", "render_report"]
 
@@ -159,7 +159,7 @@ def _layouts_section(program: ir.Program, rep: dict, seq_len: int, num_heads: in
     for (label, pattern), g in zip(layer_groups(program), rep["groups"]):
         lay = get_layout(pattern, seq_len, num_heads, block_size)
         out.append(f"<h3>{_e(label)}: <code>{_e(str(pattern))}</code></h3>")
-        rows = [[",".join(_compress(h["heads"])), f"{h['density']:.4f}", f"{h['touched_blocks']:,}",
+        rows = [[head_ranges(h["heads"]), f"{h['density']:.4f}", f"{h['touched_blocks']:,}",
                  f"{h['full_fraction']:.0%}", str(h["max_blocks_per_row"]), f"<code>{_e(h['pattern'])}</code>"]
                 for h in g["head_groups"]]
         out.append(_table(["heads", "density", "touched blocks", "FULL", "max blocks / row", "pattern on these heads"],
@@ -168,7 +168,7 @@ def _layouts_section(program: ir.Program, rep: dict, seq_len: int, num_heads: in
         groups = lay.head_groups()  # heads with identical layouts share a picture
         for heads in groups[:MAX_PICTURES]:
             pic = block_picture(lay, heads[0])
-            names = ",".join(_compress(heads))
+            names = head_ranges(heads)
             pooled = "" if pic.shape[0] == lay.nblocks else f", each pixel {-(-lay.nblocks // pic.shape[0])}&sup2; blocks"
             figs.append(f'<figure><img class="layout" alt="block layout of head{"s" * (len(heads) > 1)} {_e(names)}" '
                         f'src="{_picture_uri(pic)}"><figcaption>head{"s" * (len(heads) > 1)} {_e(names)}: '

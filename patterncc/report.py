@@ -119,7 +119,7 @@ def format_report(rep: dict) -> str:
     for g in rep["groups"]:
         lines.append("")
         lines.append(f"{g['layers']}: {g['pattern']}")
-        sub = [(",".join(map(str, _compress(h["heads"]))), f"{h['density']:.4f}", str(h["touched_blocks"]),
+        sub = [(head_ranges(h["heads"]), f"{h['density']:.4f}", str(h["touched_blocks"]),
                 f"{h['full_fraction']:.0%}", str(h["max_blocks_per_row"]), h["pattern"]) for h in g["head_groups"]]
         lines += ["  " + s for s in _table(("heads", "density", "blocks", "FULL", "max/row", "pattern on these heads"), sub)]
         if g["empty_rows"]:
@@ -127,7 +127,12 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _compress(heads: list[int]) -> list[str]:
+def head_ranges(heads: list[int]) -> str:
+    """Head numbers as ranges: [0, 1, 2, 5] -> "0-2,5".
+
+    >>> head_ranges([0, 1, 2, 5, 7, 8])
+    '0-2,5,7-8'
+    """
     out, start = [], None
     for i, h in enumerate(heads):
         if start is None:
@@ -135,7 +140,7 @@ def _compress(heads: list[int]) -> list[str]:
         if i + 1 == len(heads) or heads[i + 1] != h + 1:
             out.append(str(start) if start == h else f"{start}-{h}")
             start = None
-    return out
+    return ",".join(out)
 
 
 def _table(header, rows) -> list[str]:
@@ -172,7 +177,7 @@ def save_layout_png(program: ir.Program, seq_len: int, num_heads: int, block_siz
     for label, pattern in layer_groups(program):
         lay = get_layout(pattern, seq_len, num_heads, block_size)
         for heads in display_groups(lay):
-            panels.append((f"{label}, heads {','.join(_compress(heads))}", block_picture(lay, heads[0])))
+            panels.append((f"{label}, heads {head_ranges(heads)}", block_picture(lay, heads[0])))
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
