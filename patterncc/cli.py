@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import ir
 from .errors import PatternError
+from .layout import check_block_size
 from .parser import load, parse_program
 
 EPILOG_COMPILE = """examples:
@@ -97,10 +98,10 @@ def _settings(args, program: ir.Program) -> tuple[int, int]:
     if program.heads is not None and args.heads is not None and args.heads != program.heads:
         raise PatternError(f"--heads {args.heads} disagrees with the source's 'heads = {program.heads}'",
                            source=program.source)
-    block = args.block_size or program.block_size or 64
-    if block < 16 or block > 256 or block & (block - 1):
-        raise PatternError(f"--block-size must be a power of two between 16 and 256, got {block}",
-                           source=program.source)
+    try:
+        block = check_block_size(args.block_size or program.block_size or 64)
+    except ValueError as e:
+        raise PatternError(f"--block-size: {e}", source=program.source) from None
     for s in program.sections:
         s.pattern.check_heads(heads)
     return heads, block

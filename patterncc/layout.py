@@ -327,13 +327,20 @@ def build_layout(pattern: ir.Pattern, seq_len: int, num_heads: int, block_size: 
 
 
 def _check_sizes(seq_len: int, num_heads: int, block_size: int) -> None:
-    for name, v in (("seq_len", seq_len), ("num_heads", num_heads), ("block_size", block_size)):
+    for name, v in (("seq_len", seq_len), ("num_heads", num_heads)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if seq_len > MAX_SEQ_LEN:
         raise ValueError(f"seq_len={seq_len} is over the supported maximum {MAX_SEQ_LEN}")
-    if block_size < 16 or block_size & (block_size - 1) or block_size > 256:
-        raise ValueError(f"block_size must be a power of two between 16 and 256, got {block_size}")
+    check_block_size(block_size)
+
+
+def check_block_size(block_size) -> int:
+    """The block size as an int, or ValueError unless it is a power of two from 16 to 256."""
+    if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
+            or block_size < 16 or block_size & (block_size - 1) or block_size > 256):
+        raise ValueError(f"block_size must be a power of two between 16 and 256, got {block_size!r}")
+    return int(block_size)
 
 
 DEFAULT_CACHE_BYTES = 1 << 30

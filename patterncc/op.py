@@ -11,16 +11,16 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import ir
-from .layout import MAX_SEQ_LEN, Layout, get_layout
+from .layout import MAX_SEQ_LEN, Layout, check_block_size, get_layout
 from .parser import load, parse_program
 
 BACKENDS = ("auto", "torch", "triton")
@@ -54,11 +54,8 @@ class SparseAttention:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.program = program
-        self.block_size = block_size if block_size is not None else program.block_size or DEFAULT_BLOCK
-        if (not isinstance(self.block_size, (int, np.integer)) or isinstance(self.block_size, bool)
-                or self.block_size < 16 or self.block_size & (self.block_size - 1) or self.block_size > 256):
-            raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size!r}")
-        self.block_size = int(self.block_size)
+        self.block_size = check_block_size(
+            block_size if block_size is not None else program.block_size or DEFAULT_BLOCK)
         self.backend = backend
         # The custom-op keys, made now: under torch.compile no host code may run to make them.
         from .backends.triton_backend import op_key
@@ -186,6 +183,7 @@ class SparseAttention:
         return "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_available() else "torch"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
