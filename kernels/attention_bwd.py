@@ -3,20 +3,22 @@
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
 into each generated module, which defines ``token_mask`` / ``token_mask_t`` first.
 
-Three passes, no atomics, deterministic:
+Three passes, one launch each, deterministic:
 
 1. ``_attn_bwd_preprocess``: Delta = rowsum(dO * O) (fp32), one program per row tile.
-2. ``_attn_bwd_dkdv``: one program per (kv head, key block) tile walks the *kv index*: the
+2. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
-3. ``_attn_bwd_dq``: one program per (query head, query block) tile walks the forward index.
+3. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index.
 
-Both walks are cut into work items like the forward (at most ``split`` entries each);
-items of a heavy row or column write fp32 partials to scratch slots, which
-``_sum_partials`` adds up. Probabilities are recomputed as p = exp2(s * qk_scale - LSE):
+Rows are ROW_BLOCK positions (one layout block or several stacked, as in the forward;
+flag bit ``1 + j`` then says stacked layout block j is FULL on that entry). Both walks
+are cut into work items like the forward (at most ``split`` entries each); items of a
+heavy row or column write fp32 partials to scratch slots, and the last of them to finish
+sums them in slot order. Probabilities are recomputed as p = exp2(s * qk_scale - LSE):
 LSE = +inf on rows no key reaches, so p is exactly 0 there. FULL blocks need no mask at
-all here: padding keys past T read K = V = 0 and only feed dK/dV rows that are never stored
-(and add 0 to dQ), padding queries read LSE = +inf (p = 0).
+all here: positions that are not tokens read K = V = 0 and only feed dK/dV rows that are
+never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
 """
 import triton
 import triton.language as tl
@@ -27,47 +29,53 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["SEQ_LEN", "M_BLOCKS"])
 def _attn_bwd_preprocess(Out, dOut, Delta, SEQ_LEN, M_BLOCKS,
                          HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta[b, h, t] = sum_d dO * O in fp32; a 1-D grid of B * H * M_BLOCKS row tiles."""
+    """Delta[b, h, t] = sum_d dO * O in fp32; a 1-D grid of B * H * M_BLOCKS row tiles (token order)."""
     pid = tl.program_id(0)
     m_first = (pid % M_BLOCKS) * BLOCK_M
-    offs_m = m_first + tl.arange(0, BLOCK_M)
-    bh = (pid // M_BLOCKS).to(tl.int64) * SEQ_LEN
-    o = _load_rows(Out + (bh + m_first) * HEAD_DIM, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-    do = _load_rows(dOut + (bh + m_first) * HEAD_DIM, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+    tok, valid = _tokens(m_first, BLOCK_M, 1, SEQ_LEN, SEQ_LEN, False)
+    row0 = (pid // M_BLOCKS).to(tl.int64) * SEQ_LEN
+    o = _load_rows(_row_ptrs(Out, row0, m_first, tok, HEAD_DIM, HEAD_PAD, False), valid, HEAD_DIM, HEAD_PAD)
+    do = _load_rows(_row_ptrs(dOut, row0, m_first, tok, HEAD_DIM, HEAD_PAD, False), valid, HEAD_DIM, HEAD_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh + offs_m, delta, mask=offs_m < SEQ_LEN)
+    tl.store(Delta + row0 + tok, delta, mask=valid)
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "NB", "B", "H"])
+@triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dkdv(
     Q, K, V, dOut, Lse, Delta,               # Lse / Delta [B, H, T] fp32
     dK, dV,                                  # [B, H_KV, T, D]
-    ScratchK, ScratchV,                      # [slots, B, LAYOUT_BLOCK, HEAD_PAD] fp32
-    item_row, item_start, item_end, item_slot,   # work items over kv rows kv_head * NB + key block
+    ScratchK, ScratchV, Count,               # split columns: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
+    item_row, item_start, item_end, item_slot, item_merge,   # work items over kv rows kv_head * NR + key row
+    merge_start, merge_end,
     qblock, qhead, entry_flags,              # kv index entries: query block, query head, flags
-    tables,
+    tables, head_dil, head_seg,
     qk_scale, sm_scale,
-    SEQ_LEN, NB, B, H, GROUP,
+    SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
-    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+    STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     pid = tl.program_id(0)
     b = tl.program_id(1)
     item = pid // N_TILES
+    tile = pid % N_TILES
     row = tl.load(item_row + item)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
     slot = tl.load(item_slot + item)
-    kv_head = row // NB
+    kv_head = row // NR
+    # The query heads of one kv head share its kernel order (the lowering sees to that).
+    dil, seg = _head_order(head_dil, head_seg, kv_head * GROUP, SEQ_LEN, PERMUTED)
 
-    n_first = (row % NB) * LAYOUT_BLOCK + (pid % N_TILES) * BLOCK_N
-    offs_n = n_first + tl.arange(0, BLOCK_N)
-    kv_base = ((b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN + n_first) * HEAD_DIM
-    k = _load_rows(K + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-    v = _load_rows(V + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+    n_first = (row % NR) * ROW_BLOCK + tile * BLOCK_N
+    tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK
 
     dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
@@ -77,72 +85,84 @@ def _attn_bwd_dkdv(
         qb = tl.load(qblock + e)
         head = tl.load(qhead + e)
         flags = tl.load(entry_flags + e)
-        q_head = (b * H + head).to(tl.int64) * SEQ_LEN
+        q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
         m_first = qb * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
-        offs_m = m_first + tl.arange(0, BLOCK_M)
-        row_base = (q_head + m_first) * HEAD_DIM
-        q = _load_rows(Q + row_base, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-        do = _load_rows(dOut + row_base, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-        lse = tl.load(Lse + q_head + offs_m, mask=offs_m < SEQ_LEN, other=float("inf"))
-        delta = tl.load(Delta + q_head + offs_m, mask=offs_m < SEQ_LEN, other=0.0)
+        tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+        q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+        do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+        lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
+        delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
         # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
         # the products below then need no register transposes of p or dS.
         qkT = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if (flags & 1) == 0:
-            pT = tl.where(token_mask_t(offs_m, offs_n, head, flags, SEQ_LEN, tables), pT, 0.0)
+            allowed = token_mask_t(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+            if STACKED:
+                allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
+            pT = tl.where(allowed, pT, 0.0)
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _mma(dsT.to(q.dtype), q, dk, PRECISION, UPCAST)
     dk = dk * sm_scale
 
+    dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
+    dv_ptrs = _row_ptrs(dV, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
-        _store_rows(dK + kv_base, n_first, offs_n, dk.to(dK.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
-        _store_rows(dV + kv_base, n_first, offs_n, dv.to(dV.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
+        _store_rows(dk_ptrs, dk.to(dK.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+        _store_rows(dv_ptrs, dv.to(dV.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
     else:
-        s_row = (slot * B + b).to(tl.int64) * LAYOUT_BLOCK + (pid % N_TILES) * BLOCK_N
-        r = tl.arange(0, BLOCK_N)
-        c = tl.arange(0, HEAD_PAD)
-        tl.store(ScratchK + (s_row + r)[:, None] * HEAD_PAD + c[None, :], dk)
-        tl.store(ScratchV + (s_row + r)[:, None] * HEAD_PAD + c[None, :], dv)
+        offset = tile * BLOCK_N
+        tl.store(_scratch_ptrs(ScratchK, slot, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD), dk)
+        tl.store(_scratch_ptrs(ScratchV, slot, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD), dv)
+        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, N_TILES, b, B, merge_start, merge_end)
+        if last:
+            dk = _sum_partials(ScratchK, s0, s1, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD)
+            dv = _sum_partials(ScratchV, s0, s1, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD)
+            _store_rows(dk_ptrs, dk.to(dK.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+            _store_rows(dv_ptrs, dv.to(dV.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "NB", "B", "H"])
+@triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dq(
     Q, K, V, dOut, Lse, Delta,
     dQ,                                      # [B, H, T, D]
-    ScratchQ,                                # [slots, B, LAYOUT_BLOCK, HEAD_PAD] fp32
-    item_row, item_start, item_end, item_slot,   # work items over rows head * NB + query block
-    kblock, entry_flags,                     # forward CSR entries
-    tables,
+    ScratchQ, Count,                         # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
+    item_row, item_start, item_end, item_slot, item_merge,   # work items over rows head * NR + query row
+    merge_start, merge_end,
+    kblock, entry_flags,                     # forward entries
+    tables, head_dil, head_seg,
     qk_scale, sm_scale,
-    SEQ_LEN, NB, B, H, GROUP,
+    SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
+    M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+    STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     pid = tl.program_id(0)
     b = tl.program_id(1)
     item = pid // M_TILES
+    tile = pid % M_TILES
     row = tl.load(item_row + item)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
     slot = tl.load(item_slot + item)
-    head = row // NB
+    head = row // NR
     kv_head = head // GROUP
+    dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)
 
-    m_first = (row % NB) * LAYOUT_BLOCK + (pid % M_TILES) * BLOCK_M
-    offs_m = m_first + tl.arange(0, BLOCK_M)
-    q_head = (b * H + head).to(tl.int64) * SEQ_LEN
-    row_base = (q_head + m_first) * HEAD_DIM
-    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN * HEAD_DIM
-    q = _load_rows(Q + row_base, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-    do = _load_rows(dOut + row_base, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-    lse = tl.load(Lse + q_head + offs_m, mask=offs_m < SEQ_LEN, other=float("inf"))
-    delta = tl.load(Delta + q_head + offs_m, mask=offs_m < SEQ_LEN, other=0.0)
+    m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
+    tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
+    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+    do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+    lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
+    delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
+    sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
     dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     # One flat loop over (entry, key sub-tile) pairs.
@@ -151,51 +171,28 @@ def _attn_bwd_dq(
         kb = tl.load(kblock + e)
         flags = tl.load(entry_flags + e)
         n_first = kb * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        offs_n = n_first + tl.arange(0, BLOCK_N)
-        kv_base = kv_row0 + n_first.to(tl.int64) * HEAD_DIM
-        k = _load_rows(K + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
-        v = _load_rows(V + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+        tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+        k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+        v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
         qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if (flags & 1) == 0:
-            p = tl.where(token_mask(offs_m, offs_n, head, flags, SEQ_LEN, tables), p, 0.0)
+            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+            if STACKED:
+                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+            p = tl.where(allowed, p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
     dq = dq * sm_scale
 
+    dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
-        _store_rows(dQ + row_base, m_first, offs_m, dq.to(dQ.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
+        _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
     else:
-        s_row = (slot * B + b).to(tl.int64) * LAYOUT_BLOCK + (pid % M_TILES) * BLOCK_M
-        r = tl.arange(0, BLOCK_M)
-        c = tl.arange(0, HEAD_PAD)
-        tl.store(ScratchQ + (s_row + r)[:, None] * HEAD_PAD + c[None, :], dq)
-
-
-@triton.jit(do_not_specialize=["SEQ_LEN", "NB", "B", "H_DST"])
-def _sum_partials(
-    Dst, Scratch,                            # Dst [B, H_DST, T, D]; Scratch [slots, B, LAYOUT_BLOCK, HEAD_PAD]
-    merge_row, merge_start, merge_end,       # per split row: row id (head * NB + block), slot range
-    SEQ_LEN, NB, B, H_DST,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Dst rows of each split row = sum of its fp32 partials (dQ, dK or dV)."""
-    TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    i = pid // TILES
-    row = tl.load(merge_row + i)
-    s0 = tl.load(merge_start + i)
-    s1 = tl.load(merge_end + i)
-    first = (row % NB) * LAYOUT_BLOCK + (pid % TILES) * BLOCK
-    offs = first + tl.arange(0, BLOCK)
-    r = tl.arange(0, BLOCK)
-    c = tl.arange(0, HEAD_PAD)
-    acc = tl.zeros([BLOCK, HEAD_PAD], tl.float32)
-    for s in range(s0, s1):
-        s_row = (s * B + b).to(tl.int64) * LAYOUT_BLOCK + (pid % TILES) * BLOCK
-        acc += tl.load(Scratch + (s_row + r)[:, None] * HEAD_PAD + c[None, :])
-    base = ((b * H_DST + row // NB).to(tl.int64) * SEQ_LEN + first) * HEAD_DIM
-    _store_rows(Dst + base, first, offs, acc.to(Dst.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
+        offset = tile * BLOCK_M
+        tl.store(_scratch_ptrs(ScratchQ, slot, b, B, offset, BLOCK_M, ROW_BLOCK, HEAD_PAD), dq)
+        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
+        if last:
+            dq = _sum_partials(ScratchQ, s0, s1, b, B, offset, BLOCK_M, ROW_BLOCK, HEAD_PAD)
+            _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)

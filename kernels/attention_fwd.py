@@ -3,15 +3,20 @@
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
 into each generated module, which defines ``token_mask`` (the pattern's predicate) first.
 
-Work decomposition (built by patterncc/lowering.py). The layout's forward CSR lists, for
-every row ``head * NB + query_block``, its key blocks and a flag word per entry (bit 0:
-FULL, bits 1..: random terms). The grid is (work items x query sub-tiles, batch). A work
-item is a run of at most ``split`` entries of one row: ordinary rows are one item, which
-writes the normalised output and the log-sum-exp directly (``slot < 0``); heavy rows (a
-global query attending every key block) are cut into several items that each write an
-unnormalised partial (acc, m, l) to a scratch slot, merged by ``_attn_fwd_merge``. So no
-program walks much more than ``split`` blocks, and a pattern without heavy rows runs in
-a single launch.
+Work decomposition (built by patterncc/lowering.py). A *row* of the kernel plan is
+ROW_BLOCK query positions of one head: one layout block, or several stacked (a 128-row
+tile over a 64-token layout, so K/V tiles are loaded once per 128 queries). Its entries
+list the key blocks any of its layout blocks touches, with a flag word: bit 0 FULL for
+the whole row (every pair allowed: no predicate); when a row stacks several layout
+blocks, bit ``1 + j`` says layout block j of the row is FULL on that entry, otherwise bits
+1.. are the pattern's random terms; bit 30 says the key block holds positions that are
+not tokens (the sequence tail, an empty residue slot). The grid is (work items x query
+sub-tiles, batch). A work item is a run of at most ``split`` entries of one row: ordinary
+rows are one item, which writes the normalised output and the log-sum-exp directly
+(``slot < 0``); heavy rows (a global query attending every key block) are cut into
+several items that each write an unnormalised partial (acc, m, l) to a scratch slot, and
+the last of them to finish merges all of them by log-sum-exp. So no program walks much
+more than ``split`` blocks, and the forward is one launch whatever the pattern.
 
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` so that
 exp2 can be used, and LSE is stored in those units (log2-sum-exp2 of the scaled scores).
@@ -24,37 +29,43 @@ import triton.language as tl
 # @template-begin
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "NB", "B", "H"])
+@triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_fwd(
     Q, K, V, Out, Lse,                       # [B, H, T, D], [B, H_KV, T, D] x2, [B, H, T, D], [B, H, T] fp32
-    ScratchO, ScratchM, ScratchL,            # [slots, B, LAYOUT_BLOCK, HEAD_PAD] / [slots, B, LAYOUT_BLOCK] fp32
-    item_row, item_start, item_end, item_slot,   # work items (int32)
-    kblock, entry_flags,                     # forward CSR entries (int32)
+    ScratchO, ScratchM, ScratchL, Count,     # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] / [slots, B, ROW_BLOCK] fp32; int32 counters
+    item_row, item_start, item_end, item_slot, item_merge,   # work items (int32)
+    merge_start, merge_end,                  # per split row: its scratch slots
+    kblock, entry_flags,                     # forward entries (int32)
     tables,                                  # int8 [n_tables, T] membership tables (global index sets)
+    head_dil, head_seg,                      # per head: residue factor and class length (PERMUTED only)
     qk_scale,                                # softmax scale * log2(e)
-    SEQ_LEN, NB, B, H, GROUP,                # tokens, blocks per head, batch, query heads, H // H_KV
+    SEQ_LEN, NR, B, H, GROUP,                # tokens, plan rows per head, batch, query heads, H // H_KV
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
+    M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+    STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     pid = tl.program_id(0)
     b = tl.program_id(1)
     item = pid // M_TILES
+    tile = pid % M_TILES
     row = tl.load(item_row + item)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
     slot = tl.load(item_slot + item)
-    head = row // NB
+    head = row // NR
     kv_head = head // GROUP
+    dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)
 
-    m_first = (row % NB) * LAYOUT_BLOCK + (pid % M_TILES) * BLOCK_M
-    offs_m = m_first + tl.arange(0, BLOCK_M)
-    # int64 scalar bases: b * H * T * D can pass 2^31; the in-tile offsets stay int32.
-    q_head = (b * H + head).to(tl.int64) * SEQ_LEN
-    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN * HEAD_DIM
-    q = _load_rows(Q + (q_head + m_first) * HEAD_DIM, m_first, offs_m, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+    m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
+    tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
+    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+    # Layout block of each query row inside a stacked row (its FULL bit is 1 + that).
+    sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -65,19 +76,20 @@ def _attn_fwd(
         kb = tl.load(kblock + e)
         flags = tl.load(entry_flags + e)
         n_first = kb * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        offs_n = n_first + tl.arange(0, BLOCK_N)
-        kv_base = kv_row0 + n_first.to(tl.int64) * HEAD_DIM
-        k = _load_rows(K + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+        tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+        k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
         qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
         if (flags & 1) != 0:
-            # FULL block: every pair is allowed, no predicate. Only the last key block
-            # can run past the sequence end; mask its padding keys.
-            if n_first + BLOCK_N > SEQ_LEN:
-                qk = tl.where(offs_n[None, :] < SEQ_LEN, qk, float("-inf"))
+            # FULL: every pair allowed. Only a block holding positions that are not tokens
+            # (the sequence tail, an empty residue slot: flag bit 30) masks those keys.
+            if (flags & (1 << 30)) != 0:
+                qk = tl.where(valid_n[None, :], qk, float("-inf"))
         else:
-            # PARTIAL block: the pattern's token predicate (generated from the IR).
-            allowed = token_mask(offs_m, offs_n, head, flags, SEQ_LEN, tables)
-            qk = tl.where(allowed & (offs_n[None, :] < SEQ_LEN), qk, float("-inf"))
+            # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
+            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+            if STACKED:
+                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+            qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
         # so p and alpha are exp2(-inf) = 0 and never NaN.
@@ -85,66 +97,51 @@ def _attn_fwd(
         p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + kv_base, n_first, offs_n, SEQ_LEN, HEAD_DIM, HEAD_PAD, 0.0)
+        v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
 
+    out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
-        _finish_rows(Out + (q_head + m_first) * HEAD_DIM, Lse + q_head, m_first, offs_m,
-                     acc, m_i, l_i, SEQ_LEN, HEAD_DIM, HEAD_PAD)
+        _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
     else:
-        # Part of a heavy row: keep the unnormalised partial for _attn_fwd_merge.
-        s_row = (slot * B + b).to(tl.int64) * LAYOUT_BLOCK + (pid % M_TILES) * BLOCK_M
+        # Part of a heavy row: keep the unnormalised partial; the last part merges them.
         r = tl.arange(0, BLOCK_M)
-        c = tl.arange(0, HEAD_PAD)
-        tl.store(ScratchO + (s_row + r)[:, None] * HEAD_PAD + c[None, :], acc)
+        s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + tile * BLOCK_M
+        tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD), acc)
         tl.store(ScratchM + s_row + r, m_i)
         tl.store(ScratchL + s_row + r, l_i)
+        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
+        if last:
+            acc, m_i, l_i = _merge_partials(ScratchO, ScratchM, ScratchL, s0, s1, b, B, tile * BLOCK_M,
+                                            BLOCK_M, ROW_BLOCK, HEAD_PAD)
+            _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
 
 
 @triton.jit
-def _finish_rows(out_base, lse_base, m_first, offs_m, acc, m_i, l_i, SEQ_LEN,
-                 HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+def _finish_rows(out_ptrs, lse_ptrs, acc, m_i, l_i, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Normalise and store one tile of output rows and their LSE; empty rows give 0 / +inf."""
     empty = l_i == 0.0
     # 0, not 0 * NaN: a row that attends nothing ignores non-finite values in its tiles.
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    _store_rows(out_base, m_first, offs_m, out.to(out_base.dtype.element_ty), SEQ_LEN, HEAD_DIM, HEAD_PAD)
+    _store_rows(out_ptrs, out.to(out_ptrs.dtype.element_ty), valid, HEAD_DIM, HEAD_PAD)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_base + offs_m, lse, mask=offs_m < SEQ_LEN)
+    tl.store(lse_ptrs, lse, mask=valid)
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "NB", "B", "H"])
-def _attn_fwd_merge(
-    Out, Lse, ScratchO, ScratchM, ScratchL,
-    merge_row, merge_start, merge_end,       # per split row: its row id and scratch slot range
-    SEQ_LEN, NB, B, H,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Merge the partials of each heavy row by log-sum-exp (one program per row tile)."""
-    M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    i = pid // M_TILES
-    sub = pid % M_TILES
-    row = tl.load(merge_row + i)
-    s0 = tl.load(merge_start + i)
-    s1 = tl.load(merge_end + i)
-    head = row // NB
-    m_first = (row % NB) * LAYOUT_BLOCK + sub * BLOCK_M
-    offs_m = m_first + tl.arange(0, BLOCK_M)
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, HEAD_PAD)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+@triton.jit
+def _merge_partials(ScratchO, ScratchM, ScratchL, s0, s1, b, B, row_offset, ROWS: tl.constexpr,
+                    ROW_BLOCK: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """(acc, m, l) of a split row from its partials in slots s0 .. s1 - 1, by log-sum-exp."""
+    r = tl.arange(0, ROWS)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
     for s in range(s0, s1):
-        s_row = (s * B + b).to(tl.int64) * LAYOUT_BLOCK + sub * BLOCK_M
-        m_s = tl.load(ScratchM + s_row + r)
-        l_s = tl.load(ScratchL + s_row + r)
-        o_s = tl.load(ScratchO + (s_row + r)[:, None] * HEAD_PAD + c[None, :])
+        s_row = (s * B + b).to(tl.int64) * ROW_BLOCK + row_offset
+        m_s = tl.load(ScratchM + s_row + r, cache_modifier=".cg")
+        l_s = tl.load(ScratchL + s_row + r, cache_modifier=".cg")
+        o_s = tl.load(_scratch_ptrs(ScratchO, s, b, B, row_offset, ROWS, ROW_BLOCK, HEAD_PAD), cache_modifier=".cg")
         m_new = tl.maximum(m_i, m_s)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
@@ -152,6 +149,4 @@ def _attn_fwd_merge(
         l_i = l_i * alpha + l_s * beta
         acc = acc * alpha[:, None] + o_s * beta[:, None]
         m_i = m_new
-    q_head = (b * H + head).to(tl.int64) * SEQ_LEN
-    _finish_rows(Out + (q_head + m_first) * HEAD_DIM, Lse + q_head, m_first, offs_m,
-                 acc, m_i, l_i, SEQ_LEN, HEAD_DIM, HEAD_PAD)
+    return acc, m_i, l_i

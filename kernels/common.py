@@ -4,6 +4,13 @@ Not imported on its own: patterncc/codegen.py pastes everything below the templa
 into each generated module, after the pattern's token predicate. Tiles are [rows, HEAD_PAD]
 slices of a contiguous [B, H, T, D] tensor; HEAD_PAD is D rounded up to a power of two
 (at least 16, the smallest tl.dot), and the padding columns read as 0 and are never stored.
+
+Kernel positions and tokens. The kernels walk the layout in *kernel order*: normally
+position p is token p. With ``PERMUTED`` a head may run in *residue order* (patterncc's
+lowering does this for dilated windows): with factor ``dil`` and class length ``seg``,
+positions c * seg .. c * seg + seg - 1 hold the tokens t = c (mod dil) in increasing
+order, so a dilated window becomes a plain band of FULL blocks. Every load and store goes
+through the token of its position; outputs, LSE and gradients stay in token order.
 """
 import triton
 import triton.language as tl
@@ -27,27 +34,109 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, first, offs, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, other):
-    """Rows ``offs`` (token positions starting at ``first``) of one head: [len(offs), HEAD_PAD].
+def _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED: tl.constexpr):
+    """(dil, seg) of one head: its residue factor and class length (1, SEQ_LEN in token order)."""
+    if PERMUTED:
+        dil = tl.load(head_dil + head)
+        seg = tl.load(head_seg + head)
+    else:
+        dil = 1
+        seg = SEQ_LEN
+    return dil, seg
 
-    ``base`` already points at row ``first`` (int64 arithmetic done by the caller), so the
-    in-tile offsets stay small int32. Rows past the sequence end and padding columns read 0.
+
+@triton.jit
+def _tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexpr):
+    """Tokens at kernel positions first .. first + BLOCK - 1, and which of them exist.
+
+    A position past the sequence (or an empty slot of a short residue class) is not a
+    token: ``valid`` is False there, and its token reads as SEQ_LEN or more.
+    """
+    offs = first + tl.arange(0, BLOCK)
+    if PERMUTED:
+        tok = (offs % seg) * dil + offs // seg
+        valid = (offs < dil * seg) & (tok < SEQ_LEN)
+        tok = tl.where(valid, tok, SEQ_LEN)
+    else:
+        tok = offs
+        valid = offs < SEQ_LEN
+    return tok, valid
+
+
+@triton.jit
+def _row_ptrs(base, head_row0, first, tok, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+              PERMUTED: tl.constexpr):
+    """[len(tok), HEAD_PAD] pointers to rows ``tok`` of one head (row 0 at int64 ``head_row0``).
+
+    In token order the tile is contiguous: an int64 scalar base at its first row and small
+    int32 in-tile offsets (b * H * T * D can pass 2^31). In residue order rows are strided
+    or scattered, so the row offsets are int64.
     """
     cols = tl.arange(0, HEAD_PAD)
-    ptrs = base + (offs - first)[:, None] * HEAD_DIM + cols[None, :]
-    if HEAD_DIM == HEAD_PAD:
-        x = tl.load(ptrs, mask=(offs < SEQ_LEN)[:, None], other=other)
+    if PERMUTED:
+        rows = (head_row0 + tok.to(tl.int64)) * HEAD_DIM
+        return base + rows[:, None] + cols[None, :]
     else:
-        x = tl.load(ptrs, mask=(offs < SEQ_LEN)[:, None] & (cols < HEAD_DIM)[None, :], other=other)
+        return base + (head_row0 + first) * HEAD_DIM + ((tok - first) * HEAD_DIM)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _load_rows(ptrs, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Load a [rows, HEAD_PAD] tile; rows that are not tokens and padding columns read 0."""
+    if HEAD_DIM == HEAD_PAD:
+        x = tl.load(ptrs, mask=valid[:, None], other=0.0)
+    else:
+        cols = tl.arange(0, HEAD_PAD)
+        x = tl.load(ptrs, mask=valid[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
     return x
 
 
 @triton.jit
-def _store_rows(base, first, offs, x, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """Store ``x`` [len(offs), HEAD_PAD] into rows ``offs`` of one head (inverse of _load_rows)."""
-    cols = tl.arange(0, HEAD_PAD)
-    ptrs = base + (offs - first)[:, None] * HEAD_DIM + cols[None, :]
+def _store_rows(ptrs, x, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Store a [rows, HEAD_PAD] tile (inverse of _load_rows)."""
     if HEAD_DIM == HEAD_PAD:
-        tl.store(ptrs, x, mask=(offs < SEQ_LEN)[:, None])
+        tl.store(ptrs, x, mask=valid[:, None])
     else:
-        tl.store(ptrs, x, mask=(offs < SEQ_LEN)[:, None] & (cols < HEAD_DIM)[None, :])
+        cols = tl.arange(0, HEAD_PAD)
+        tl.store(ptrs, x, mask=valid[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _scratch_ptrs(Scratch, slot, b, B, row_offset, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                  HEAD_PAD: tl.constexpr):
+    """Pointers to one partial tile [ROWS, HEAD_PAD] of a split row: Scratch[slot, b, row_offset:]."""
+    s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + row_offset
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, HEAD_PAD)
+    return Scratch + (s_row + r)[:, None] * HEAD_PAD + c[None, :]
+
+
+@triton.jit
+def _arrive(Count, merged, tile, TILES: tl.constexpr, b, B, merge_start, merge_end):
+    """Count this program's partial of split row ``merged`` as written; True for the last.
+
+    The barrier makes every thread's partial stores happen before the release of the
+    atomic; the last program to arrive (acquire) then reads all partials and resets the
+    counter for the next call (CUDA-graph replays included). Which program arrives last
+    varies; the order the partials are summed in does not, so results are deterministic.
+    """
+    s0 = tl.load(merge_start + merged)
+    s1 = tl.load(merge_end + merged)
+    idx = (merged * TILES + tile) * B + b
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Count + idx, 1, sem="acq_rel")
+    last = arrived == s1 - s0 - 1
+    if last:
+        tl.store(Count + idx, 0)
+    return last, s0, s1
+
+
+@triton.jit
+def _sum_partials(Scratch, s0, s1, b, B, row_offset, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                  HEAD_PAD: tl.constexpr):
+    """Sum of the fp32 partials in slots s0 .. s1 - 1 (read past L1: other SMs wrote them)."""
+    acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
+    for s in range(s0, s1):
+        acc += tl.load(_scratch_ptrs(Scratch, s, b, B, row_offset, ROWS, ROW_BLOCK, HEAD_PAD),
+                       cache_modifier=".cg")
+    return acc

@@ -50,13 +50,12 @@ from pathlib import Path
 
 from . import __version__, ir
 
-CODEGEN_VERSION = 1
+CODEGEN_VERSION = 2
 TABLE_THRESHOLD = 16  # a global(...) with more items than this reads a membership table
-MAX_RANDOM_TERMS = 30  # flag bits 1..30 of an int32 word
+MAX_RANDOM_TERMS = 29  # flag bits 1..29 of an int32 word (bit 30: see lowering.TAIL)
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
-KERNEL_NAMES = ("_attn_fwd", "_attn_fwd_merge", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
-                "_attn_bwd_dq", "_sum_partials")
+KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
 
 
 @dataclass(frozen=True)

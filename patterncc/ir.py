@@ -9,7 +9,10 @@ an equal node). A primitive keeps its whole meaning in one place:
 * ``classify(ctx, qb, kb)`` -- exact per-block state: EMPTY, PARTIAL or FULL;
 * ``estimate(ctx)`` -- an upper bound on its number of candidate blocks, so an
   intersection enumerates only its cheapest term;
-* ``triton(names)`` -- the predicate as a Triton expression (used by codegen).
+* ``triton(names)`` -- the predicate as a Triton expression (used by codegen);
+* ``residue(d, seq_len)`` -- the same pattern in *residue order* (tokens permuted by
+  t mod d, see :func:`residue_position`), or None when it has no such form; the lowering
+  runs dilated windows in that order, where their blocks are FULL.
 
 Head selection (``heads=``) and dilation are resolved by ``specialize(head)``, which
 returns a head-free node: the layout and the kernels evaluate those, so primitives never
@@ -126,6 +129,30 @@ def _heads_arg(heads: tuple[int, ...] | None) -> str:
     return "" if heads is None else f"heads=[{', '.join(map(str, heads))}]"
 
 
+def residue_length(seq_len: int, d: int) -> int:
+    """Tokens per residue class in residue order: L = ceil(T / d)."""
+    return -(-seq_len // d)
+
+
+def residue_position(t: np.ndarray, seq_len: int, d: int) -> np.ndarray:
+    """Position of token ``t`` in residue order: class ``t mod d`` first, then ``t // d``.
+
+    Class c occupies positions c*L .. c*L + L - 1 (L = ceil(T / d)); classes with fewer
+    than L tokens leave their last position empty. Inverse: :func:`residue_token`.
+
+    >>> residue_position(np.arange(5), 5, 2).tolist()   # 0 2 4 | 1 3 (+ one empty slot)
+    [0, 3, 1, 4, 2]
+    """
+    return (t % d) * residue_length(seq_len, d) + t // d
+
+
+def residue_token(p: np.ndarray, seq_len: int, d: int) -> np.ndarray:
+    """Token at residue-order position ``p`` (T, i.e. none, for the empty slots)."""
+    length = residue_length(seq_len, d)
+    t = (p % length) * d + p // length
+    return np.where((p < d * length) & (t < seq_len), t, seq_len)
+
+
 # ----------------------------------------------------------------------------------------
 # base classes
 
@@ -157,6 +184,22 @@ class Pattern:
 
     def triton(self, names: "TritonNames") -> str:
         raise NotImplementedError
+
+    # -- residue order (tokens permuted by t mod d; see residue_position)
+    def residue(self, d: int, seq_len: int) -> "Pattern | None":
+        """This pattern on residue-order positions: ``p.residue(d, T).allowed(a, b)`` equals
+        ``p.allowed(token(a), token(b))`` for every pair of real tokens, evaluated on a
+        sequence of d * ceil(T / d) positions. None when no node expresses it."""
+        return None
+
+    def residue_within(self, d: int, seq_len: int) -> "Pattern | None":
+        """Like :meth:`residue`, but only exact for pairs of one residue class (enough
+        inside an intersection with a term that keeps classes apart)."""
+        return self.residue(d, seq_len)
+
+    def keeps_classes(self, d: int) -> bool:
+        """Whether every pair this pattern allows has q = k (mod d)."""
+        return False
 
     # -- structure
     def children(self) -> tuple["Pattern", ...]:
@@ -309,6 +352,20 @@ class Window(Primitive):
             expr = f"({expr} & ({d} % {self.dilation} == 0))"
         return expr
 
+    def keeps_classes(self, d):
+        return self.dilation % d == 0
+
+    def residue(self, d, seq_len):
+        if not self.keeps_classes(d):
+            return None
+        return intersect([Block(residue_length(seq_len, d)), self.residue_within(d, seq_len)])
+
+    def residue_within(self, d, seq_len):
+        # Same class: q - k = d * delta. Allowed iff |delta| <= reach // d and d * delta is
+        # a multiple of the dilation, i.e. delta a multiple of dilation / gcd(d, dilation).
+        step = self.dilation // np.gcd(d, self.dilation)
+        return Window((self.reach // d) // step, int(step))
+
 
 @dataclass(frozen=True)
 class Causal(Primitive):
@@ -338,6 +395,12 @@ class Causal(Primitive):
     def triton(self, n):
         return f"({n.k} <= {n.q})"
 
+    def residue_within(self, d, seq_len):
+        return Causal()  # inside one class, position order is token order
+
+    def residue(self, d, seq_len):
+        return None
+
 
 @dataclass(frozen=True)
 class Dense(Primitive):
@@ -364,6 +427,9 @@ class Dense(Primitive):
     def triton(self, n):
         return "True"
 
+    def residue(self, d, seq_len):
+        return Dense()
+
 
 @dataclass(frozen=True)
 class Empty(Primitive):
@@ -386,6 +452,12 @@ class Empty(Primitive):
 
     def triton(self, n):
         return "False"
+
+    def residue(self, d, seq_len):
+        return Empty()
+
+    def keeps_classes(self, d):
+        return True
 
 
 @dataclass(frozen=True)
@@ -467,6 +539,21 @@ class Global(Primitive):
             else:
                 terms.append(f"({x} == {i})")
         return "(" + " | ".join(terms) + ")"
+
+    def residue(self, d, seq_len):
+        moved = np.sort(residue_position(self.indices(seq_len), seq_len, d))
+        return Global(_as_items(moved))
+
+
+def _as_items(idx: np.ndarray) -> tuple[int | IndexRange, ...]:
+    """Sorted distinct indices as a global() item list, runs of consecutive ones as ranges."""
+    if idx.size == 0:
+        return ()
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [idx.size]])
+    return tuple(int(idx[a]) if b - a == 1 else IndexRange(int(idx[a]), int(idx[b - 1]) + 1)
+                 for a, b in zip(starts, stops))
 
 
 @functools.lru_cache(maxsize=256)
@@ -570,6 +657,17 @@ class Strided(Primitive):
 
     def triton(self, n):
         return f"((({n.q} - {n.k}) % {self.s}) == 0)"
+
+    def keeps_classes(self, d):
+        return self.s % d == 0
+
+    def residue(self, d, seq_len):
+        if not self.keeps_classes(d):
+            return None
+        return intersect([Block(residue_length(seq_len, d)), self.residue_within(d, seq_len)])
+
+    def residue_within(self, d, seq_len):
+        return Strided(int(self.s // np.gcd(self.s, d)))  # q - k = d * delta
 
 
 @dataclass(frozen=True)
@@ -747,6 +845,19 @@ class Union(Pattern):
     def triton(self, n):
         return "(" + " | ".join(t.triton(n) for t in self.terms) + ")"
 
+    def keeps_classes(self, d):
+        return all(t.keeps_classes(d) for t in self.terms)
+
+    def residue(self, d, seq_len):
+        return _combine(union, [t.residue(d, seq_len) for t in self.terms])
+
+    def residue_within(self, d, seq_len):
+        return _combine(union, [t.residue_within(d, seq_len) for t in self.terms])
+
+
+def _combine(op, parts: list) -> Pattern | None:
+    return None if any(p is None for p in parts) else op(parts)
+
 
 @dataclass(frozen=True)
 class Intersect(Pattern):
@@ -792,6 +903,19 @@ class Intersect(Pattern):
 
     def triton(self, n):
         return "(" + " & ".join(t.triton(n) for t in self.terms) + ")"
+
+    def keeps_classes(self, d):
+        return any(t.keeps_classes(d) for t in self.terms)
+
+    def residue(self, d, seq_len):
+        if self.keeps_classes(d):
+            # One term keeps classes apart: the others need only be exact inside a class.
+            within = [t.residue_within(d, seq_len) for t in self.terms]
+            return _combine(intersect, [Block(residue_length(seq_len, d))] + within)
+        return _combine(intersect, [t.residue(d, seq_len) for t in self.terms])
+
+    def residue_within(self, d, seq_len):
+        return _combine(intersect, [t.residue_within(d, seq_len) for t in self.terms])
 
 
 def _blocks_any(node: Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -1,20 +1,32 @@
 """Lowering: a Layout -> the kernel plan the generated Triton kernels walk.
 
-The plan is a handful of int32 device tensors, built on the host with NumPy (no Python
-loop over blocks) and cached on the layout per (device, GQA group, split):
+The plan is built on the host with NumPy (no Python loop over blocks) and cached on the
+layout per (device, GQA group, tile shape, scratch budget). Three decisions are made here:
 
-* per forward entry (CSR order): key block and a flag word: bit 0 FULL, bit ``1 + i``
-  "random term i of the predicate plan drew this block" (evaluated with the Random node's
-  ``classify`` for the entry's head, so PARTIAL blocks of e.g. ``random(64) & causal`` know
-  whether the random term holds);
-* the *kv index*: for every kv head and key block, the (query head, query block, flags)
-  entries of all query heads sharing that kv head (the layout's transposed CSR, regrouped
-  for GQA/MQA) -- what the dK/dV kernel walks;
-* work items for both walks: runs of at most ``split`` entries of one row. Rows longer
-  than ``split`` (a global row touching every block) become several items writing
-  partials to scratch slots, merged afterwards; every row, even an empty one, has an item
-  so every output row is written;
-* int8 membership tables [n_tables, T] for the predicate's large global index sets.
+* **Kernel order** (:func:`kernel_layout`). A head whose pattern has a form in *residue
+  order* (``ir.Pattern.residue``: tokens grouped by t mod d, d the gcd of its window
+  dilations) runs in that order: a dilated window's blocks, mostly PARTIAL in token order,
+  become a band of FULL blocks half as wide (for d = 2). The kernels load and store
+  through each position's token, so outputs and gradients stay in token order; layouts,
+  diagnostics and reports keep token order too. With GQA/MQA the query heads of one kv
+  head must share an order, else they all stay in token order.
+* **Row tiles** (:func:`stacked_rows`). A kernel row may stack several layout blocks (a
+  128-query tile over a 64-token layout): its entries are the union of their key blocks,
+  FULL (bit 0) only where every stacked block is, with bit ``1 + j`` marking the entries
+  where stacked block j is FULL. Random terms inside intersections need their own flag
+  bits, so such patterns are never stacked.
+* **Work items** (:func:`make_items`): runs of at most ``split`` entries of one row. A row
+  longer than ``split`` (a global row touching every block, a global key column in the
+  backward) becomes several items writing partials to scratch slots, merged in-kernel by
+  the last one to finish; every row, even an empty one, has an item so every output row is
+  written. ``split`` is about twice the mean row, raised where needed to keep the scratch
+  within ``SCRATCH_FRACTION`` of the output's bytes.
+
+Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
+``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
+stacked layout block ``i`` is FULL (stacked rows); bit 30 (``TAIL``): the key block holds
+positions that are not tokens (the sequence tail, an empty residue slot), which a FULL
+block must still mask in the forward.
 
 Example:
     >>> import patterncc, torch
@@ -22,66 +34,279 @@ Example:
     >>> from patterncc.layout import get_layout
     >>> lay = get_layout(patterncc.parse("window(16) | global([0])"), 256, 2, 16)
     >>> plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), torch.device("cpu"), group=1, split=4)
-    >>> plan.fwd.n_items > 2 * lay.nblocks, plan.fwd.n_merge   # rows 0 of both heads are split
+    >>> plan.fwd.items.n_items > 2 * lay.nblocks, plan.fwd.items.n_merge   # rows 0 of both heads are split
     (True, 2)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from . import ir
 from .codegen import PredicatePlan
-from .ir import FULL
-from .layout import Layout
+from .ir import FULL, Ctx
+from .layout import Layout, build_head
 
+TAIL = 1 << 30  # flag bit: the key block holds positions that are not tokens
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
+SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
+RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
+
+
+# ----------------------------------------------------------------------------------------
+# kernel order
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """A layout in kernel order: per head and layout block of positions, the key blocks.
+
+    ``seq_len`` positions per head (at least T; d * ceil(T / d) for a head in residue
+    order), ``nblocks`` = ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor
+    and class length (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
+    ``flags`` [nnz]: CSR rows ``head * nblocks + block``, key blocks increasing.
+    """
+
+    tokens: int
+    seq_len: int
+    block: int
+    dil: np.ndarray
+    seg: np.ndarray
+    indptr: np.ndarray
+    kblock: np.ndarray
+    flags: np.ndarray
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.seq_len // self.block)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.dil.size)
+
+    @property
+    def permuted(self) -> bool:
+        return bool((self.dil > 1).any())
+
+    @property
+    def nnz(self) -> int:
+        return int(self.kblock.size)
+
+    @property
+    def full_fraction(self) -> float:
+        return float((self.flags & 1).mean()) if self.nnz else 0.0
+
+    @property
+    def block_density(self) -> float:
+        """Touched blocks over the blocks of the token-order grid (T / block squared per head)."""
+        nb = -(-self.tokens // self.block)
+        return self.nnz / (self.num_heads * nb ** 2)
+
+
+def residue_factor(pattern: ir.Pattern) -> int:
+    """The residue order a head's pattern would run in: gcd of its window dilations (1: none)."""
+    dilations = [n.dilation for n in pattern.walk() if isinstance(n, ir.Window)]
+    return int(np.gcd.reduce(dilations)) if dilations else 1
+
+
+def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | None]]:
+    """Per head: (residue factor, pattern in residue order), or (1, None) for token order.
+
+    The query heads of one kv head (``group`` consecutive heads) share one order: if they
+    would not, they all stay in token order.
+    """
+    t = layout.seq_len
+    orders: list[tuple[int, ir.Pattern | None]] = []
+    for p in layout.heads:
+        d = residue_factor(p) if RESIDUE_ORDER else 1
+        moved = p.residue(d, t) if d > 1 and t > 1 else None
+        orders.append((d, moved) if moved is not None else (1, None))
+    for g in range(0, len(orders), group):
+        if len({d for d, _ in orders[g:g + group]}) > 1:
+            orders[g:g + group] = [(1, None)] * group
+    return orders
+
+
+def kernel_layout(layout: Layout, pred: PredicatePlan, group: int = 1) -> KernelLayout:
+    """The layout in kernel order (cached on the layout per GQA group)."""
+    return layout._cached(("kernel_layout", group, pred.random_nodes, RESIDUE_ORDER),
+                          lambda: _build_kernel_layout(layout, pred, group))
+
+
+def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> KernelLayout:
+    t, bs, h, nb = layout.seq_len, layout.block_size, layout.num_heads, layout.nblocks
+    flags = entry_flags(layout, pred)
+    orders = head_orders(layout, group)
+    tail = _not_tokens_token_order(t, bs)
+    if all(d == 1 for d, _ in orders):
+        flags = np.where(np.isin(layout.kblock, tail), flags | TAIL, flags).astype(np.int32)
+        ones = np.ones(h, np.int64)
+        return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags)
+
+    seq = max(d * ir.residue_length(t, d) for d, _ in orders)
+    nbk = -(-seq // bs)
+    built: dict = {}
+    qbs, kbs, fls = [], [], []
+    for hd, (d, moved) in enumerate(orders):
+        if d == 1:
+            s, e = layout.indptr[hd * nb], layout.indptr[(hd + 1) * nb]
+            kb = layout.kblock[s:e].astype(np.int64)
+            qbs.append(layout.entry_qblock[s:e])
+            kbs.append(kb)
+            fls.append(np.where(np.isin(kb, tail), flags[s:e] | TAIL, flags[s:e]))
+            continue
+        if (d, moved) not in built:
+            length = d * ir.residue_length(t, d)
+            hl = build_head(moved, Ctx(length, bs))
+            fl = hl.full.astype(np.int32) | np.where(np.isin(hl.kb, _not_tokens_residue(t, d, bs)), TAIL, 0)
+            built[d, moved] = (hl.qb, hl.kb, fl.astype(np.int32))
+        qb, kb, fl = built[d, moved]
+        qbs.append(qb)
+        kbs.append(kb)
+        fls.append(fl)
+    heads = np.repeat(np.arange(h, dtype=np.int64), [q.size for q in qbs])
+    rows = heads * nbk + np.concatenate(qbs)
+    indptr = np.zeros(h * nbk + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=h * nbk), out=indptr[1:])
+    dil = np.array([d for d, _ in orders], np.int64)
+    seg = np.array([ir.residue_length(t, d) for d, _ in orders], np.int64)
+    return KernelLayout(t, seq, bs, dil, seg, indptr, np.concatenate(kbs).astype(np.int32),
+                        np.concatenate(fls).astype(np.int32))
+
+
+def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
+    """Key blocks holding positions past the sequence (the tail block, if T % block)."""
+    return np.array([t // bs] if t % bs else [], np.int64)
+
+
+def _not_tokens_residue(t: int, d: int, bs: int) -> np.ndarray:
+    """Key blocks (residue order) holding an empty slot or positions past d * ceil(T / d)."""
+    length = ir.residue_length(t, d)
+    short = [c for c in range(d) if -(-(t - c) // d) < length]  # classes one token short
+    slots = [c * length + length - 1 for c in short]
+    blocks = {p // bs for p in slots}
+    if (d * length) % bs:
+        blocks.add((d * length) // bs)
+    return np.array(sorted(blocks), np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# stacked rows and the kv index
+
+
+def can_stack(pred: PredicatePlan) -> bool:
+    """Rows may stack layout blocks unless random terms need the flag bits."""
+    return not pred.random_nodes
+
+
+def stacked_rows(klay: KernelLayout, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, key block, flags) over rows of ``factor`` stacked layout blocks."""
+    if factor == 1:
+        return klay.indptr, klay.kblock.astype(np.int64), klay.flags
+    nb, h = klay.nblocks, klay.num_heads
+    nr = -(-nb // factor)
+    row = np.repeat(np.arange(h * nb, dtype=np.int64), np.diff(klay.indptr))
+    stacked = (row // nb) * nr + (row % nb) // factor
+    sub = (row % nb) % factor
+    return _union_entries(stacked, klay.kblock.astype(np.int64), sub, klay.flags, nb,
+                          _sub_counts(nb, factor, h), h * nr)
+
+
+def kv_rows(klay: KernelLayout, group: int, factor: int):
+    """The transposed index regrouped by kv head, rows of ``factor`` stacked key blocks.
+
+    Returns (indptr [H_kv * nr + 1], query block, query head, flags); within a row,
+    entries go by query head, then query block.
+    """
+    nb, h = klay.nblocks, klay.num_heads
+    nr = -(-nb // factor)
+    row = np.repeat(np.arange(h * nb, dtype=np.int64), np.diff(klay.indptr))
+    qhead, qb = row // nb, row % nb
+    kb = klay.kblock.astype(np.int64)
+    kv_row = (qhead // group) * nr + kb // factor
+    other = qhead * nb + qb  # entry key within a kv row: by query head, then query block
+    indptr, other, flags = _union_entries(kv_row, other, kb % factor, klay.flags, h * nb,
+                                          _sub_counts(nb, factor, h // group), (h // group) * nr)
+    return indptr, other % nb, other // nb, flags
+
+
+def _sub_counts(nb: int, factor: int, heads: int) -> np.ndarray:
+    """Layout blocks actually present in each stacked row (the last one may be short)."""
+    nr = -(-nb // factor)
+    per = np.minimum(factor, nb - np.arange(nr) * factor)
+    return np.tile(per, heads)
+
+
+def _union_entries(row, other, sub, flags, n_other, present, n_rows):
+    """Merge entries (row, other) of the stacked blocks ``sub``: sorted unique pairs with
+    FULL where all present stacked blocks are FULL and bit 1 + sub per FULL stacked block."""
+    key = row * n_other + other
+    if np.all(sub == 0) and np.all(present == 1):
+        order = np.argsort(key, kind="stable")
+        counts = np.bincount(row, minlength=n_rows)
+        indptr = np.zeros(n_rows + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, other[order], flags[order]
+    uniq, inv = np.unique(key, return_inverse=True)
+    full = (flags & 1).astype(np.int64)
+    n_full = np.bincount(inv, weights=full, minlength=uniq.size).astype(np.int64)
+    bits = np.zeros(uniq.size, np.int64)
+    np.bitwise_or.at(bits, inv, full << (1 + sub))
+    urow = uniq // n_other
+    all_full = n_full == present[urow]
+    tail = np.zeros(uniq.size, np.int64)
+    np.bitwise_or.at(tail, inv, flags.astype(np.int64) & TAIL)
+    out_flags = (bits | all_full | tail).astype(np.int32)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(urow, minlength=n_rows), out=indptr[1:])
+    return indptr, uniq % n_other, out_flags
+
+
+# ----------------------------------------------------------------------------------------
+# work items
 
 
 @dataclass(frozen=True)
 class WorkItems:
     """Runs of at most ``split`` entries of one row (device int32 tensors)."""
 
-    row: torch.Tensor     # [I] row id (head * nb + block)
+    row: torch.Tensor     # [I] row id (head * rows per head + row)
     start: torch.Tensor   # [I] first entry
     end: torch.Tensor     # [I] one past the last entry
     slot: torch.Tensor    # [I] scratch slot, -1 when the item is its whole row
-    merge_row: torch.Tensor    # [R] rows cut into several items
-    merge_start: torch.Tensor  # [R] their first scratch slot
-    merge_end: torch.Tensor    # [R] one past their last slot
+    merge: torch.Tensor   # [I] index of its split row, -1 when the item is its whole row
+    merge_start: torch.Tensor  # [R] first scratch slot of each split row
+    merge_end: torch.Tensor    # [R] one past its last slot
     n_items: int
     n_slots: int
     n_merge: int
     split: int
 
 
-@dataclass(frozen=True)
-class KernelPlan:
-    """Everything the generated kernels read besides q, k, v (one layout, device, group)."""
-
-    fwd: WorkItems             # over the forward CSR (forward and dQ)
-    kblock: torch.Tensor       # [nnz] key block of each forward entry
-    flags: torch.Tensor        # [nnz] flag word of each forward entry
-    kv: WorkItems              # over the kv index (dK/dV)
-    kv_qblock: torch.Tensor    # [nnz] query block of each kv-index entry
-    kv_qhead: torch.Tensor     # [nnz] query head of each kv-index entry
-    kv_flags: torch.Tensor     # [nnz]
-    tables: torch.Tensor       # int8 [n_tables * T] (one dummy byte when there are none)
-    group: int
-
-
-def choose_split(counts: np.ndarray) -> int:
+def choose_split(counts: np.ndarray, max_slots: int | None = None) -> int:
     """Longest run of entries one program walks: about twice the mean non-empty row.
 
     Balanced layouts are never split; a row far above the mean (a global query, a global
-    key column in the backward) is cut into pieces of that size.
+    key column in the backward) is cut into pieces of that size -- longer pieces where the
+    pieces' scratch slots would pass ``max_slots``.
     """
     nonzero = counts[counts > 0]
     if nonzero.size == 0:
         return MIN_SPLIT
-    return int(max(MIN_SPLIT, np.ceil(2 * nonzero.mean())))
+    split = int(max(MIN_SPLIT, np.ceil(2 * nonzero.mean())))
+    if max_slots is not None:
+        top = int(nonzero.max())
+        while split < top and _slots(counts, split) > max_slots:
+            split = int(np.ceil(split * 1.25))
+    return split
+
+
+def _slots(counts: np.ndarray, split: int) -> int:
+    cut = counts[counts > split]
+    return int((-(-cut // split)).sum())
 
 
 def make_items(indptr: np.ndarray, split: int, device) -> WorkItems:
@@ -97,12 +322,55 @@ def make_items(indptr: np.ndarray, split: int, device) -> WorkItems:
     in_cut = np.repeat(cut, per_row)
     slot = np.full(n_items, -1, np.int64)
     slot[in_cut] = np.arange(int(in_cut.sum()))
-    merge_row = np.flatnonzero(cut)
+    merge = np.full(n_items, -1, np.int64)
+    merge[in_cut] = np.repeat(np.arange(int(cut.sum())), per_row[cut])
     merge_end = np.cumsum(per_row[cut])
     merge_start = merge_end - per_row[cut]
     t = lambda a: _dev(a, device)  # noqa: E731
-    return WorkItems(t(row), t(start), t(end), t(slot), t(merge_row), t(merge_start), t(merge_end),
-                     n_items, int(in_cut.sum()), int(merge_row.size), split)
+    return WorkItems(t(row), t(start), t(end), t(slot), t(merge), t(merge_start), t(merge_end),
+                     n_items, int(in_cut.sum()), int(cut.sum()), split)
+
+
+# ----------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What one kernel walks: its rows (``row_block`` positions each, ``rows_per_head``
+    per head), their entries and work items, and the merge counters of split rows."""
+
+    items: WorkItems
+    block: torch.Tensor        # [nnz] key block (forward, dQ) or query block (dK/dV)
+    flags: torch.Tensor        # [nnz]
+    head: torch.Tensor | None  # [nnz] query head of each entry (dK/dV only)
+    row_block: int
+    rows_per_head: int
+    _counters: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def counters(self, batch: int, tiles: int) -> torch.Tensor:
+        """int32 merge counters [n_merge * tiles * batch], zero between calls (the last
+        program of each split row resets its own)."""
+        key = (batch, tiles)
+        got = self._counters.get(key)
+        if got is None:
+            n = max(1, self.items.n_merge * tiles * batch)
+            got = self._counters[key] = torch.zeros(n, dtype=torch.int32, device=self.block.device)
+        return got
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything the generated kernels read besides q, k, v (one layout, device, group, tiles)."""
+
+    fwd: Walk
+    dq: Walk
+    kv: Walk
+    tables: torch.Tensor       # int8 [n_tables * T] (one dummy byte when there are none)
+    dil: torch.Tensor          # [H] residue factor per head
+    seg: torch.Tensor          # [H] class length per head
+    permuted: bool
+    group: int
 
 
 def entry_flags(layout: Layout, pred: PredicatePlan) -> np.ndarray:
@@ -142,47 +410,65 @@ def _member(g: ir.Global, seq_len: int) -> np.ndarray:
     return m
 
 
-def kv_index(layout: Layout, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The transposed index regrouped by kv head: rows ``kv_head * nb + key_block``.
+@dataclass(frozen=True)
+class Tiles:
+    """Rows per kernel, in layout blocks: forward, dQ, dK/dV (1: one layout block)."""
 
-    Returns (indptr [H_kv * nb + 1], query block [nnz], query head [nnz], forward entry [nnz]);
-    within a row, entries go by query head, then query block.
-    """
-    nb, h = layout.nblocks, layout.num_heads
-    t_rows = np.repeat(np.arange(h * nb, dtype=np.int64), np.diff(layout.t_indptr))
-    qhead, kb = t_rows // nb, t_rows % nb
-    kv_row = (qhead // group) * nb + kb
-    order = np.lexsort((layout.t_qblock, qhead, kv_row))  # stable on the sorted t-order
-    indptr = np.zeros((h // group) * nb + 1, np.int64)
-    np.cumsum(np.bincount(kv_row, minlength=(h // group) * nb), out=indptr[1:])
-    return indptr, layout.t_qblock[order].astype(np.int64), qhead[order], layout.t_entry[order]
+    fwd: int = 1
+    dq: int = 1
+    kv: int = 1
 
 
-def make_plan(layout: Layout, pred: PredicatePlan, device, group: int,
-              split: int | None = None) -> KernelPlan:
+def max_slots(layout: Layout, head_dim: int | None, itemsize: int, row_block: int) -> int | None:
+    """Scratch slots that stay within SCRATCH_FRACTION of the output's bytes (per batch)."""
+    if head_dim is None:
+        return None
+    pad = max(16, 1 << (head_dim - 1).bit_length())
+    budget = SCRATCH_FRACTION * layout.num_heads * layout.seq_len * head_dim * itemsize
+    return max(1, int(budget // (row_block * (pad + 2) * 4)))
+
+
+def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: int | None = None,
+              tiles: Tiles = Tiles(), head_dim: int | None = None, itemsize: int = 2) -> KernelPlan:
     if layout.nnz >= 2 ** 31:
         raise ValueError(f"layout has {layout.nnz} blocks; the kernels index entries with int32")
-    flags = entry_flags(layout, pred)
-    counts = np.diff(layout.indptr)
-    kv_ptr, kv_qb, kv_qh, kv_entry = kv_index(layout, group)
-    kv_counts = np.diff(kv_ptr)
-    fwd = make_items(layout.indptr, split or choose_split(counts), device)
-    kv = make_items(kv_ptr, split or choose_split(kv_counts), device)
+    if not can_stack(pred):
+        tiles = Tiles()
+    klay = kernel_layout(layout, pred, group)
+    t = lambda a: _dev(a, device)  # noqa: E731
+
+    def walk(factor, indptr, block, flags, head=None):
+        row_block = factor * klay.block
+        counts = np.diff(indptr)
+        s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
+        return Walk(make_items(indptr, s, device), t(block), t(flags), None if head is None else t(head),
+                    row_block, -(-klay.nblocks // factor))
+
+    walks = {}
+    for name in ("fwd", "dq"):
+        factor = getattr(tiles, name)
+        if factor not in walks:
+            walks[factor] = walk(factor, *stacked_rows(klay, factor))
+    kv_ptr, kv_qb, kv_qh, kv_flags = kv_rows(klay, group, tiles.kv)
     return KernelPlan(
-        fwd=fwd, kblock=_dev(layout.kblock, device), flags=_dev(flags, device),
-        kv=kv, kv_qblock=_dev(kv_qb, device), kv_qhead=_dev(kv_qh, device),
-        kv_flags=_dev(flags[kv_entry], device),
+        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
-        group=group,
+        dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )
 
 
-def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1,
-             split: int | None = None) -> KernelPlan:
-    """The cached kernel plan of ``layout`` on ``device`` for GQA group size ``group``."""
+def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1, split: int | None = None,
+             tiles: Tiles = Tiles(), head_dim: int | None = None, itemsize: int = 2) -> KernelPlan:
+    """The cached kernel plan of ``layout`` on ``device`` for GQA group size ``group``.
+
+    ``tiles`` stacks layout blocks into taller kernel rows; ``head_dim`` / ``itemsize``
+    (of q) size the scratch budget of split rows (None: no budget).
+    """
     device = torch.device(device)
-    key = ("triton_plan", str(device), int(group), split, pred.random_nodes, pred.table_nodes)
-    return layout._cached(key, lambda: make_plan(layout, pred, device, group, split))
+    key = ("triton_plan", str(device), int(group), split, tiles, head_dim, itemsize,
+           pred.random_nodes, pred.table_nodes, RESIDUE_ORDER)
+    return layout._cached(key, lambda: make_plan(layout, pred, device, group, split, tiles,
+                                                 head_dim, itemsize))
 
 
 def _dev(a: np.ndarray, device) -> torch.Tensor:

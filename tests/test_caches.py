@@ -64,7 +64,7 @@ def test_layout_nbytes_counts_arrays_and_memoised_plans():
     assert lay.nbytes() >= before + plan.entry_mask.nbytes  # torch tensors count too
     before = lay.nbytes()
     kplan = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=2)
-    assert lay.nbytes() >= before + kplan.kblock.nbytes + kplan.flags.nbytes
+    assert lay.nbytes() >= before + kplan.fwd.block.nbytes + kplan.fwd.flags.nbytes
 
 
 def test_layout_cache_is_bounded_in_bytes():

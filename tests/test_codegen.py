@@ -177,39 +177,47 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
     assert gen.path.read_text() == gen.source
 
 
-def test_entry_flags_mark_full_and_random_draws():
-    p = patterncc.parse("(random(32, seed=5) & causal) | window(4)")
-    lay = get_layout(p, 200, 2, 16)
-    pred = codegen.analyse(p)
-    flags = lowering.entry_flags(lay, pred)
-    assert ((flags & 1) == lay.full).all()
-    for h in range(2):
-        node = next(n for n in lay.heads[h].walk() if isinstance(n, ir.Random))
-        assert node.stream == h
-        s, e = lay.indptr[h * lay.nblocks], lay.indptr[(h + 1) * lay.nblocks]
-        hit = node.classify(lay.ctx, lay.entry_qblock[s:e], lay.kblock[s:e].astype(np.int64)) == FULL
-        assert (((flags[s:e] >> 1) & 1) == hit).all()
+def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: bool,
+                num_warps: int = 4, num_stages: int = 2, tile: int = 64) -> dict:
+    """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
+    path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
+    registers, spills and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
+    pad = max(16, 1 << (head_dim - 1).bit_length())
+    walked = min(block, tile)
+    consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
+                  PRECISION="tf32", UPCAST=False)
+    tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
+             "_attn_bwd_preprocess": (64, 64)}
+    data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
+    index = {"item_row", "item_start", "item_end", "item_slot", "item_merge", "merge_start", "merge_end",
+             "kblock", "entry_flags", "qblock", "qhead", "head_dil", "head_seg", "Count"}
 
-def test_kv_index_groups_query_heads_by_kv_head():
-    lay = get_layout(patterncc.parse("window(8) | strided(40, heads=[1, 2])"), 160, 4, 16)
-    ptr, qb, qh, entry = lowering.kv_index(lay, group=2)
-    assert sorted(entry.tolist()) == list(range(lay.nnz))
-    nb = lay.nblocks
-    rows = np.repeat(np.arange(2 * nb), np.diff(ptr))
-    assert ((qh // 2) * nb + lay.kblock[entry] == rows).all()  # right kv head and key block
-    assert (qh == lay.entry_head[entry]).all() and (qb == lay.entry_qblock[entry]).all()
+    def arg_type(name):
+        if name in data:
+            return "*" + dtype
+        if name in index:
+            return "*i32"
+        if name == "tables":
+            return "*i8"
+        if name in ("qk_scale", "sm_scale"):
+            return "fp32"
+        if name[0].isupper() and name not in ("SEQ_LEN", "NR", "B", "H", "GROUP", "M_BLOCKS"):
+            return "*fp32"  # Lse, Delta, scratch buffers
+        return "i32"
 
-
-def test_heavy_rows_are_split_and_balanced_rows_are_not():
-    lay = get_layout(patterncc.parse("window(256) | global([0])"), 16384, 2, 64)
-    plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), torch.device("cpu"), group=1)
-    counts = np.diff(lay.indptr)
-    assert plan.fwd.split < counts.max()
-    assert plan.fwd.n_merge == 2  # the global query block of each head
-    assert plan.kv.n_merge == 2   # the global key block of each head
-    dense = get_layout(patterncc.parse("dense"), 1024, 1, 64)
-    assert lowering.plan_for(dense, codegen.analyse(dense.pattern), "cpu").fwd.n_merge == 0
+    out = {}
+    for name in codegen.KERNEL_NAMES:
+        fn = gen.kernel(name)
+        bm, bn = tiles[name]
+        const = {a: v for a, v in {**consts, "BLOCK_M": bm, "BLOCK_N": bn}.items() if a in fn.arg_names}
+        sig = {a: "constexpr" if a in const else arg_type(a) for a in fn.arg_names}
+        out[name] = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                                   options={"num_warps": num_warps, "num_stages": num_stages})
+    return out
 
 
 @pytest.mark.slow
@@ -228,40 +236,11 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert " passed" in r.stdout
         return
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     many = "global([" + ", ".join(str(7 * i) for i in range(20)) + "])"
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
-    pad = 1 << (head_dim - 1).bit_length()
-    tile = min(block, 64)
-    consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, BLOCK_M=tile, BLOCK_N=tile,
-                  BLOCK=tile, PRECISION="tf32", UPCAST=False)
-    data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ", "Dst"}
-    index = {"item_row", "item_start", "item_end", "item_slot", "merge_row", "merge_start", "merge_end",
-             "kblock", "entry_flags", "qblock", "qhead"}
-
-    def arg_type(name):
-        if name in data:
-            return "*" + dtype
-        if name in index:
-            return "*i32"
-        if name == "tables":
-            return "*i8"
-        if name in ("qk_scale", "sm_scale"):
-            return "fp32"
-        if name[0].isupper() and name not in ("SEQ_LEN", "NB", "B", "H", "GROUP", "H_DST", "M_BLOCKS"):
-            return "*fp32"  # Lse, Delta, scratch buffers
-        return "i32"
-
-    for name in codegen.KERNEL_NAMES:
-        fn = gen.kernel(name)
-        sig = {a: "constexpr" if a in consts else arg_type(a) for a in fn.arg_names}
-        const = {a: consts[a] for a in fn.arg_names if a in consts}
-        compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4, "num_stages": 2})
-        assert compiled.asm.get("cubin"), name
+    for permuted, rows in ((False, block), (True, 2 * block)):  # token order; residue order, stacked rows
+        for name, compiled in aot_compile(gen, dtype, head_dim, block, rows, permuted).items():
+            assert compiled.asm.get("cubin"), name

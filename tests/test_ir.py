@@ -405,3 +405,66 @@ def test_specialize_removes_heads_and_dilation():
     assert parse("causal(heads=[1])").specialize(0) == ir.Empty()
     with pytest.raises(TypeError):
         p.allowed(Ctx(10, 16), *grid(10))
+
+
+# ----------------------------------------------------------------------------------------
+# residue order: the pattern on positions grouped by t mod d
+
+
+def _residue_mismatch(p: ir.Pattern, t: int, d: int, block: int = 16):
+    """Pairs of real tokens where p.residue(d, t) on positions disagrees with p on tokens."""
+    moved = p.residue(d, t)
+    if moved is None:
+        return None
+    length = d * ir.residue_length(t, d)
+    pos = np.arange(length)
+    tok = ir.residue_token(pos, t, d)
+    real = tok < t
+    tc = np.minimum(tok, t - 1)
+    on_positions = np.broadcast_to(moved.allowed(Ctx(length, block), pos[:, None], pos[None, :]), (length,) * 2)
+    on_tokens = np.broadcast_to(p.allowed(Ctx(t, block), tc[:, None], tc[None, :]), (length,) * 2)
+    both = real[:, None] & real[None, :]
+    return np.argwhere((on_positions != on_tokens) & both)
+
+
+@given(t=st.integers(1, 200), d=st.integers(2, 5))
+def test_residue_positions_and_tokens_are_inverse(t, d):
+    tok = np.arange(t)
+    pos = ir.residue_position(tok, t, d)
+    assert np.unique(pos).size == t and pos.max() < d * ir.residue_length(t, d)
+    np.testing.assert_array_equal(ir.residue_token(pos, t, d), tok)
+    empty = np.setdiff1d(np.arange(d * ir.residue_length(t, d)), pos)
+    assert (ir.residue_token(empty, t, d) == t).all()  # empty slots hold no token
+
+
+@pytest.mark.parametrize("src,d", [
+    ("window(8, dilation=2)", 2), ("window(6, dilation=3)", 3), ("window(5, dilation=4)", 2),
+    ("window(7, dilation=2) & window(9)", 2), ("window(8, dilation=2) & causal", 2),
+    ("window(4, dilation=2) | global([0, 5, -1])", 2), ("window(3, dilation=3) | global(2..30)", 3),
+    ("strided(6) & causal", 3), ("window(3, dilation=6) & strided(4)", 2), ("dense", 2),
+    ("(window(3, dilation=2) & causal) | global([1, 2])", 2),
+])
+@pytest.mark.parametrize("t", [1, 2, 5, 33, 64, 101])
+def test_residue_form_is_exact(src, d, t):
+    p = parse(src)
+    try:
+        bad = _residue_mismatch(p, t, d)
+    except patterncc.PatternError:
+        pytest.skip("global index outside this sequence")
+    assert bad is not None, f"{src} should have a residue form for d={d}"
+    assert bad.size == 0, f"{src}, T={t}, d={d}: first mismatching positions {bad[:3].tolist()}"
+
+
+@pytest.mark.parametrize("src", ["causal", "window(4)", "window(4, dilation=2) | window(3)", "sink(2)",
+                                 "block(8)", "random(16, seed=1)", "window(4, dilation=2) | causal",
+                                 "strided(3)"])
+def test_patterns_without_a_residue_form_say_so(src):
+    assert parse(src).residue(2, 50) is None
+
+
+@given(case=layout_cases(max_seq_len=120, max_heads=2, max_leaves=5), d=st.integers(2, 4))
+def test_generated_residue_forms_are_exact(case, d):
+    pattern, t, heads, block = case
+    for h in range(heads):
+        bad = _residue_mismatch(pattern.specialize(h), t, d, block)
+        assert bad is None or bad.size == 0, (str(pattern.specialize(h)), t, d, bad[:3].tolist())

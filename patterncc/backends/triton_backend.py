@@ -47,7 +47,7 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {
 DEFAULT_CONFIG = KernelConfig()
 
 
-def config_for(kind: str, head_pad: int) -> KernelConfig:
+def config_for(kind: str, head_pad: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     width = 64 if head_pad <= 64 else 128 if head_pad <= 128 else 256
     return CONFIGS.get((kind, width), DEFAULT_CONFIG)
 
@@ -168,26 +168,42 @@ class _Launch:
             raise ValueError(f"layout is for seq_len={layout.seq_len}, heads={layout.num_heads}; "
                              f"got q of shape {tuple(q.shape)}")
         self.gen = codegen.load(layout.pattern)
-        self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split)
-        self.nb = layout.nblocks
         self.lb = layout.block_size
         self.d_pad = max(16, 1 << (self.d - 1).bit_length())
         self.interp = codegen.interpreting()
+        stack = lowering.can_stack(self.gen.plan)
+        self.cfg = {kind: config_for(kind, self.d_pad, q.dtype) for kind in ("fwd", "dq", "dkdv")}
+        own = {"fwd": self.cfg["fwd"].block_m, "dq": self.cfg["dq"].block_m, "dkdv": self.cfg["dkdv"].block_n}
+        self.rows = {kind: (max(self.lb, o) if stack else self.lb) for kind, o in own.items()}
+        tiles = lowering.Tiles(*(self.rows[kind] // self.lb for kind in ("fwd", "dq", "dkdv")))
+        self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split, tiles,
+                                      self.d, q.element_size())
         self.consts = dict(
-            HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb,
+            HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb, PERMUTED=self.plan.permuted,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=self.interp and q.dtype == torch.bfloat16,
         )
 
-    def config(self, kind: str) -> tuple[int, int, dict]:
-        """(BLOCK_M, BLOCK_N, launch options) of one kernel."""
-        c = config_for(kind, self.d_pad)
+    def tiles(self, kind: str) -> tuple[int, int, dict]:
+        """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
+        row (ROW_BLOCK), the walked axis at most one layout block."""
+        c, rows = self.cfg[kind], self.rows[kind]
         opts = {} if self.interp else dict(num_warps=c.num_warps, num_stages=c.num_stages)
-        return min(self.lb, c.block_m), min(self.lb, c.block_n), opts
+        if kind == "dkdv":
+            return min(self.lb, c.block_m), min(rows, c.block_n), opts
+        return min(rows, c.block_m), min(self.lb, c.block_n), opts
 
-    def scratch(self, slots: int, device, rows_only=False):
-        shape = (max(slots, 1), self.b, self.lb) if rows_only else (max(slots, 1), self.b, self.lb, self.d_pad)
+    def scratch(self, walk: lowering.Walk, device, rows_only=False):
+        slots = max(walk.items.n_slots, 1)
+        shape = (slots, self.b, walk.row_block) if rows_only else (slots, self.b, walk.row_block, self.d_pad)
         return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
+        """The work-item and entry arguments of one kernel (same order in all three)."""
+        it = walk.items
+        entries = (walk.block, walk.flags) if walk.head is None else (walk.block, walk.head, walk.flags)
+        return (walk.counters(self.b, tiles), it.row, it.start, it.end, it.slot, it.merge,
+                it.merge_start, it.merge_end, *entries, self.plan.tables, self.plan.dil, self.plan.seg)
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -197,34 +213,28 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def forward(q, k, v, layout: Layout, scale: float, split: int | None = None):
     """(out, lse) without autograd: lse [B, H, T] fp32 is the base-2 log-sum-exp of the
-    scores times scale * log2(e), +inf on rows no key reaches (a building block for custom ops)."""
+    scores times scale * log2(e), +inf on rows no key reaches (a building block for custom ops).
+    One kernel launch."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     run = _Launch(q, k, layout, split)
-    plan, it = run.plan, run.plan.fwd
+    walk = run.plan.fwd
     out = _empty(q.shape, q)
     lse = _empty((run.b, run.h, run.t), q, torch.float32)
-    so = run.scratch(it.n_slots, q.device)
-    sm = run.scratch(it.n_slots, q.device, rows_only=True)
-    sl = run.scratch(it.n_slots, q.device, rows_only=True)
-    bm, bn, opts = run.config("fwd")
-    tiles = run.lb // bm
-    run.gen.kernel("_attn_fwd")[(it.n_items * tiles, run.b)](
-        q, k, v, out, lse, so, sm, sl,
-        it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
-        scale * LOG2E, run.t, run.nb, run.b, run.h, run.group,
-        BLOCK_M=bm, BLOCK_N=bn, **run.consts, **opts)
-    if it.n_merge:
-        run.gen.kernel("_attn_fwd_merge")[(it.n_merge * tiles, run.b)](
-            out, lse, so, sm, sl, it.merge_row, it.merge_start, it.merge_end,
-            run.t, run.nb, run.b, run.h,
-            HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK_M=bm, **opts)
+    bm, bn, opts = run.tiles("fwd")
+    tiles = walk.row_block // bm
+    run.gen.kernel("_attn_fwd")[(walk.items.n_items * tiles, run.b)](
+        q, k, v, out, lse, run.scratch(walk, q.device), run.scratch(walk, q.device, True),
+        run.scratch(walk, q.device, True), *run.walk_args(walk, tiles),
+        scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
+        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **run.consts, **opts)
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | None = None,
              need_q: bool = True, need_kv: bool = True):
-    """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed."""
+    """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed.
+    One launch for Delta, one for dK/dV, one for dQ."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     run = _Launch(q, k, layout, split)
@@ -232,7 +242,8 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     dev = q.device
 
     delta = _empty(lse.shape, lse)
-    bm, _, opts = run.config("dq")
+    bm, _, opts = run.tiles("dq")
+    bm = min(bm, 64)
     m_blocks = math.ceil(run.t / bm)
     run.gen.kernel("_attn_bwd_preprocess")[(run.b * run.h * m_blocks,)](
         out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
@@ -241,34 +252,23 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     if need_kv:
         dk = _empty(k.shape, k)
         dv = _empty(v.shape, v)
-        it = plan.kv
-        sk, sv = run.scratch(it.n_slots, dev), run.scratch(it.n_slots, dev)
-        bm, bn, opts = run.config("dkdv")
-        run.gen.kernel("_attn_bwd_dkdv")[(it.n_items * (run.lb // bn), run.b)](
-            q, k, v, do, lse, delta, dk, dv, sk, sv,
-            it.row, it.start, it.end, it.slot, plan.kv_qblock, plan.kv_qhead, plan.kv_flags, plan.tables,
-            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group,
-            BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
-        if it.n_merge:
-            for dst, scratch in ((dk, sk), (dv, sv)):
-                _sum(run, dst, scratch, it, run.h // run.group, bn, opts)
+        walk = plan.kv
+        bm, bn, opts = run.tiles("dkdv")
+        tiles = walk.row_block // bn
+        run.gen.kernel("_attn_bwd_dkdv")[(walk.items.n_items * tiles, run.b)](
+            q, k, v, do, lse, delta, dk, dv, run.scratch(walk, dev), run.scratch(walk, dev),
+            *run.walk_args(walk, tiles), scale * LOG2E, scale,
+            run.t, walk.rows_per_head, run.b, run.h, run.group,
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
 
     if need_q:
         dq = _empty(q.shape, q)
-        it = plan.fwd
-        sq = run.scratch(it.n_slots, dev)
-        bm, bn, opts = run.config("dq")
-        run.gen.kernel("_attn_bwd_dq")[(it.n_items * (run.lb // bm), run.b)](
-            q, k, v, do, lse, delta, dq, sq,
-            it.row, it.start, it.end, it.slot, plan.kblock, plan.flags, plan.tables,
-            scale * LOG2E, scale, run.t, run.nb, run.b, run.h, run.group,
-            BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
-        if it.n_merge:
-            _sum(run, dq, sq, it, run.h, bm, opts)
+        walk = plan.dq
+        bm, bn, opts = run.tiles("dq")
+        tiles = walk.row_block // bm
+        run.gen.kernel("_attn_bwd_dq")[(walk.items.n_items * tiles, run.b)](
+            q, k, v, do, lse, delta, dq, run.scratch(walk, dev),
+            *run.walk_args(walk, tiles), scale * LOG2E, scale,
+            run.t, walk.rows_per_head, run.b, run.h, run.group,
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
     return dq, dk, dv
-
-
-def _sum(run: _Launch, dst, scratch, it: lowering.WorkItems, heads: int, block: int, opts: dict):
-    run.gen.kernel("_sum_partials")[(it.n_merge * (run.lb // block), run.b)](
-        dst, scratch, it.merge_row, it.merge_start, it.merge_end, run.t, run.nb, run.b, heads,
-        HEAD_DIM=run.d, HEAD_PAD=run.d_pad, LAYOUT_BLOCK=run.lb, BLOCK=block, **opts)

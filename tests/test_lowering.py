@@ -1,0 +1,256 @@
+"""The lowering: kernel order (residue permutation), stacked rows, kv index, work items.
+
+Everything here is host-side NumPy; the kernels that walk these plans are checked against
+the float64 reference in tests/test_triton_kernels.py. The checks rebuild what a plan must
+mean from the token mask (small T) and compare.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterncc
+from patterncc import codegen, ir, lowering
+from patterncc.ir import FULL
+from patterncc.layout import get_layout
+from strategies import layout_cases
+
+
+def _klay(src, t, h, bs, group=1):
+    lay = get_layout(patterncc.parse(src), t, h, bs)
+    pred = codegen.analyse(lay.pattern)
+    return lay, pred, lowering.kernel_layout(lay, pred, group)
+
+
+def _kernel_mask(lay, klay, head):
+    """[P, P] bool over kernel positions: the pattern on the tokens at those positions
+    (False where a position holds no token)."""
+    p = np.arange(klay.seq_len)
+    d, seg = int(klay.dil[head]), int(klay.seg[head])
+    tok = ir.residue_token(p, lay.seq_len, d) if d > 1 else np.where(p < lay.seq_len, p, lay.seq_len)
+    valid = tok < lay.seq_len
+    tc = np.minimum(tok, lay.seq_len - 1)
+    allowed = lay.heads[head].allowed(lay.ctx, tc[:, None], tc[None, :])
+    return allowed & valid[:, None] & valid[None, :], valid, seg
+
+
+def _check_kernel_layout(lay, klay):
+    """Every allowed pair lies in a listed block; FULL blocks allow every real pair; the
+    TAIL bit is set exactly on blocks holding positions that are not tokens."""
+    bs, nb = klay.block, klay.nblocks
+    for head in range(lay.num_heads):
+        mask, valid, _ = _kernel_mask(lay, klay, head)
+        pad = nb * bs - klay.seq_len
+        mask = np.pad(mask, ((0, pad), (0, pad)))
+        valid = np.pad(valid, (0, pad))
+        blocks = mask.reshape(nb, bs, nb, bs).any((1, 3))
+        s, e = klay.indptr[head * nb], klay.indptr[(head + 1) * nb]
+        qb = np.repeat(np.arange(nb), np.diff(klay.indptr[head * nb:(head + 1) * nb + 1]))
+        kb, fl = klay.kblock[s:e], klay.flags[s:e]
+        listed = np.zeros((nb, nb), bool)
+        listed[qb, kb] = True
+        assert not (blocks & ~listed).any(), "an allowed pair lies in an unlisted block"
+        vb = valid.reshape(nb, bs)
+        for q, k, f in zip(qb, kb, fl):
+            tile = mask[q * bs:(q + 1) * bs, k * bs:(k + 1) * bs]
+            real = vb[q][:, None] & vb[k][None, :]
+            if f & 1:
+                assert tile[real].all(), f"FULL block ({q}, {k}) of head {head} masks a real pair"
+            assert bool(f & lowering.TAIL) == (not vb[k].all()), (q, k, f)
+
+
+@pytest.mark.parametrize("src,t,h,bs", [
+    ("window(16) | dilate(2)", 200, 2, 16),
+    ("window(16) | dilate(2)", 201, 2, 16),               # odd T: class 1 is one token short
+    ("window(6) | dilate(3)", 100, 1, 16),                # two short classes
+    ("window(5) | global([0, 7, -1]) | dilate(2)", 150, 2, 32),
+    ("(window(8) & causal) | dilate(2)", 130, 1, 16),
+    ("window(4) | dilate(2, heads=[1])", 120, 3, 16),      # heads in either order
+    ("window(8) | strided(32)", 160, 1, 16),               # no dilation: token order, tail only
+    ("window(256) | dilate(4)", 1000, 1, 64),
+])
+def test_kernel_layout_covers_the_pattern_exactly(src, t, h, bs):
+    lay, _, klay = _klay(src, t, h, bs)
+    _check_kernel_layout(lay, klay)
+
+
+def test_dilated_window_runs_in_residue_order_like_a_plain_window():
+    lay, _, klay = _klay("window(256) | dilate(2)", 16384, 2, 64)
+    assert klay.permuted and klay.dil.tolist() == [2, 2] and klay.seg.tolist() == [8192, 8192]
+    assert klay.seq_len == 16384
+    assert lay.full_fraction == 0.0           # token order: 17 blocks a row, every one PARTIAL
+    plain = get_layout(patterncc.parse("window(256)"), 16384, 2, 64)  # 9 a row, 7 FULL
+    assert klay.nnz <= plain.nnz + 2 * 2 * 9  # + the blocks straddling the two classes
+    assert klay.full_fraction >= plain.full_fraction - 0.01
+
+
+def test_residue_order_only_for_heads_that_have_one():
+    lay, _, klay = _klay("window(4) | random(32, seed=1) | dilate(2, heads=[0]) | global([3], heads=[1])",
+                         100, 3, 16)
+    assert klay.dil.tolist() == [1, 1, 1]     # random blocks have no residue form
+    lay, _, klay = _klay("window(4) | dilate(2, heads=[1])", 101, 3, 16)
+    assert klay.dil.tolist() == [1, 2, 1] and klay.seq_len == 102
+
+
+def test_gqa_heads_of_one_kv_head_share_an_order():
+    src = "window(4) | dilate(2, heads=[0, 1, 2])"
+    _, _, klay = _klay(src, 100, 4, 16, group=2)
+    assert klay.dil.tolist() == [2, 2, 1, 1]  # heads 2 and 3 share kv head 1: token order
+    _, _, mha = _klay(src, 100, 4, 16, group=1)
+    assert mha.dil.tolist() == [2, 2, 2, 1]
+
+
+def test_residue_order_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(lowering, "RESIDUE_ORDER", False)
+    lay, _, klay = _klay("window(16) | dilate(2)", 200, 1, 16)
+    assert not klay.permuted and klay.nnz == lay.nnz
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=layout_cases(max_seq_len=150, max_heads=3, max_leaves=4))
+def test_generated_kernel_layouts_cover_their_patterns(case):
+    pattern, t, h, bs = case
+    lay = get_layout(pattern, t, h, bs)
+    _check_kernel_layout(lay, lowering.kernel_layout(lay, codegen.analyse(pattern)))
+
+
+def _stacked_reference(klay, factor):
+    """Stacked rows built naively: per (stacked row, key block) the union and its flags."""
+    nb, h = klay.nblocks, klay.num_heads
+    nr = -(-nb // factor)
+    rows = {}
+    for head in range(h):
+        for qb in range(nb):
+            r = head * nb + qb
+            for e in range(klay.indptr[r], klay.indptr[r + 1]):
+                key = (head * nr + qb // factor, int(klay.kblock[e]))
+                rows.setdefault(key, {})[qb % factor] = int(klay.flags[e])
+    out = {}
+    for (row, kb), subs in rows.items():
+        present = min(factor, nb - (row % nr) * factor)
+        flags = int(all(subs.get(j, 0) & 1 for j in range(present)))
+        for j, f in subs.items():
+            flags |= (f & 1) << (1 + j)
+            flags |= f & lowering.TAIL
+        out[row, kb] = flags
+    return out, h * nr
+
+
+@pytest.mark.parametrize("src,t,bs,factor", [
+    ("window(20) | global([0])", 300, 16, 2),
+    ("window(20) | global([0])", 300, 16, 4),
+    ("(window(30) & causal) | sink(3)", 257, 32, 2),
+    ("block(16, width=1) | random(32, seed=3)", 200, 16, 4),  # top-level random: FULL blocks
+    ("window(16) | dilate(2)", 301, 16, 2),
+])
+def test_stacked_rows_are_the_union_of_their_blocks(src, t, bs, factor):
+    _, pred, klay = _klay(src, t, 2, bs)
+    assert lowering.can_stack(pred)
+    indptr, kb, flags = lowering.stacked_rows(klay, factor)
+    ref, n_rows = _stacked_reference(klay, factor)
+    assert indptr.size == n_rows + 1
+    got = {}
+    for r in range(n_rows):
+        ks = kb[indptr[r]:indptr[r + 1]]
+        assert (np.diff(ks) > 0).all(), "key blocks of a row must be sorted and distinct"
+        for k, f in zip(ks, flags[indptr[r]:indptr[r + 1]]):
+            got[r, int(k)] = int(f)
+    assert got == ref
+
+
+def test_random_terms_inside_intersections_never_stack():
+    pred = codegen.analyse(patterncc.parse("(random(32, seed=1) & causal) | window(4)"))
+    assert not lowering.can_stack(pred)
+    lay = get_layout(pred.pattern, 200, 1, 16)
+    plan = lowering.plan_for(lay, pred, "cpu", tiles=lowering.Tiles(4, 4, 4))
+    assert plan.fwd.row_block == plan.kv.row_block == 16
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_kv_rows_group_query_heads_by_kv_head(factor):
+    lay, _, klay = _klay("window(8) | strided(40, heads=[1, 2])", 160, 4, 16)
+    ptr, qb, qh, flags = lowering.kv_rows(klay, 2, factor)
+    nb = klay.nblocks
+    nr = -(-nb // factor)
+    rows = np.repeat(np.arange(2 * nr), np.diff(ptr))
+    got = set(zip(rows.tolist(), qh.tolist(), qb.tolist()))
+    fwd_rows = np.repeat(np.arange(4 * nb), np.diff(klay.indptr))
+    want = {((h // 2) * nr + int(k) // factor, int(h), int(q))
+            for h, q, k in zip(fwd_rows // nb, fwd_rows % nb, klay.kblock)}
+    assert got == want and len(got) == rows.size
+    for r in range(2 * nr):  # within a kv row: by query head, then query block
+        key = qh[ptr[r]:ptr[r + 1]] * nb + qb[ptr[r]:ptr[r + 1]]
+        assert (np.diff(key) > 0).all()
+
+
+def test_entry_flags_mark_full_and_random_draws():
+    p = patterncc.parse("(random(32, seed=5) & causal) | window(4)")
+    lay = get_layout(p, 200, 2, 16)
+    pred = codegen.analyse(p)
+    flags = lowering.entry_flags(lay, pred)
+    assert ((flags & 1) == lay.full).all()
+    for h in range(2):
+        node = next(n for n in lay.heads[h].walk() if isinstance(n, ir.Random))
+        assert node.stream == h
+        s, e = lay.indptr[h * lay.nblocks], lay.indptr[(h + 1) * lay.nblocks]
+        hit = node.classify(lay.ctx, lay.entry_qblock[s:e], lay.kblock[s:e].astype(np.int64)) == FULL
+        assert (((flags[s:e] >> 1) & 1) == hit).all()
+
+
+def test_plan_is_cached_and_items_cover_every_entry_once():
+    layout = get_layout(patterncc.parse("window(16) | global([0])"), 300, 2, 16)
+    pred = codegen.analyse(layout.pattern)
+    plan = lowering.plan_for(layout, pred, "cpu", group=2, split=8)
+    assert lowering.plan_for(layout, pred, "cpu", group=2, split=8) is plan
+    for walk in (plan.fwd, plan.kv):
+        it = walk.items
+        start, end = it.start.numpy()[:it.n_items], it.end.numpy()[:it.n_items]
+        assert (end - start <= 8).all()
+        covered = np.zeros(int(walk.block.numel()), int)
+        for s, e in zip(start, end):
+            covered[s:e] += 1
+        assert (covered == 1).all()
+    it = plan.fwd.items
+    assert it.n_merge == 2  # query block 0 of each head attends all 19 key blocks
+    merged_rows = sorted(set(it.row.numpy()[it.merge.numpy() >= 0].tolist()))
+    assert merged_rows == [0, layout.nblocks]
+    slots = it.slot.numpy()[it.merge.numpy() >= 0]
+    assert sorted(slots.tolist()) == list(range(it.n_slots))
+    for m in range(it.n_merge):  # each split row owns a contiguous run of slots
+        own = slots[it.merge.numpy()[it.merge.numpy() >= 0] == m]
+        assert own.tolist() == list(range(int(it.merge_start[m]), int(it.merge_end[m])))
+
+
+def test_heavy_rows_are_split_and_balanced_rows_are_not():
+    lay = get_layout(patterncc.parse("window(256) | global([0])"), 16384, 2, 64)
+    plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), torch.device("cpu"), group=1)
+    counts = np.diff(lay.indptr)
+    assert plan.fwd.items.split < counts.max()
+    assert plan.fwd.items.n_merge == 2  # the global query block of each head
+    assert plan.kv.items.n_merge == 2   # the global key block of each head
+    dense = get_layout(patterncc.parse("dense"), 1024, 1, 64)
+    assert lowering.plan_for(dense, codegen.analyse(dense.pattern), "cpu").fwd.items.n_merge == 0
+
+
+@given(counts=st.lists(st.integers(0, 3000), min_size=1, max_size=60), budget=st.integers(1, 400))
+def test_split_keeps_the_scratch_within_budget_when_it_can(counts, budget):
+    counts = np.array(counts)
+    split = lowering.choose_split(counts, budget)
+    assert split >= lowering.MIN_SPLIT
+    if split < counts.max():
+        assert lowering._slots(counts, split) <= budget
+
+
+def test_scratch_budget_bounds_split_rows_memory():
+    src = "block(64, width=1) | global(0..128) | random(192, seed=1)"  # BigBird: 2 global rows per head
+    lay = get_layout(patterncc.parse(src), 65536, 16, 64)
+    pred = codegen.analyse(lay.pattern)
+    plan = lowering.plan_for(lay, pred, "cpu", tiles=lowering.Tiles(2, 2, 2), head_dim=64, itemsize=2)
+    for walk in (plan.fwd, plan.kv):
+        scratch = walk.items.n_slots * walk.row_block * (64 + 2) * 4
+        out_bytes = 16 * 65536 * 64 * 2
+        assert scratch <= lowering.SCRATCH_FRACTION * out_bytes
+        assert walk.items.n_merge > 0  # still split: the global rows are not walked by one program
