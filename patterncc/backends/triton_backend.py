@@ -15,41 +15,34 @@ run on CPU tensors under Triton's interpreter (slow; for tests).
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .. import codegen, lowering
 from ..layout import Layout
+from . import tuning
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch configuration of one kernel: tile (capped at the layout block, which a
-    larger layout block is walked in), warps and software-pipelining stages."""
-
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+# Launch configurations live in tuning.py; these names stay here for callers and tests.
+KernelConfig = tuning.KernelConfig
+CONFIGS = tuning.CONFIGS
 
 
-# Per kernel ("fwd", "dkdv", "dq") and head-dim class (<= 64, <= 128, wider). The entries
-# come from bench/tune.py on an H100 (see bench/RESULTS.md); set CONFIGS[...] to override.
-CONFIGS: dict[tuple[str, int], KernelConfig] = {
-    # Empty: on 2026-11-24 (H100) no candidate of bench/tune.py beat 64x64 tiles, 4 warps,
-    # 2 stages in an interleaved A/B at T=65536 (bench/ab_configs.py, bench/RESULTS.md).
-}
-DEFAULT_CONFIG = KernelConfig()
+@functools.lru_cache(maxsize=16)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
-def config_for(kind: str, head_pad: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
-    width = 64 if head_pad <= 64 else 128 if head_pad <= 128 else 256
-    return CONFIGS.get((kind, width), DEFAULT_CONFIG)
+def device_name(x: torch.Tensor) -> str | None:
+    """The GPU name that keys launch configurations (None under the CPU interpreter)."""
+    if not x.is_cuda or codegen.interpreting():
+        return None
+    return _gpu_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
@@ -157,7 +150,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _Launch:
     """Per-call constants shared by the launches of one pass."""
 
-    def __init__(self, q, k, layout: Layout, split):
+    def __init__(self, q, k, layout: Layout, split, configs: dict | None = None):
         if q.dtype not in DTYPES:
             raise ValueError(f"the triton backend takes float16, bfloat16 or float32, not {q.dtype}")
         self.b, self.h, self.t, self.d = q.shape
@@ -172,7 +165,9 @@ class _Launch:
         self.d_pad = max(16, 1 << (self.d - 1).bit_length())
         self.interp = codegen.interpreting()
         stack = lowering.can_stack(self.gen.plan)
-        self.cfg = {kind: config_for(kind, self.d_pad, q.dtype) for kind in ("fwd", "dq", "dkdv")}
+        name = device_name(q)
+        self.cfg = {kind: (configs or {}).get(kind) or tuning.config_for(kind, self.d_pad, q.dtype, name)
+                    for kind in tuning.KINDS}
         own = {"fwd": self.cfg["fwd"].block_m, "dq": self.cfg["dq"].block_m, "dkdv": self.cfg["dkdv"].block_n}
         self.rows = {kind: (max(self.lb, o) if stack else self.lb) for kind, o in own.items()}
         tiles = lowering.Tiles(*(self.rows[kind] // self.lb for kind in ("fwd", "dq", "dkdv")))
@@ -211,13 +206,24 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
-def forward(q, k, v, layout: Layout, scale: float, split: int | None = None):
+def _maybe_autotune(kind: str, q: torch.Tensor, configs: dict | None, run) -> None:
+    """On the first call for (kind, head dim, dtype, GPU), measure the candidates if asked
+    to (see tuning.should_autotune); ``run(config)`` launches the kernel with one."""
+    if configs is not None:
+        return
+    pad, name = max(16, 1 << (q.shape[-1] - 1).bit_length()), device_name(q)
+    if tuning.should_autotune(kind, pad, q.dtype, name):
+        tuning.autotune(kind, pad, q.dtype, name, run)
+
+
+def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, configs: dict | None = None):
     """(out, lse) without autograd: lse [B, H, T] fp32 is the base-2 log-sum-exp of the
     scores times scale * log2(e), +inf on rows no key reaches (a building block for custom ops).
-    One kernel launch."""
+    One kernel launch. ``configs`` ({"fwd": KernelConfig}) overrides the launch configuration."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-    run = _Launch(q, k, layout, split)
+    _maybe_autotune("fwd", q, configs, lambda cfg: forward(q, k, v, layout, scale, split, {"fwd": cfg}))
+    run = _Launch(q, k, layout, split, configs)
     walk = run.plan.fwd
     out = _empty(q.shape, q)
     lse = _empty((run.b, run.h, run.t), q, torch.float32)
@@ -232,12 +238,17 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None):
 
 
 def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | None = None,
-             need_q: bool = True, need_kv: bool = True):
+             need_q: bool = True, need_kv: bool = True, configs: dict | None = None):
     """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed.
     One launch for Delta, one for dK/dV, one for dQ."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    run = _Launch(q, k, layout, split)
+    args = (do, q, k, v, out, lse, layout, scale, split)
+    if need_kv:
+        _maybe_autotune("dkdv", q, configs, lambda cfg: backward(*args, need_q=False, configs={"dkdv": cfg}))
+    if need_q:
+        _maybe_autotune("dq", q, configs, lambda cfg: backward(*args, need_kv=False, configs={"dq": cfg}))
+    run = _Launch(q, k, layout, split, configs)
     plan, c = run.plan, run.consts
     dev = q.device
 

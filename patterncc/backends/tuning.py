@@ -1,0 +1,212 @@
+"""Launch configurations of the Triton kernels, chosen per (kernel, head dim, dtype, GPU).
+
+A configuration is the owned tile (rows a program keeps: queries in the forward and dQ,
+keys in dK/dV; taller than the layout block, it stacks layout blocks), the walked tile,
+``num_warps`` and ``num_stages``. :func:`config_for` looks one up, in this order:
+
+1. ``CONFIGS[(kind, width)]``: set by hand (and by tests), for every GPU;
+2. the tuning cache: what the autotuner measured on this GPU before, in memory and in
+   ``$PATTERNCC_CACHE_DIR/tuning.json`` (default ``~/.cache/patterncc/tuning.json``);
+3. ``TUNED``: the table measured with ``bench/tune.py`` on the GPUs it names
+   (bench/RESULTS.md has the runs);
+4. ``DEFAULT``.
+
+The autotuner (:func:`autotune`) times each candidate of ``CANDIDATES[kind]`` on the call
+at hand (CUDA events, median of a few runs) and caches the fastest under the key
+(kernel, head-dim class, dtype, GPU name): the sequence length, batch and pattern are not
+part of it, so a new length never re-tunes. It runs on the first call for a key when the
+GPU is missing from ``TUNED`` or ``PATTERNCC_AUTOTUNE=1`` (``0`` turns it off), never
+while a CUDA graph is being captured and never under Triton's CPU interpreter.
+
+Example:
+    >>> import torch
+    >>> from patterncc.backends import tuning
+    >>> tuning.config_for("fwd", 64, torch.bfloat16, "NVIDIA H100 80GB HBM3").block_m
+    128
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+KINDS = ("fwd", "dq", "dkdv")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch configuration of one kernel. ``block_m`` is the query tile and ``block_n``
+    the key tile (dK/dV owns keys: its ``block_n`` may stack layout blocks, its
+    ``block_m`` is at most one); ``num_warps`` and software-pipelining ``num_stages``."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+K = KernelConfig
+DEFAULT = K()
+
+# Set by hand to force a configuration on every GPU: CONFIGS[("fwd", 64)] = KernelConfig(...).
+CONFIGS: dict[tuple[str, int], KernelConfig] = {}
+
+# Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width): config}}.
+# bf16 measurements; fp16 shares them, fp32 (tests, 4-byte tiles) falls back to DEFAULT.
+_HOPPER = {
+    ("fwd", 64): K(128, 64, 4, 3), ("dq", 64): K(128, 32, 4, 3), ("dkdv", 64): K(32, 128, 4, 3),
+    ("fwd", 128): K(128, 64, 8, 3), ("dq", 128): K(128, 32, 8, 2), ("dkdv", 128): K(32, 128, 8, 2),
+}
+TUNED: dict[str, dict[tuple[str, int], KernelConfig]] = {
+    "NVIDIA H100": _HOPPER,
+    "NVIDIA H200": _HOPPER,
+}
+
+# What the autotuner tries (the first is the fallback if every candidate fails).
+CANDIDATES: dict[str, list[KernelConfig]] = {
+    "fwd": [K(64, 64, 4, 2), K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 32, 4, 3), K(128, 64, 8, 2),
+            K(64, 64, 4, 3)],
+    "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3)],
+    "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3)],
+}
+
+
+def width_class(head_pad: int) -> int:
+    """Head-dim class of a padded head dim: 64, 128 or 256."""
+    return 64 if head_pad <= 64 else 128 if head_pad <= 128 else 256
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def cache_key(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> str:
+    return f"{kind}/{width_class(head_pad)}/{_dtype_name(dtype)}/{device_name}"
+
+
+_lock = threading.Lock()
+_memory: dict[str, KernelConfig] = {}
+_disk_loaded = False
+
+
+def tuning_file() -> Path:
+    from ..codegen import cache_dir
+    return cache_dir().parent / "tuning.json"
+
+
+def _load_disk() -> None:
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    try:
+        data = json.loads(tuning_file().read_text())
+        for key, cfg in data.items():
+            _memory.setdefault(key, KernelConfig(**cfg))
+    except (OSError, ValueError, TypeError):  # missing, unreadable or corrupted: start afresh
+        pass
+
+
+def _save_disk() -> None:
+    path = tuning_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="tuning.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: asdict(v) for k, v in sorted(_memory.items())}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # read-only cache directory: keep the results in memory
+        pass
+
+
+def tuned(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> KernelConfig | None:
+    """The autotuner's cached choice for this key, if any."""
+    with _lock:
+        _load_disk()
+        return _memory.get(cache_key(kind, head_pad, dtype, device_name))
+
+
+def table_config(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> KernelConfig | None:
+    if dtype == torch.float32:
+        return None
+    for prefix, table in TUNED.items():
+        if device_name.startswith(prefix):
+            return table.get((kind, width_class(head_pad)))
+    return None
+
+
+def config_for(kind: str, head_pad: int, dtype: torch.dtype = torch.bfloat16,
+               device_name: str | None = None) -> KernelConfig:
+    """The configuration of kernel ``kind`` ("fwd", "dq", "dkdv") for a padded head dim,
+    dtype and GPU name (None: no GPU, e.g. the interpreter)."""
+    forced = CONFIGS.get((kind, width_class(head_pad)))
+    if forced is not None:
+        return forced
+    if device_name is None:
+        return DEFAULT
+    return (tuned(kind, head_pad, dtype, device_name) or table_config(kind, head_pad, dtype, device_name)
+            or DEFAULT)
+
+
+def should_autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str | None) -> bool:
+    """Whether the first call for this key measures the candidates (see the module docs)."""
+    flag = os.environ.get("PATTERNCC_AUTOTUNE", "").strip().lower()
+    if device_name is None or flag in ("0", "false", "off", "no"):
+        return False
+    if (kind, width_class(head_pad)) in CONFIGS or tuned(kind, head_pad, dtype, device_name) is not None:
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    if flag in ("1", "true", "on", "yes"):
+        return True
+    return table_config(kind, head_pad, dtype, device_name) is None
+
+
+def time_ms(run: Callable[[], object], warmup: int = 2, reps: int = 5) -> float:
+    """Median time of ``run`` in ms on the current CUDA stream (events around each run)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str,
+             run: Callable[[KernelConfig], object], timer: Callable | None = None) -> KernelConfig:
+    """Time ``run(config)`` for every candidate of ``kind``; cache and return the fastest.
+
+    A candidate that fails to compile or launch (registers, shared memory) is skipped.
+    """
+    timer = timer or time_ms
+    results = []
+    for cfg in CANDIDATES[kind]:
+        try:
+            results.append((timer(lambda: run(cfg)), cfg))
+        except Exception:  # noqa: BLE001 - an unbuildable candidate is just not chosen
+            continue
+    best = min(results, key=lambda r: r[0])[1] if results else CANDIDATES[kind][0]
+    with _lock:
+        _load_disk()
+        _memory[cache_key(kind, head_pad, dtype, device_name)] = best
+        _save_disk()
+    return best
+
+
+def clear() -> None:
+    """Forget the autotuner's results in memory (the file stays); for tests."""
+    global _disk_loaded
+    with _lock:
+        _memory.clear()
+        _disk_loaded = False
