@@ -60,6 +60,32 @@ def layout_summary(lay: Layout, head_dim: int) -> dict:
         "flops_fwd": fwd, "flops_fwdbwd": {k: fwd[k] + bwd[k] for k in fwd},
         "kv_bytes": lay.kv_bytes(head_dim),
         "head_groups": groups,
+        "kernel": kernel_summary(lay),
+    }
+
+
+def kernel_summary(lay: Layout) -> dict:
+    """The blocks the kernels walk: in token order, or in residue order on dilated heads
+    (see :mod:`patterncc.lowering`), where a dilated window's blocks become FULL.
+
+    >>> from patterncc import parse
+    >>> k = kernel_summary(get_layout(parse("window(256) | dilate(2)"), 4096, 1, 64))
+    >>> k["residue_heads"], k["full_fraction"] > 0.5, k["touched_blocks"] < k["token_order_blocks"]
+    ([0], True, True)
+    """
+    from . import codegen, lowering
+
+    klay = lowering.kernel_layout(lay, codegen.analyse(lay.pattern))
+    moved = [h for h in range(lay.num_heads) if klay.dil[h] > 1]
+    return {
+        "residue_heads": moved,
+        "residue_factors": sorted({int(klay.dil[h]) for h in moved}),
+        "touched_blocks": klay.nnz,
+        "block_density": klay.block_density,
+        "full_fraction": klay.full_fraction,
+        "token_order_blocks": lay.nnz,
+        "token_order_block_density": lay.block_density,
+        "token_order_full_fraction": lay.full_fraction,
     }
 
 
@@ -122,6 +148,13 @@ def format_report(rep: dict) -> str:
         sub = [(head_ranges(h["heads"]), f"{h['density']:.4f}", str(h["touched_blocks"]),
                 f"{h['full_fraction']:.0%}", str(h["max_blocks_per_row"]), h["pattern"]) for h in g["head_groups"]]
         lines += ["  " + s for s in _table(("heads", "density", "blocks", "FULL", "max/row", "pattern on these heads"), sub)]
+        k = g.get("kernel")
+        if k and k["residue_heads"]:
+            factors = "/".join(map(str, k["residue_factors"]))
+            lines.append(f"  kernels: heads {head_ranges(k['residue_heads'])} run in residue order (tokens grouped "
+                         f"by t mod {factors}): {k['token_order_blocks']} -> {k['touched_blocks']} blocks, block "
+                         f"density {k['token_order_block_density']:.4f} -> {k['block_density']:.4f}, FULL "
+                         f"{k['token_order_full_fraction']:.0%} -> {k['full_fraction']:.0%}")
         if g["empty_rows"]:
             lines.append(f"  note: {g['empty_rows']} query blocks attend no key (their output is 0)")
     return "\n".join(lines)

@@ -17,10 +17,12 @@ from patterncc.backends.tuning import KernelConfig as K
 from patterncc.layout import get_layout
 
 GPU = "NVIDIA H100 80GB HBM3"
+TABLE = {("fwd", 64): K(128, 64, 8, 3), ("dq", 64): K(128, 32, 8, 2)}
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setitem(tuning.TUNED, "NVIDIA H100", TABLE)
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path / "pcc"))
     monkeypatch.delenv("PATTERNCC_AUTOTUNE", raising=False)
     tuning.clear()
@@ -29,7 +31,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_lookup_order_forced_then_tuned_then_table_then_default(monkeypatch):
-    assert tuning.config_for("fwd", 64, torch.bfloat16, GPU) == tuning.TUNED["NVIDIA H100"][("fwd", 64)]
+    assert tuning.config_for("fwd", 64, torch.bfloat16, GPU) == TABLE[("fwd", 64)]
     assert tuning.config_for("fwd", 64, torch.bfloat16, "Some Other GPU") == tuning.DEFAULT
     assert tuning.config_for("fwd", 64, torch.float32, GPU) == tuning.DEFAULT  # table is bf16/fp16
     assert tuning.config_for("fwd", 64, torch.bfloat16, None) == tuning.DEFAULT  # interpreter

@@ -21,8 +21,10 @@ while a CUDA graph is being captured and never under Triton's CPU interpreter.
 Example:
     >>> import torch
     >>> from patterncc.backends import tuning
-    >>> tuning.config_for("fwd", 64, torch.bfloat16, "NVIDIA H100 80GB HBM3").block_m
-    128
+    >>> tuning.config_for("fwd", 64, torch.bfloat16, None)   # no GPU: the default
+    KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    >>> tuning.cache_key("dq", 80, torch.float16, "NVIDIA H200")
+    'dq/128/float16/NVIDIA H200'
 """
 from __future__ import annotations
 
@@ -57,16 +59,12 @@ DEFAULT = K()
 # Set by hand to force a configuration on every GPU: CONFIGS[("fwd", 64)] = KernelConfig(...).
 CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 
-# Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width): config}}.
-# bf16 measurements; fp16 shares them, fp32 (tests, 4-byte tiles) falls back to DEFAULT.
-_HOPPER = {
-    ("fwd", 64): K(128, 64, 4, 3), ("dq", 64): K(128, 32, 4, 3), ("dkdv", 64): K(32, 128, 4, 3),
-    ("fwd", 128): K(128, 64, 8, 3), ("dq", 128): K(128, 32, 8, 2), ("dkdv", 128): K(32, 128, 8, 2),
-}
-TUNED: dict[str, dict[tuple[str, int], KernelConfig]] = {
-    "NVIDIA H100": _HOPPER,
-    "NVIDIA H200": _HOPPER,
-}
+# Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width): config}},
+# from bf16 runs; fp16 shares them, fp32 falls back to DEFAULT. Only measured entries go
+# here. Empty for now: the stacked-row kernels (2026-12-01) have not been swept on a GPU
+# yet, so every GPU autotunes once (DEFAULT, 64x64 / 4 warps / 2 stages, was the best of
+# the 2026-11-24 sweep of the previous kernels on an H100).
+TUNED: dict[str, dict[tuple[str, int], KernelConfig]] = {}
 
 # What the autotuner tries (the first is the fallback if every candidate fails).
 CANDIDATES: dict[str, list[KernelConfig]] = {
