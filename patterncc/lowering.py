@@ -68,6 +68,8 @@ class KernelLayout:
     order), ``nblocks`` = ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor
     and class length (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
     ``flags`` [nnz]: CSR rows ``head * nblocks + block``, key blocks increasing.
+    ``head_class`` [H]: the first head whose rows are the same (heads of one behaviour are
+    lowered once and copied).
     """
 
     tokens: int
@@ -78,6 +80,14 @@ class KernelLayout:
     indptr: np.ndarray
     kblock: np.ndarray
     flags: np.ndarray
+    head_class: np.ndarray
+
+    def head_entries(self, head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr from 0, key blocks, flags) of one head's rows."""
+        nb = self.nblocks
+        ptr = self.indptr[head * nb:(head + 1) * nb + 1]
+        s, e = ptr[0], ptr[-1]
+        return ptr - s, self.kblock[s:e].astype(np.int64), self.flags[s:e]
 
     @property
     def nblocks(self) -> int:
@@ -141,10 +151,12 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     flags = entry_flags(layout, pred)
     orders = head_orders(layout, group)
     tail = _not_tokens_token_order(t, bs)
+    keys = [(p, d) for p, (d, _) in zip(layout.heads, orders)]
+    head_class = np.array([keys.index(key) for key in keys], np.int64)
     if all(d == 1 for d, _ in orders):
         flags = np.where(np.isin(layout.kblock, tail), flags | TAIL, flags).astype(np.int32)
         ones = np.ones(h, np.int64)
-        return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags)
+        return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags, head_class)
 
     seq = max(d * ir.residue_length(t, d) for d, _ in orders)
     nbk = -(-seq // bs)
@@ -174,7 +186,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     dil = np.array([d for d, _ in orders], np.int64)
     seg = np.array([ir.residue_length(t, d) for d, _ in orders], np.int64)
     return KernelLayout(t, seq, bs, dil, seg, indptr, np.concatenate(kbs).astype(np.int32),
-                        np.concatenate(fls).astype(np.int32))
+                        np.concatenate(fls).astype(np.int32), head_class)
 
 
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
@@ -206,60 +218,79 @@ def stacked_rows(klay: KernelLayout, factor: int) -> tuple[np.ndarray, np.ndarra
     """(indptr, key block, flags) over rows of ``factor`` stacked layout blocks."""
     if factor == 1:
         return klay.indptr, klay.kblock.astype(np.int64), klay.flags
-    nb, h = klay.nblocks, klay.num_heads
+    nb = klay.nblocks
     nr = -(-nb // factor)
-    row = np.repeat(np.arange(h * nb, dtype=np.int64), np.diff(klay.indptr))
-    stacked = (row // nb) * nr + (row % nb) // factor
-    sub = (row % nb) % factor
-    return _union_entries(stacked, klay.kblock.astype(np.int64), sub, klay.flags, nb,
-                          _sub_counts(nb, factor, h), h * nr)
+    present = _sub_counts(nb, factor)
+
+    def one_head(head):
+        ptr, kb, fl = klay.head_entries(head)
+        row = np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr))
+        return _union_entries(row // factor, kb, row % factor, fl, nb, present, nr)
+    return _assemble(one_head, klay.head_class)
 
 
 def kv_rows(klay: KernelLayout, group: int, factor: int):
     """The transposed index regrouped by kv head, rows of ``factor`` stacked key blocks.
 
     Returns (indptr [H_kv * nr + 1], query block, query head, flags); within a row,
-    entries go by query head, then query block.
+    entries go by query head, then query block. Kv heads whose query heads behave alike,
+    head for head, are built once and copied.
     """
     nb, h = klay.nblocks, klay.num_heads
     nr = -(-nb // factor)
-    row = np.repeat(np.arange(h * nb, dtype=np.int64), np.diff(klay.indptr))
-    qhead, qb = row // nb, row % nb
-    kb = klay.kblock.astype(np.int64)
-    kv_row = (qhead // group) * nr + kb // factor
-    other = qhead * nb + qb  # entry key within a kv row: by query head, then query block
-    indptr, other, flags = _union_entries(kv_row, other, kb % factor, klay.flags, h * nb,
-                                          _sub_counts(nb, factor, h // group), (h // group) * nr)
-    return indptr, other % nb, other // nb, flags
+    present = _sub_counts(nb, factor)
+
+    def one_kv_head(j):
+        parts = [klay.head_entries(hd) for hd in range(j * group, (j + 1) * group)]
+        qb = [np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr)) for ptr, _, _ in parts]
+        own = np.concatenate([i * nb + q for i, q in enumerate(qb)])  # query head in the group, block
+        kb = np.concatenate([kb for _, kb, _ in parts])
+        fl = np.concatenate([fl for _, _, fl in parts])
+        return _union_entries(kb // factor, own, kb % factor, fl, group * nb, present, nr)
+    runs = [tuple(klay.head_class[j * group:(j + 1) * group]) for j in range(h // group)]
+    indptr, own, flags = _assemble(one_kv_head, np.array([runs.index(r) for r in runs]))
+    kv_head = np.repeat(np.arange(h // group, dtype=np.int64), np.diff(indptr[::nr]))
+    return indptr, own % nb, own // nb + kv_head * group, flags
 
 
-def _sub_counts(nb: int, factor: int, heads: int) -> np.ndarray:
-    """Layout blocks actually present in each stacked row (the last one may be short)."""
+def _assemble(build, classes: np.ndarray):
+    """Concatenate per-unit CSR pieces (a unit: a head or a kv head), building each
+    distinct class once: (indptr over all units' rows, *entry arrays)."""
+    built: dict = {}
+    pieces = [built[c] if c in built else built.setdefault(c, build(c)) for c in map(int, classes)]
+    counts = np.concatenate([np.diff(p[0]) for p in pieces])
+    indptr = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return (indptr, *(np.concatenate([p[i] for p in pieces]) for i in range(1, len(pieces[0]))))
+
+
+def _sub_counts(nb: int, factor: int) -> np.ndarray:
+    """Layout blocks actually present in each stacked row of one head (the last may be short)."""
     nr = -(-nb // factor)
-    per = np.minimum(factor, nb - np.arange(nr) * factor)
-    return np.tile(per, heads)
+    return np.minimum(factor, nb - np.arange(nr) * factor)
 
 
 def _union_entries(row, other, sub, flags, n_other, present, n_rows):
     """Merge entries (row, other) of the stacked blocks ``sub``: sorted unique pairs with
-    FULL where all present stacked blocks are FULL and bit 1 + sub per FULL stacked block."""
+    FULL where all present stacked blocks are FULL, bit 1 + sub per FULL stacked block, and
+    TAIL where any has it. ``present[row]``: stacked blocks that exist in that row."""
     key = row * n_other + other
-    if np.all(sub == 0) and np.all(present == 1):
-        order = np.argsort(key, kind="stable")
-        counts = np.bincount(row, minlength=n_rows)
+    order = np.argsort(key, kind="stable")
+    if present.max(initial=1) == 1:  # nothing stacked: entries are unique, flags kept whole
         indptr = np.zeros(n_rows + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        np.cumsum(np.bincount(row, minlength=n_rows), out=indptr[1:])
         return indptr, other[order], flags[order]
-    uniq, inv = np.unique(key, return_inverse=True)
-    full = (flags & 1).astype(np.int64)
-    n_full = np.bincount(inv, weights=full, minlength=uniq.size).astype(np.int64)
-    bits = np.zeros(uniq.size, np.int64)
-    np.bitwise_or.at(bits, inv, full << (1 + sub))
+    key, sub, flags = key[order], sub[order], flags[order].astype(np.int64)
+    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if key.size else np.zeros(0, np.int64)
+    uniq = key[first]
     urow = uniq // n_other
-    all_full = n_full == present[urow]
-    tail = np.zeros(uniq.size, np.int64)
-    np.bitwise_or.at(tail, inv, flags.astype(np.int64) & TAIL)
-    out_flags = (bits | all_full | tail).astype(np.int32)
+    full = flags & 1
+    if first.size:
+        n_full = np.add.reduceat(full, first)
+        bits = np.bitwise_or.reduceat((full << (1 + sub)) | (flags & TAIL), first)
+    else:
+        n_full = bits = np.zeros(0, np.int64)
+    out_flags = (bits | (n_full == present[urow])).astype(np.int32)
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(urow, minlength=n_rows), out=indptr[1:])
     return indptr, uniq % n_other, out_flags

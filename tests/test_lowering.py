@@ -169,6 +169,13 @@ def test_random_terms_inside_intersections_never_stack():
     assert plan.fwd.row_block == plan.kv.row_block == 16
 
 
+def test_unstacked_kv_rows_keep_the_random_flag_bits():
+    _, _, klay = _klay("sink(1) & random(1) & causal", 174, 1, 16)
+    assert (klay.flags >> 1 & 1).any()
+    ptr, qb, qh, flags = lowering.kv_rows(klay, 1, 1)
+    assert sorted(flags.tolist()) == sorted(klay.flags.tolist())
+
+
 @pytest.mark.parametrize("factor", [1, 2])
 def test_kv_rows_group_query_heads_by_kv_head(factor):
     lay, _, klay = _klay("window(8) | strided(40, heads=[1, 2])", 160, 4, 16)
