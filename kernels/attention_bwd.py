@@ -131,13 +131,15 @@ def _attn_bwd_dq(
     ScratchQ, Count,                         # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items over rows head * NR + query row
     merge_start, merge_end,
+    item_nstart, item_nend,                  # per item: its narrow entries (thin global columns)
     kblock, entry_flags,                     # forward entries
+    nblock, nflags,                          # narrow entries: 16-key sub-block, flags
     tables, head_dil, head_seg,
     qk_scale, sm_scale,
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NARROW: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -165,25 +167,18 @@ def _attn_bwd_dq(
     sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
     dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    # Thin global key columns first (16-wide tiles), then the entries.
+    for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+        dq = _dq_step(q, do, lse, delta, dq, K, V, kv_row0, tl.load(nblock + e) * NARROW, tl.load(nflags + e),
+                      tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
     # One flat loop over (entry, key sub-tile) pairs.
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
-        kb = tl.load(kblock + e)
-        flags = tl.load(entry_flags + e)
-        n_first = kb * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-        k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-        v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
-        if (flags & 1) == 0:
-            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-            if STACKED:
-                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-            p = tl.where(allowed, p, 0.0)
-        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+        n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
+        dq = _dq_step(q, do, lse, delta, dq, K, V, kv_row0, n_first, tl.load(entry_flags + e),
+                      tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
+                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
     dq = dq * sm_scale
 
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -196,3 +191,23 @@ def _attn_bwd_dq(
         if last:
             dq = _sum_partials(ScratchQ, s0, s1, b, B, offset, BLOCK_M, ROW_BLOCK, HEAD_PAD)
             _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, dq, K, V, kv_row0, n_first, flags, tok_m, sub_row, head, dil, seg, tables,
+             qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+             STACKED: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes)."""
+    tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if (flags & 1) == 0:
+        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if STACKED:
+            allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+        p = tl.where(allowed, p, 0.0)
+    dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
+    ds = p * (dp - delta[:, None])
+    return _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)

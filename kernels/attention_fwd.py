@@ -35,14 +35,16 @@ def _attn_fwd(
     ScratchO, ScratchM, ScratchL, Count,     # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] / [slots, B, ROW_BLOCK] fp32; int32 counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items (int32)
     merge_start, merge_end,                  # per split row: its scratch slots
+    item_nstart, item_nend,                  # per item: its narrow entries (thin global columns)
     kblock, entry_flags,                     # forward entries (int32)
+    nblock, nflags,                          # narrow entries: 16-key sub-block, flags
     tables,                                  # int8 [n_tables, T] membership tables (global index sets)
     head_dil, head_seg,                      # per head: residue factor and class length (PERMUTED only)
     qk_scale,                                # softmax scale * log2(e)
     SEQ_LEN, NR, B, H, GROUP,                # tokens, plan rows per head, batch, query heads, H // H_KV
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NARROW: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -70,36 +72,18 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
+    for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, kv_row0, tl.load(nblock + e) * NARROW, tl.load(nflags + e),
+                                tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
     # One flat loop over (entry, key sub-tile): a 128-token layout block is two 64-key tiles.
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
-        kb = tl.load(kblock + e)
-        flags = tl.load(entry_flags + e)
-        n_first = kb * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-        k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
-        if (flags & 1) != 0:
-            # FULL: every pair allowed. Only a block holding positions that are not tokens
-            # (the sequence tail, an empty residue slot: flag bit 30) masks those keys.
-            if (flags & (1 << 30)) != 0:
-                qk = tl.where(valid_n[None, :], qk, float("-inf"))
-        else:
-            # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
-            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-            if STACKED:
-                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-            qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
-        # so p and alpha are exp2(-inf) = 0 and never NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-        m_i = m_new
+        n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, kv_row0, n_first, tl.load(entry_flags + e),
+                                tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
 
     out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
@@ -116,6 +100,37 @@ def _attn_fwd(
             acc, m_i, l_i = _merge_partials(ScratchO, ScratchM, ScratchL, s0, s1, b, B, tile * BLOCK_M,
                                             BLOCK_M, ROW_BLOCK, HEAD_PAD)
             _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, K, V, kv_row0, n_first, flags, tok_m, sub_row, head, dil, seg, tables,
+            qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+            STACKED: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l)."""
+    tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
+    if (flags & 1) != 0:
+        # FULL: every pair allowed. Only a block holding positions that are not tokens
+        # (the sequence tail, an empty residue slot: flag bit 30) masks those keys.
+        if (flags & (1 << 30)) != 0:
+            qk = tl.where(valid_n[None, :], qk, float("-inf"))
+    else:
+        # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
+        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if STACKED:
+            allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+        qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
+    # so p and alpha are exp2(-inf) = 0 and never NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    return acc, m_new, l_i
 
 
 @triton.jit

@@ -52,7 +52,7 @@ from . import __version__, ir
 
 CODEGEN_VERSION = 2
 TABLE_THRESHOLD = 16  # a global(...) with more items than this reads a membership table
-MAX_RANDOM_TERMS = 29  # flag bits 1..29 of an int32 word (bit 30: see lowering.TAIL)
+MAX_RANDOM_TERMS = 28  # flag bits 1..28 of an int32 word (bits 29, 30: see lowering)
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")

@@ -15,6 +15,11 @@ layout per (device, GQA group, tile shape, scratch budget). Three decisions are 
   FULL (bit 0) only where every stacked block is, with bit ``1 + j`` marking the entries
   where stacked block j is FULL. Random terms inside intersections need their own flag
   bits, so such patterns are never stacked.
+* **Thin global columns** (:func:`narrow_entries`). A key block that only a top-level
+  ``global(...)`` term's key column touches (no other term, no global query in the row)
+  costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
+  that hold global keys, in a loop of their own with 16-wide tiles, evaluating the
+  ordinary (exact) predicate there. dK/dV keeps the whole block (it owns whole key tiles).
 * **Work items** (:func:`make_items`): runs of at most ``split`` entries of one row. A row
   longer than ``split`` (a global row touching every block, a global key column in the
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
@@ -26,7 +31,8 @@ Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bit
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
 stacked layout block ``i`` is FULL (stacked rows); bit 30 (``TAIL``): the key block holds
 positions that are not tokens (the sequence tail, an empty residue slot), which a FULL
-block must still mask in the forward.
+block must still mask in the forward; bit 29 (``COLUMN``, host side only): only a global
+key column touches the block.
 
 Example:
     >>> import patterncc, torch
@@ -51,6 +57,8 @@ from .ir import FULL, Ctx
 from .layout import Layout, build_head
 
 TAIL = 1 << 30  # flag bit: the key block holds positions that are not tokens
+COLUMN = 1 << 29  # flag bit: only a global key column touches this block (see column_only)
+NARROW = 16  # key tile of thin global columns
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
@@ -69,7 +77,8 @@ class KernelLayout:
     and class length (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
     ``flags`` [nnz]: CSR rows ``head * nblocks + block``, key blocks increasing.
     ``head_class`` [H]: the first head whose rows are the same (heads of one behaviour are
-    lowered once and copied).
+    lowered once and copied). ``columns[h]``: positions every query of head h attends
+    through a top-level ``global(...)`` (its key column).
     """
 
     tokens: int
@@ -81,6 +90,7 @@ class KernelLayout:
     kblock: np.ndarray
     flags: np.ndarray
     head_class: np.ndarray
+    columns: tuple = ()
 
     def head_entries(self, head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(indptr from 0, key blocks, flags) of one head's rows."""
@@ -153,10 +163,14 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     tail = _not_tokens_token_order(t, bs)
     keys = [(p, d) for p, (d, _) in zip(layout.heads, orders)]
     head_class = np.array([keys.index(key) for key in keys], np.int64)
+    kernel_patterns = [(p, Ctx(t, bs)) if d == 1 else (moved, Ctx(d * ir.residue_length(t, d), bs))
+                       for p, (d, moved) in zip(layout.heads, orders)]
+    columns = tuple(column_keys(p, ctx.seq_len) for p, ctx in kernel_patterns)
     if all(d == 1 for d, _ in orders):
         flags = np.where(np.isin(layout.kblock, tail), flags | TAIL, flags).astype(np.int32)
+        flags = _mark_columns(flags, layout.indptr, layout.kblock, kernel_patterns, columns, head_class, nb)
         ones = np.ones(h, np.int64)
-        return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags, head_class)
+        return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags, head_class, columns)
 
     seq = max(d * ir.residue_length(t, d) for d, _ in orders)
     nbk = -(-seq // bs)
@@ -185,8 +199,85 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     np.cumsum(np.bincount(rows, minlength=h * nbk), out=indptr[1:])
     dil = np.array([d for d, _ in orders], np.int64)
     seg = np.array([ir.residue_length(t, d) for d, _ in orders], np.int64)
-    return KernelLayout(t, seq, bs, dil, seg, indptr, np.concatenate(kbs).astype(np.int32),
-                        np.concatenate(fls).astype(np.int32), head_class)
+    kblock = np.concatenate(kbs).astype(np.int32)
+    flags = _mark_columns(np.concatenate(fls).astype(np.int32), indptr, kblock, kernel_patterns, columns,
+                          head_class, nbk)
+    return KernelLayout(t, seq, bs, dil, seg, indptr, kblock, flags, head_class, columns)
+
+
+def column_keys(pattern: ir.Pattern, seq_len: int) -> np.ndarray:
+    """Positions every query attends through a top-level ``global(...)`` term: its key column."""
+    terms = pattern.terms if isinstance(pattern, ir.Union) else (pattern,)
+    idx = [t.indices(seq_len) for t in terms if isinstance(t, ir.Global)]
+    return np.unique(np.concatenate(idx)) if idx else np.zeros(0, np.int64)
+
+
+def column_only(pattern: ir.Pattern, ctx: Ctx, columns: np.ndarray, qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Which blocks (qb, kb) only the key column of ``pattern``'s global terms touches, in key
+    blocks the column fills at most half of (in 16-key sub-blocks): no other term touches
+    them and the query block holds no global query (those rows attend every key)."""
+    out = np.zeros(qb.size, bool)
+    if columns.size == 0:
+        return out
+    blocks, per_block = np.unique(np.unique(columns // NARROW) * NARROW // ctx.block, return_counts=True)
+    thin = blocks[per_block <= max(1, ctx.block // NARROW // 2)]
+    cand = np.flatnonzero(np.isin(kb, thin) & ~np.isin(qb, np.unique(columns // ctx.block)))
+    if cand.size:
+        terms = pattern.terms if isinstance(pattern, ir.Union) else (pattern,)
+        rest = ir.union(t for t in terms if not isinstance(t, ir.Global))
+        out[cand] = rest.classify(ctx, qb[cand], kb[cand]) == ir.EMPTY
+    return out
+
+
+def _mark_columns(flags, indptr, kblock, kernel_patterns, columns, head_class, nb):
+    """Set COLUMN on the entries :func:`column_only` finds (each head behaviour once)."""
+    if not any(c.size for c in columns):
+        return flags
+    flags = flags.copy()
+    marks: dict = {}
+    for h, c in enumerate(head_class):
+        s, e = indptr[h * nb], indptr[(h + 1) * nb]
+        if int(c) not in marks:
+            p, ctx = kernel_patterns[h]
+            qb = np.repeat(np.arange(nb, dtype=np.int64), np.diff(indptr[h * nb:(h + 1) * nb + 1]))
+            marks[int(c)] = column_only(p, ctx, columns[h], qb, kblock[s:e].astype(np.int64))
+        flags[s:e] |= np.where(marks[int(c)], COLUMN, 0).astype(np.int32)
+    return flags
+
+
+def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags: np.ndarray,
+                   stacked: bool) -> tuple:
+    """Split a walk's entries into the regular ones and the narrow ones of thin columns.
+
+    Returns (indptr, key block, flags) of the regular entries and (indptr, 16-key sub-block,
+    flags) of the narrow ones, both over the same rows. A narrow sub-block is FULL when
+    every key in it is a column key; else the predicate decides (random-term bits kept on
+    unstacked rows; stacked-row bits dropped: they would claim whole sub-rows).
+    """
+    n_rows = indptr.size - 1
+    row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    col = (flags & COLUMN) != 0
+    reg_ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row[~col], minlength=n_rows), out=reg_ptr[1:])
+    regular = (reg_ptr, kblock[~col], (flags[~col] & ~COLUMN).astype(np.int32))
+    head = row[col] // (n_rows // klay.num_heads)
+    rows, subs, nflags = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    for c in np.unique(klay.head_class[head]) if head.size else ():
+        sel = np.flatnonzero(col)[klay.head_class[head] == c]
+        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
+        sub_block = sub * NARROW // klay.block
+        first = np.searchsorted(sub_block, kblock[sel], "left")
+        n = np.searchsorted(sub_block, kblock[sel], "right") - first
+        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        keep = 0 if stacked else (flags[sel] & ~(COLUMN | TAIL | 1))
+        rows.append(np.repeat(row[sel], n))
+        subs.append(sub[pick])
+        nflags.append(np.where(count[pick] == NARROW, 1, np.repeat(keep * np.ones(sel.size, np.int64), n)).astype(np.int32))
+    rows, subs, nflags = (np.concatenate(x) for x in (rows, subs, nflags))
+    order = np.argsort(rows * (klay.seq_len // NARROW + 1) + subs, kind="stable")
+    n_ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=n_ptr[1:])
+    return regular, (n_ptr, subs[order], nflags[order])
 
 
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
@@ -285,12 +376,15 @@ def _union_entries(row, other, sub, flags, n_other, present, n_rows):
     uniq = key[first]
     urow = uniq // n_other
     full = flags & 1
+    column = (flags & COLUMN) != 0
     if first.size:
         n_full = np.add.reduceat(full, first)
+        n_column = np.add.reduceat(column.astype(np.int64), first)
         bits = np.bitwise_or.reduceat((full << (1 + sub)) | (flags & TAIL), first)
     else:
-        n_full = bits = np.zeros(0, np.int64)
-    out_flags = (bits | (n_full == present[urow])).astype(np.int32)
+        n_full = n_column = bits = np.zeros(0, np.int64)
+    parts = np.diff(np.append(first, key.size))  # entries merged into each
+    out_flags = (bits | (n_full == present[urow]) | np.where(n_column == parts, COLUMN, 0)).astype(np.int32)
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(urow, minlength=n_rows), out=indptr[1:])
     return indptr, uniq % n_other, out_flags
@@ -311,6 +405,8 @@ class WorkItems:
     merge: torch.Tensor   # [I] index of its split row, -1 when the item is its whole row
     merge_start: torch.Tensor  # [R] first scratch slot of each split row
     merge_end: torch.Tensor    # [R] one past its last slot
+    narrow_start: torch.Tensor  # [I] first narrow entry (thin columns; the row's first item walks them)
+    narrow_end: torch.Tensor    # [I] one past its last
     n_items: int
     n_slots: int
     n_merge: int
@@ -340,7 +436,7 @@ def _slots(counts: np.ndarray, split: int) -> int:
     return int((-(-cut // split)).sum())
 
 
-def make_items(indptr: np.ndarray, split: int, device) -> WorkItems:
+def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | None = None) -> WorkItems:
     counts = np.diff(indptr)
     per_row = np.maximum(1, -(-counts // split))
     n_items = int(per_row.sum())
@@ -357,9 +453,14 @@ def make_items(indptr: np.ndarray, split: int, device) -> WorkItems:
     merge[in_cut] = np.repeat(np.arange(int(cut.sum())), per_row[cut])
     merge_end = np.cumsum(per_row[cut])
     merge_start = merge_end - per_row[cut]
+    n_start = np.zeros(n_items, np.int64)
+    n_end = np.zeros(n_items, np.int64)
+    if narrow_ptr is not None:
+        lead = piece == 0
+        n_start[lead], n_end[lead] = narrow_ptr[row[lead]], narrow_ptr[row[lead] + 1]
     t = lambda a: _dev(a, device)  # noqa: E731
     return WorkItems(t(row), t(start), t(end), t(slot), t(merge), t(merge_start), t(merge_end),
-                     n_items, int(in_cut.sum()), int(cut.sum()), split)
+                     t(n_start), t(n_end), n_items, int(in_cut.sum()), int(cut.sum()), split)
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,8 +476,11 @@ class Walk:
     block: torch.Tensor        # [nnz] key block (forward, dQ) or query block (dK/dV)
     flags: torch.Tensor        # [nnz]
     head: torch.Tensor | None  # [nnz] query head of each entry (dK/dV only)
+    narrow_block: torch.Tensor  # [n] 16-key sub-block of each narrow entry (forward, dQ)
+    narrow_flags: torch.Tensor  # [n]
     row_block: int
     rows_per_head: int
+    n_narrow: int
     _counters: dict = field(default_factory=dict, compare=False, repr=False)
 
     def counters(self, batch: int, tiles: int) -> torch.Tensor:
@@ -468,18 +572,21 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
     klay = kernel_layout(layout, pred, group)
     t = lambda a: _dev(a, device)  # noqa: E731
 
-    def walk(factor, indptr, block, flags, head=None):
+    def walk(factor, indptr, block, flags, head=None, narrow=None):
         row_block = factor * klay.block
         counts = np.diff(indptr)
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
-        return Walk(make_items(indptr, s, device), t(block), t(flags), None if head is None else t(head),
-                    row_block, -(-klay.nblocks // factor))
+        n_ptr, n_block, n_flags = narrow if narrow is not None else (None, np.zeros(0), np.zeros(0))
+        return Walk(make_items(indptr, s, device, n_ptr), t(block), t(flags & ~COLUMN),
+                    None if head is None else t(head), t(n_block), t(n_flags), row_block,
+                    -(-klay.nblocks // factor), int(n_block.size))
 
     walks = {}
     for name in ("fwd", "dq"):
         factor = getattr(tiles, name)
         if factor not in walks:
-            walks[factor] = walk(factor, *stacked_rows(klay, factor))
+            regular, narrow = narrow_entries(klay, *stacked_rows(klay, factor), stacked=factor > 1)
+            walks[factor] = walk(factor, *regular, narrow=narrow)
     kv_ptr, kv_qb, kv_qh, kv_flags = kv_rows(klay, group, tiles.kv)
     return KernelPlan(
         fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),

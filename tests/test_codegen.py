@@ -189,12 +189,13 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     pad = max(16, 1 << (head_dim - 1).bit_length())
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
-                  PRECISION="tf32", UPCAST=False)
+                  NARROW=16, PRECISION="tf32", UPCAST=False)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
     index = {"item_row", "item_start", "item_end", "item_slot", "item_merge", "merge_start", "merge_end",
-             "kblock", "entry_flags", "qblock", "qhead", "head_dil", "head_seg", "Count"}
+             "item_nstart", "item_nend", "kblock", "entry_flags", "nblock", "nflags", "qblock", "qhead",
+             "head_dil", "head_seg", "Count"}
 
     def arg_type(name):
         if name in data:

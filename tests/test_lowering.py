@@ -132,6 +132,8 @@ def _stacked_reference(klay, factor):
     for (row, kb), subs in rows.items():
         present = min(factor, nb - (row % nr) * factor)
         flags = int(all(subs.get(j, 0) & 1 for j in range(present)))
+        if all(f & lowering.COLUMN for f in subs.values()):
+            flags |= lowering.COLUMN  # only a global key column touches every stacked block
         for j, f in subs.items():
             flags |= (f & 1) << (1 + j)
             flags |= f & lowering.TAIL
@@ -261,3 +263,62 @@ def test_scratch_budget_bounds_split_rows_memory():
         out_bytes = 16 * 65536 * 64 * 2
         assert scratch <= lowering.SCRATCH_FRACTION * out_bytes
         assert walk.items.n_merge > 0  # still split: the global rows are not walked by one program
+
+
+def _walked_once(lay, klay, factor):
+    """Per head: how many times the forward walk (regular entries + narrow sub-blocks)
+    covers each (query position, key position) pair."""
+    regular, narrow = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, factor), stacked=factor > 1)
+    bs, nb = klay.block, klay.nblocks
+    nr = -(-nb // factor)
+    rows_len = factor * bs
+    size = nr * rows_len
+    out = []
+    for head in range(lay.num_heads):
+        cover = np.zeros((size, max(size, nb * bs)), np.int8)
+        for (ptr, blocks, _), width in ((regular, bs), (narrow, lowering.NARROW)):
+            for r in range(head * nr, (head + 1) * nr):
+                q0 = (r - head * nr) * rows_len
+                for b in blocks[ptr[r]:ptr[r + 1]]:
+                    cover[q0:q0 + rows_len, b * width:(b + 1) * width] += 1
+        out.append(cover[:klay.seq_len, :klay.seq_len])
+    return out, narrow
+
+
+@pytest.mark.parametrize("src,t,bs,factor", [
+    ("window(16) | global([0])", 300, 16, 1),
+    ("window(16) | global([0])", 300, 16, 2),
+    ("window(8) | global([0, 5, 70, -1])", 301, 32, 1),
+    ("window(8) | global([0, 5, 70, -1])", 301, 32, 4),
+    ("window(5) | global([0, 7]) | dilate(2)", 201, 16, 2),   # residue order: columns move too
+    ("(window(8) & causal) | global([40])", 200, 16, 1),
+    ("window(40) | global(0..20)", 250, 64, 1),               # 20 keys: two 16-key sub-blocks
+    ("window(40) | global(0..64)", 250, 64, 1),               # a whole block: stays a block
+    ("global([3])", 100, 16, 2),
+])
+def test_thin_columns_are_walked_as_narrow_sub_blocks_exactly_once(src, t, bs, factor):
+    lay, _, klay = _klay(src, t, 2, bs)
+    covers, (n_ptr, n_sub, n_flags) = _walked_once(lay, klay, factor)
+    for head, cover in enumerate(covers):
+        mask, _, _ = _kernel_mask(lay, klay, head)
+        assert (cover[mask] == 1).all(), "an allowed pair is walked twice or never"
+        assert cover.max() <= 1, "a tile is walked twice"
+    cols = klay.columns[0]
+    full = (n_flags & 1) == 1
+    for sb, f in zip(n_sub, full):  # a FULL narrow tile holds column keys only
+        inside = np.isin(np.arange(sb * lowering.NARROW, (sb + 1) * lowering.NARROW), cols)
+        assert inside.all() == f
+    if "0..64" in src:
+        assert n_ptr[-1] == 0
+    else:
+        assert n_ptr[-1] > 0
+
+
+def test_thin_columns_cut_the_walked_blocks_of_longformer():
+    lay, pred, klay = _klay("window(256) | global([0])", 16384, 2, 64)
+    plan = lowering.plan_for(lay, pred, "cpu", tiles=lowering.Tiles(2, 2, 2), head_dim=64, itemsize=2)
+    rows = 2 * -(-klay.nblocks // 2)
+    assert plan.fwd.n_narrow == rows - 2 * 3  # every stacked row but the 3 whose window reaches token 0 ...
+    regular, _ = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, 2), stacked=True)
+    assert np.median(np.diff(regular[0])) == 10  # ... walks its 10 window blocks, not 11
+    assert plan.kv.narrow_block.numel() == 1  # dK/dV keeps whole blocks (nothing narrow)

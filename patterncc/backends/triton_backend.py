@@ -196,7 +196,10 @@ class _Launch:
     def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
         """The work-item and entry arguments of one kernel (same order in all three)."""
         it = walk.items
-        entries = (walk.block, walk.flags) if walk.head is None else (walk.block, walk.head, walk.flags)
+        if walk.head is None:  # forward, dQ: entries and the narrow entries of thin columns
+            entries = (it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block, walk.narrow_flags)
+        else:
+            entries = (walk.block, walk.head, walk.flags)
         return (walk.counters(self.b, tiles), it.row, it.start, it.end, it.slot, it.merge,
                 it.merge_start, it.merge_end, *entries, self.plan.tables, self.plan.dil, self.plan.seg)
 
@@ -233,7 +236,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
         q, k, v, out, lse, run.scratch(walk, q.device), run.scratch(walk, q.device, True),
         run.scratch(walk, q.device, True), *run.walk_args(walk, tiles),
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
-        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **run.consts, **opts)
+        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, **run.consts, **opts)
     return out, lse
 
 
@@ -281,5 +284,5 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
             q, k, v, do, lse, delta, dq, run.scratch(walk, dev),
             *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, **c, **opts)
     return dq, dk, dv
