@@ -8,6 +8,12 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
+    ABLATE=residue,thin python bench/bench_attention.py   # also rows with those lowerings off
+
+Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
+narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
+same pattern with ``residue`` (residue order of dilated heads) or ``thin`` (narrow tiles
+of thin global columns) turned off, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -29,6 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
+from patterncc import codegen, lowering  # noqa: E402
+from patterncc.backends import triton_backend, tuning  # noqa: E402
+
+ABLATIONS = {"residue": "RESIDUE_ORDER", "thin": "THIN_COLUMNS"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -88,6 +98,7 @@ def main() -> None:
     Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
     names = os.environ.get("PATTERNS", ",".join(PATTERNS)).split(",")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
+    ablate = [a for a in os.environ.get("ABLATE", "").split(",") if a]
     rows = []
     done, total = 0, len(Ds) * len(Ts) * len(names)
     for D in Ds:
@@ -148,9 +159,15 @@ def main() -> None:
                          speedup_vs_flex_fwd=flex_f / pf if flex_f else None,
                          speedup_vs_flex_fwdbwd=flex_fb / pfb_ms if flex_fb else None,
                          pcc_first_call_s=round(first_call, 3))
+                r.update(kernel_stats(lay, q))
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 del out
+                for a in ablate:
+                    if (a == "residue" and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"]):
+                        continue  # that lowering does nothing for this pattern
+                    rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))
+                    print(json.dumps(rows[-1]), flush=True)
     meta = versions()
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +178,36 @@ def main() -> None:
                                 "rows": rows}, indent=1))
     print(f"\nwrote {path}")
     print(markdown(meta, rows))
+
+
+def kernel_stats(lay, q) -> dict:
+    """What the kernels walked for this layout: kernel-order blocks, FULL fraction, narrow
+    tiles, and the launch configuration of each kernel."""
+    pred = codegen.analyse(lay.pattern)
+    klay = lowering.kernel_layout(lay, pred)
+    run = triton_backend._Launch(q, q, lay, None)
+    return {"kernel_blocks": klay.nnz, "kernel_full_fraction": round(klay.full_fraction, 4),
+            "residue_heads": int((klay.dil > 1).sum()), "narrow_tiles_fwd": run.plan.fwd.n_narrow,
+            "fwd_items": run.plan.fwd.items.n_items, "configs": {k: vars(c) for k, c in run.cfg.items()},
+            "rows": run.rows}
+
+
+def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
+    """The same pattern with one lowering turned off (see ABLATIONS), timed now."""
+    flag = ABLATIONS[what]
+    setattr(lowering, flag, False)
+    try:
+        op(q, k, v)
+        pf = bench(lambda: op(q, k, v))
+        def pfb():
+            op(q, k, v).backward(do)
+        pfb_ms = bench(pfb, [q, k, v])
+    finally:
+        setattr(lowering, flag, True)
+    return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": f"{what} off",
+            "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
+            "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],
+            "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"]}
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -181,11 +228,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "| dense f+b | flex f+b | pcc f+b | eff f+b | flex eff f+b | vs flex f+b | eff cuDNN fwd |",
              "|" + "---|" * 17]
     for r in rows:
+        if "ablation" in r:
+            continue
         lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['density']:.4f} | {_f(r['dense_fwd_ms'])} | "
                      f"{_f(r['flex_fwd_ms'])} | {_f(r['pcc_fwd_ms'])} | {_f(r['eff_fwd'], 2)} | "
                      f"{_f(r['flex_eff_fwd'], 2)} | {_f(r['speedup_vs_flex_fwd'], 2)}x | {_f(r['dense_fwdbwd_ms'])} | "
                      f"{_f(r['flex_fwdbwd_ms'])} | {_f(r['pcc_fwdbwd_ms'])} | {_f(r['eff_fwdbwd'], 2)} | "
                      f"{_f(r['flex_eff_fwdbwd'], 2)} | {_f(r['speedup_vs_flex_fwdbwd'], 2)}x | {_f(r['eff_cudnn_fwd'], 2)} |")
+    ablations = [r for r in rows if "ablation" in r]
+    if ablations:
+        lines += ["", "| T | pattern | D | turned off | fwd with / without | f+b with / without |", "|---|---|---|---|---|---|"]
+        for r in ablations:
+            lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['ablation']} | {r['with_fwd_ms']:.3f} / "
+                         f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {r['with_fwdbwd_ms']:.3f} / "
+                         f"{r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) |")
     return "\n".join(lines)
 
 

@@ -10,5 +10,5 @@ export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_gpu_kernels.py -q -x -p no:cacheprovider \
-  -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 timeout ${TUNE_TIMEOUT:-330} python3 bench/tune.py 2>&1 | tee "$OUT/tune.log" | grep -E "==|Error|error" | head -40

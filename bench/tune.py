@@ -6,7 +6,8 @@ GPU-bound length (T=65536 by default: at 16K the host-bound spread hides differe
 see bench/RESULTS.md). Candidates are interleaved per pattern (all candidates of one
 pattern back to back) so drift hits them alike. The score is the geometric mean over
 patterns of the time relative to the first candidate (the old 64x64/4/2 default). Prints
-the best per (kernel, head dim) and writes $OUT/tune.json.
+the best per (kernel, head dim), records it in the tuning cache (so later runs on this
+machine use it) and writes $OUT/tune.json with the entries for ``tuning.TUNED``.
 
     TS=65536 DS=64,128 python bench/tune.py
 """
@@ -68,6 +69,8 @@ def main():
             base = ms[cands[0]]
             rel = {c: math.exp(sum(math.log(t / b) for t, b in zip(ms[c], base)) / len(base)) for c in cands}
             best = min(cands, key=lambda c: rel[c])
+            for dtype in (torch.bfloat16, torch.float16):  # so later runs on this machine use it
+                tuning.record(kind, D, dtype, torch.cuda.get_device_name(), best)
             results.append({"D": D, "kind": kind, "patterns": names, "best": vars(best),
                             "candidates": [{"config": vars(c), "ms": ms[c], "relative": rel[c]} for c in cands]})
             print(f"== D={D} {kind}: best {best} at {rel[best]:.3f}x the first candidate "

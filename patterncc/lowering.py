@@ -62,6 +62,7 @@ NARROW = 16  # key tile of thin global columns
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
+THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, f
     """
     n_rows = indptr.size - 1
     row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
-    col = (flags & COLUMN) != 0
+    col = (flags & COLUMN) != 0 if THIN_COLUMNS else np.zeros(flags.size, bool)
     reg_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(row[~col], minlength=n_rows), out=reg_ptr[1:])
     regular = (reg_ptr, kblock[~col], (flags[~col] & ~COLUMN).astype(np.int32))
@@ -604,7 +605,7 @@ def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1, split:
     """
     device = torch.device(device)
     key = ("triton_plan", str(device), int(group), split, tiles, head_dim, itemsize,
-           pred.random_nodes, pred.table_nodes, RESIDUE_ORDER)
+           pred.random_nodes, pred.table_nodes, RESIDUE_ORDER, THIN_COLUMNS)
     return layout._cached(key, lambda: make_plan(layout, pred, device, group, split, tiles,
                                                  head_dim, itemsize))
 

@@ -195,11 +195,16 @@ def autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str,
         except Exception:  # noqa: BLE001 - an unbuildable candidate is just not chosen
             continue
     best = min(results, key=lambda r: r[0])[1] if results else CANDIDATES[kind][0]
+    record(kind, head_pad, dtype, device_name, best)
+    return best
+
+
+def record(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, config: KernelConfig) -> None:
+    """Cache ``config`` for this key, in memory and in tuning.json (bench/tune.py uses it too)."""
     with _lock:
         _load_disk()
-        _memory[cache_key(kind, head_pad, dtype, device_name)] = best
+        _memory[cache_key(kind, head_pad, dtype, device_name)] = config
         _save_disk()
-    return best
 
 
 def clear() -> None:

@@ -106,3 +106,25 @@ def test_forward_is_bitwise_reproducible():
     with torch.no_grad():
         first = op(q, k, v)
         assert all(torch.equal(first, op(q, k, v)) for _ in range(3))
+
+
+@pytest.mark.parametrize("kind_cfgs", [
+    {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 2)},
+    {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
+], ids=["stacked-a", "stacked-b"])
+@pytest.mark.parametrize("name", ["longformer", "bigbird", "dilated", "card", "causal_window"])
+def test_every_autotuner_candidate_shape_is_exact(name, kind_cfgs, monkeypatch):
+    """Tall (stacked) row tiles and narrow walked tiles, as the autotuner may choose them."""
+    from patterncc.backends import tuning
+    for kind, cfg in kind_cfgs.items():
+        for width in (64, 128):
+            monkeypatch.setitem(tuning.CONFIGS, (kind, width), tuning.KernelConfig(*cfg))
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h, hkv = 1500, 4, 2
+    q, k, v = _inputs(1, h, hkv, t, 64, torch.bfloat16, seed=7)
+    out = op(q, k, v)
+    ref = reference_attention(q, k, v, op.mask(t, h).cuda())
+    assert rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+        assert rel_err(a, r) < 1e-2

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call: the benchmark against dense SDPA and FlexAttention (T = 16K, 64K;
+# D = 64, 128; with the residue-order and thin-column ablations), then first-use /
+# new-length overheads and peak memory, then the 1M-token checks. Run from the repository
+# root on the GPU machine after bench/device_check_and_tune.sh filled tuning.TUNED:
+#   bash bench/device_bench.sh       (JSON, logs and the Markdown table under $OUT)
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+TS=${TS:-16384,65536} DS=${DS:-64,128} ABLATE=${ABLATE:-residue,thin} timeout ${BENCH_TIMEOUT:-390} \
+  python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
+tail -40 "$OUT/bench.log"
+timeout ${OVERHEAD_TIMEOUT:-90} python3 bench/overheads.py > "$OUT/overheads.jsonl" 2> "$OUT/overheads.err"; echo "overheads exit $?"
+cat "$OUT/overheads.jsonl"
+timeout ${LIMITS_TIMEOUT:-90} python3 -m pytest tests/gpu/test_limits_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -3
