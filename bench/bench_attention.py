@@ -8,12 +8,13 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,thin python bench/bench_attention.py   # also rows with those lowerings off
+    ABLATE=residue,thin,stack python bench/bench_attention.py   # also A/B rows, see ABLATIONS
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
 same pattern with ``residue`` (residue order of dilated heads) or ``thin`` (narrow tiles
-of thin global columns) turned off, timed in the same run.
+of thin global columns) turned off, or ``stack`` (128-row tiles whatever their extra
+pairs, lowering.STACK_WASTE) forced, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -38,7 +39,9 @@ import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from patterncc.backends import triton_backend, tuning  # noqa: E402
 
-ABLATIONS = {"residue": "RESIDUE_ORDER", "thin": "THIN_COLUMNS"}
+# A/B variants: a lowering switch of patterncc.lowering and the value it takes.
+ABLATIONS = {"residue": ("RESIDUE_ORDER", False), "thin": ("THIN_COLUMNS", False), "stack": ("STACK_WASTE", 1e9)}
+LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -164,8 +167,9 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 del out
                 for a in ablate:
-                    if (a == "residue" and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"]):
-                        continue  # that lowering does nothing for this pattern
+                    if ((a == "residue" and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
+                            or (a == "stack" and r["rows"]["fwd"] > 64)):
+                        continue  # that switch changes nothing for this pattern
                     rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))
                     print(json.dumps(rows[-1]), flush=True)
     meta = versions()
@@ -194,8 +198,9 @@ def kernel_stats(lay, q) -> dict:
 
 def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
     """The same pattern with one lowering turned off (see ABLATIONS), timed now."""
-    flag = ABLATIONS[what]
-    setattr(lowering, flag, False)
+    flag, value = ABLATIONS[what]
+    saved = getattr(lowering, flag)
+    setattr(lowering, flag, value)
     try:
         op(q, k, v)
         pf = bench(lambda: op(q, k, v))
@@ -203,8 +208,8 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
     finally:
-        setattr(lowering, flag, True)
-    return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": f"{what} off",
+        setattr(lowering, flag, saved)
+    return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],
             "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"]}
@@ -237,7 +242,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{_f(r['flex_eff_fwdbwd'], 2)} | {_f(r['speedup_vs_flex_fwdbwd'], 2)}x | {_f(r['eff_cudnn_fwd'], 2)} |")
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
-        lines += ["", "| T | pattern | D | turned off | fwd with / without | f+b with / without |", "|---|---|---|---|---|---|"]
+        lines += ["", "| T | pattern | D | variant | fwd default / variant | f+b default / variant |", "|---|---|---|---|---|---|"]
         for r in ablations:
             lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['ablation']} | {r['with_fwd_ms']:.3f} / "
                          f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {r['with_fwdbwd_ms']:.3f} / "

@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
-TS=${TS:-16384,65536} DS=${DS:-64,128} ABLATE=${ABLATE:-residue,thin} timeout ${BENCH_TIMEOUT:-390} \
+TS=${TS:-16384,65536} DS=${DS:-64,128} ABLATE=${ABLATE:-residue,thin,stack} timeout ${BENCH_TIMEOUT:-390} \
   python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
 tail -40 "$OUT/bench.log"
 timeout ${OVERHEAD_TIMEOUT:-90} python3 bench/overheads.py > "$OUT/overheads.jsonl" 2> "$OUT/overheads.err"; echo "overheads exit $?"

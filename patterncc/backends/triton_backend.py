@@ -164,12 +164,13 @@ class _Launch:
         self.lb = layout.block_size
         self.d_pad = max(16, 1 << (self.d - 1).bit_length())
         self.interp = codegen.interpreting()
-        stack = lowering.can_stack(self.gen.plan)
         name = device_name(q)
-        self.cfg = {kind: (configs or {}).get(kind) or tuning.config_for(kind, self.d_pad, q.dtype, name)
+        self.tall = {kind: row_class(layout, self.gen.plan, self.group, kind) for kind in tuning.KINDS}
+        self.cfg = {kind: (configs or {}).get(kind) or tuning.config_for(kind, self.d_pad, q.dtype, name,
+                                                                        self.tall[kind])
                     for kind in tuning.KINDS}
-        own = {"fwd": self.cfg["fwd"].block_m, "dq": self.cfg["dq"].block_m, "dkdv": self.cfg["dkdv"].block_n}
-        self.rows = {kind: (max(self.lb, o) if stack else self.lb) for kind, o in own.items()}
+        self.rows = {kind: row_height(layout, self.gen.plan, self.tall[kind], tuning.owned_rows(kind, c))
+                     for kind, c in self.cfg.items()}
         tiles = lowering.Tiles(*(self.rows[kind] // self.lb for kind in ("fwd", "dq", "dkdv")))
         self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split, tiles,
                                       self.d, q.element_size())
@@ -204,19 +205,46 @@ class _Launch:
                 it.merge_start, it.merge_end, *entries, self.plan.tables, self.plan.dil, self.plan.seg)
 
 
+TALL = 128  # rows of a tall tile (positions); flat rows hold at most FLAT
+FLAT = 64
+
+
+def row_class(layout: Layout, pred, group: int, kind: str) -> bool:
+    """Whether walk ``kind`` of this layout takes tall (128-row) tiles: the layout block is
+    that tall already, or stacking to it covers at most lowering.STACK_WASTE more pairs
+    than rows of FLAT positions."""
+    lb = layout.block_size
+    if lb >= TALL:
+        return True
+    return lowering.stacks_well(layout, pred, group, kind, TALL // lb, max(1, FLAT // lb))
+
+
+def row_height(layout: Layout, pred, tall: bool, owned: int) -> int:
+    """Positions per kernel row: the config's owned tile, capped by the class (TALL or
+    FLAT), at least one layout block; one layout block if rows cannot stack at all."""
+    lb = layout.block_size
+    if not lowering.can_stack(pred):
+        return lb
+    return max(lb, min(owned, TALL if tall else FLAT))
+
+
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """Uninitialised buffer the kernels fill completely (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
-def _maybe_autotune(kind: str, q: torch.Tensor, configs: dict | None, run) -> None:
-    """On the first call for (kind, head dim, dtype, GPU), measure the candidates if asked
-    to (see tuning.should_autotune); ``run(config)`` launches the kernel with one."""
+def _maybe_autotune(kind: str, q: torch.Tensor, k: torch.Tensor, layout: Layout, configs: dict | None,
+                    run) -> None:
+    """On the first call for (kind, head dim, dtype, GPU, row class), measure the candidates
+    if asked to (see tuning.should_autotune); ``run(config)`` launches the kernel with one."""
     if configs is not None:
         return
     pad, name = max(16, 1 << (q.shape[-1] - 1).bit_length()), device_name(q)
-    if tuning.should_autotune(kind, pad, q.dtype, name):
-        tuning.autotune(kind, pad, q.dtype, name, run)
+    if name is None:
+        return
+    tall = row_class(layout, codegen.load(layout.pattern).plan, q.shape[1] // k.shape[1], kind)
+    if tuning.should_autotune(kind, pad, q.dtype, name, tall):
+        tuning.autotune(kind, pad, q.dtype, name, run, tall=tall)
 
 
 def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, configs: dict | None = None):
@@ -225,7 +253,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     One kernel launch. ``configs`` ({"fwd": KernelConfig}) overrides the launch configuration."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-    _maybe_autotune("fwd", q, configs, lambda cfg: forward(q, k, v, layout, scale, split, {"fwd": cfg}))
+    _maybe_autotune("fwd", q, k, layout, configs, lambda cfg: forward(q, k, v, layout, scale, split, {"fwd": cfg}))
     run = _Launch(q, k, layout, split, configs)
     walk = run.plan.fwd
     out = _empty(q.shape, q)
@@ -248,9 +276,11 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     args = (do, q, k, v, out, lse, layout, scale, split)
     if need_kv:
-        _maybe_autotune("dkdv", q, configs, lambda cfg: backward(*args, need_q=False, configs={"dkdv": cfg}))
+        _maybe_autotune("dkdv", q, k, layout, configs,
+                        lambda cfg: backward(*args, need_q=False, configs={"dkdv": cfg}))
     if need_q:
-        _maybe_autotune("dq", q, configs, lambda cfg: backward(*args, need_kv=False, configs={"dq": cfg}))
+        _maybe_autotune("dq", q, k, layout, configs,
+                        lambda cfg: backward(*args, need_kv=False, configs={"dq": cfg}))
     run = _Launch(q, k, layout, split, configs)
     plan, c = run.plan, run.consts
     dev = q.device

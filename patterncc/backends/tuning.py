@@ -2,7 +2,11 @@
 
 A configuration is the owned tile (rows a program keeps: queries in the forward and dQ,
 keys in dK/dV; taller than the layout block, it stacks layout blocks), the walked tile,
-``num_warps`` and ``num_stages``. :func:`config_for` looks one up, in this order:
+``num_warps`` and ``num_stages``. Configurations come in two classes, by the layout they
+run: ``tall`` where the lowering accepts 128-row tiles (``lowering.stacks_well``: a band
+or window pattern), ``flat`` where it does not (BigBird's scattered random blocks; rows
+then hold at most 64 positions, or one layout block if that is larger).
+:func:`config_for` looks one up, in this order:
 
 1. ``CONFIGS[(kind, width)]``: set by hand (and by tests), for every GPU;
 2. the tuning cache: what the autotuner measured on this GPU before, in memory and in
@@ -11,9 +15,10 @@ keys in dK/dV; taller than the layout block, it stacks layout blocks), the walke
    (bench/RESULTS.md has the runs);
 4. ``DEFAULT``.
 
-The autotuner (:func:`autotune`) times each candidate of ``CANDIDATES[kind]`` on the call
-at hand (CUDA events, median of a few runs) and caches the fastest under the key
-(kernel, head-dim class, dtype, GPU name): the sequence length, batch and pattern are not
+The autotuner (:func:`autotune`) times each candidate of ``CANDIDATES[kind]`` that fits the
+class (every candidate for tall, those of at most 64 owned rows for flat) on the call at
+hand (CUDA events, median of a few runs) and caches the fastest under the key (kernel,
+head-dim class, dtype, GPU name, class): the sequence length, batch and pattern are not
 part of it, so a new length never re-tunes. It runs on the first call for a key when the
 GPU is missing from ``TUNED`` or ``PATTERNCC_AUTOTUNE=1`` (``0`` turns it off), never
 while a CUDA graph is being captured and never under Triton's CPU interpreter.
@@ -23,8 +28,8 @@ Example:
     >>> from patterncc.backends import tuning
     >>> tuning.config_for("fwd", 64, torch.bfloat16, None)   # no GPU: the default
     KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    >>> tuning.cache_key("dq", 80, torch.float16, "NVIDIA H200")
-    'dq/128/float16/NVIDIA H200'
+    >>> tuning.cache_key("dq", 80, torch.float16, "NVIDIA H200", tall=True)
+    'dq/128/float16/tall/NVIDIA H200'
 """
 from __future__ import annotations
 
@@ -59,12 +64,12 @@ DEFAULT = K()
 # Set by hand to force a configuration on every GPU: CONFIGS[("fwd", 64)] = KernelConfig(...).
 CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 
-# Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width): config}},
+# Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width, tall): config}},
 # from bf16 runs; fp16 shares them, fp32 falls back to DEFAULT. Only measured entries go
 # here. Empty for now: the stacked-row kernels (2026-12-01) have not been swept on a GPU
 # yet, so every GPU autotunes once (DEFAULT, 64x64 / 4 warps / 2 stages, was the best of
 # the 2026-11-24 sweep of the previous kernels on an H100).
-TUNED: dict[str, dict[tuple[str, int], KernelConfig]] = {}
+TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {}
 
 # What the autotuner tries (the first is the fallback if every candidate fails).
 CANDIDATES: dict[str, list[KernelConfig]] = {
@@ -73,6 +78,16 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
     "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3)],
     "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3)],
 }
+
+
+def owned_rows(kind: str, cfg: KernelConfig) -> int:
+    """The tile a program of ``kind`` owns: queries (forward, dQ) or keys (dK/dV)."""
+    return cfg.block_n if kind == "dkdv" else cfg.block_m
+
+
+def candidates(kind: str, tall: bool) -> list[KernelConfig]:
+    """The autotuner's candidates for a class: all for tall layouts, <= 64 owned rows for flat."""
+    return [c for c in CANDIDATES[kind] if tall or owned_rows(kind, c) <= 64]
 
 
 def width_class(head_pad: int) -> int:
@@ -84,8 +99,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def cache_key(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> str:
-    return f"{kind}/{width_class(head_pad)}/{_dtype_name(dtype)}/{device_name}"
+def cache_key(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, tall: bool = False) -> str:
+    return f"{kind}/{width_class(head_pad)}/{_dtype_name(dtype)}/{'tall' if tall else 'flat'}/{device_name}"
 
 
 _lock = threading.Lock()
@@ -123,47 +138,49 @@ def _save_disk() -> None:
         pass
 
 
-def tuned(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> KernelConfig | None:
+def tuned(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, tall: bool = False) -> KernelConfig | None:
     """The autotuner's cached choice for this key, if any."""
     with _lock:
         _load_disk()
-        return _memory.get(cache_key(kind, head_pad, dtype, device_name))
+        return _memory.get(cache_key(kind, head_pad, dtype, device_name, tall))
 
 
-def table_config(kind: str, head_pad: int, dtype: torch.dtype, device_name: str) -> KernelConfig | None:
+def table_config(kind: str, head_pad: int, dtype: torch.dtype, device_name: str,
+                 tall: bool = False) -> KernelConfig | None:
     if dtype == torch.float32:
         return None
     for prefix, table in TUNED.items():
         if device_name.startswith(prefix):
-            return table.get((kind, width_class(head_pad)))
+            return table.get((kind, width_class(head_pad), tall))
     return None
 
 
 def config_for(kind: str, head_pad: int, dtype: torch.dtype = torch.bfloat16,
-               device_name: str | None = None) -> KernelConfig:
+               device_name: str | None = None, tall: bool = False) -> KernelConfig:
     """The configuration of kernel ``kind`` ("fwd", "dq", "dkdv") for a padded head dim,
-    dtype and GPU name (None: no GPU, e.g. the interpreter)."""
+    dtype, GPU name (None: no GPU, e.g. the interpreter) and layout class."""
     forced = CONFIGS.get((kind, width_class(head_pad)))
     if forced is not None:
         return forced
     if device_name is None:
         return DEFAULT
-    return (tuned(kind, head_pad, dtype, device_name) or table_config(kind, head_pad, dtype, device_name)
-            or DEFAULT)
+    return (tuned(kind, head_pad, dtype, device_name, tall)
+            or table_config(kind, head_pad, dtype, device_name, tall) or DEFAULT)
 
 
-def should_autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str | None) -> bool:
+def should_autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str | None,
+                    tall: bool = False) -> bool:
     """Whether the first call for this key measures the candidates (see the module docs)."""
     flag = os.environ.get("PATTERNCC_AUTOTUNE", "").strip().lower()
     if device_name is None or flag in ("0", "false", "off", "no"):
         return False
-    if (kind, width_class(head_pad)) in CONFIGS or tuned(kind, head_pad, dtype, device_name) is not None:
+    if (kind, width_class(head_pad)) in CONFIGS or tuned(kind, head_pad, dtype, device_name, tall) is not None:
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     if flag in ("1", "true", "on", "yes"):
         return True
-    return table_config(kind, head_pad, dtype, device_name) is None
+    return table_config(kind, head_pad, dtype, device_name, tall) is None
 
 
 def time_ms(run: Callable[[], object], warmup: int = 2, reps: int = 5) -> float:
@@ -182,28 +199,30 @@ def time_ms(run: Callable[[], object], warmup: int = 2, reps: int = 5) -> float:
 
 
 def autotune(kind: str, head_pad: int, dtype: torch.dtype, device_name: str,
-             run: Callable[[KernelConfig], object], timer: Callable | None = None) -> KernelConfig:
-    """Time ``run(config)`` for every candidate of ``kind``; cache and return the fastest.
-
-    A candidate that fails to compile or launch (registers, shared memory) is skipped.
-    """
+             run: Callable[[KernelConfig], object], timer: Callable | None = None,
+             tall: bool = False) -> KernelConfig:
+    """Time ``run(config)`` for every candidate of ``kind`` in the class; cache and return
+    the fastest. A candidate that fails to compile or launch (registers, shared memory) is
+    skipped."""
     timer = timer or time_ms
     results = []
-    for cfg in CANDIDATES[kind]:
+    pool = candidates(kind, tall)
+    for cfg in pool:
         try:
             results.append((timer(lambda: run(cfg)), cfg))
         except Exception:  # noqa: BLE001 - an unbuildable candidate is just not chosen
             continue
-    best = min(results, key=lambda r: r[0])[1] if results else CANDIDATES[kind][0]
-    record(kind, head_pad, dtype, device_name, best)
+    best = min(results, key=lambda r: r[0])[1] if results else pool[0]
+    record(kind, head_pad, dtype, device_name, best, tall)
     return best
 
 
-def record(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, config: KernelConfig) -> None:
+def record(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, config: KernelConfig,
+           tall: bool = False) -> None:
     """Cache ``config`` for this key, in memory and in tuning.json (bench/tune.py uses it too)."""
     with _lock:
         _load_disk()
-        _memory[cache_key(kind, head_pad, dtype, device_name)] = config
+        _memory[cache_key(kind, head_pad, dtype, device_name, tall)] = config
         _save_disk()
 
 

@@ -1,0 +1,80 @@
+"""What the kernels compute, counted on the host: the basis of bench/RESULTS.md's predictions.
+
+For each reference pattern, sequence length and lowering variant, the (query, key) pairs
+that the kernels' tiles cover in each pass (forward, dQ, dK/dV), against the pairs the
+pattern allows. ``useful / computed`` bounds eff from above if every tile ran at dense
+FlashAttention's speed per pair; the share of tiles needing no predicate (FULL) and the
+K/V tile loads per pass come along. No GPU needed:
+
+    python bench/work_model.py                # T = 16384, 65536; H = 16; block 64
+    TS=65536 python bench/work_model.py
+
+Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole blocks for
+global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
+64-token layout blocks per kernel row (as a 128-row config would).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patterncc  # noqa: E402
+from patterncc import codegen, lowering  # noqa: E402
+from bench_attention import PATTERNS  # noqa: E402
+
+VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True)}
+
+
+def count(layout, factor: int, residue: bool, thin: bool) -> dict:
+    lowering.RESIDUE_ORDER, lowering.THIN_COLUMNS = residue, thin
+    try:
+        pred = codegen.analyse(layout.pattern)
+        if not lowering.can_stack(pred):
+            factor = 1
+        klay = lowering.kernel_layout(layout, pred)
+        bs = klay.block
+        (ptr, kb, fl), (nptr, nsub, nfl) = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, factor),
+                                                                     stacked=factor > 1)
+        rows = factor * bs
+        fwd = kb.size * rows * bs + nsub.size * rows * lowering.NARROW
+        kv_ptr, _, _, kv_fl = lowering.kv_rows(klay, 1, factor)
+        dkdv = kv_fl.size * rows * bs
+        full = float(((fl & 1) != 0).mean()) if fl.size else 0.0
+        return {"fwd_pairs": fwd, "dq_pairs": fwd, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
+                "kv_tile_loads_fwd": int(kb.size + nsub.size), "rows": rows}
+    finally:
+        lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = True
+
+
+def main():
+    ts = [int(x) for x in os.environ.get("TS", "16384,65536").split(",")]
+    h = 16
+    out = []
+    print("| T | pattern | useful pairs | variant | fwd computed | bound fwd | bound f+b | FULL tiles | K/V tile loads |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in ts:
+        for name, src in PATTERNS.items():
+            lay = patterncc.compile(src).layout(t, h)
+            useful = float(lay.pairs_per_head().sum())
+            for variant, (factor, residue, thin) in VARIANTS.items():
+                c = count(lay, factor, residue, thin)
+                # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)
+                bound_fwd = useful / c["fwd_pairs"]
+                bound_fb = 3.5 * useful / (c["fwd_pairs"] + 1.25 * c["dq_pairs"] + 1.25 * c["dkdv_pairs"])
+                row = {"T": t, "pattern": name, "variant": variant, "useful_pairs": useful,
+                       "bound_fwd": round(bound_fwd, 3), "bound_fwdbwd": round(bound_fb, 3), **c}
+                out.append(row)
+                print(f"| {t} | {name} | {useful:.3g} | {variant} | {c['fwd_pairs']:.3g} | {bound_fwd:.2f} | "
+                      f"{bound_fb:.2f} | {c['full_tiles']:.0%} | {c['kv_tile_loads_fwd']} |")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "work_model.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
