@@ -11,7 +11,8 @@ K/V tile loads per pass come along. No GPU needed:
 
 Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole blocks for
 global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
-64-token layout blocks per kernel row (as a 128-row config would).
+64-token layout blocks per kernel row (as a 128-row config would); "chosen" is what the
+Triton backend picks (128-row tiles where lowering.stacks_well says they pay, else 64).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
+from patterncc.backends import triton_backend  # noqa: E402
 
 VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True)}
 
@@ -62,7 +64,8 @@ def main():
         for name, src in PATTERNS.items():
             lay = patterncc.compile(src).layout(t, h)
             useful = float(lay.pairs_per_head().sum())
-            for variant, (factor, residue, thin) in VARIANTS.items():
+            tall = triton_backend.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
+            for variant, (factor, residue, thin) in {**VARIANTS, "chosen": (2 if tall else 1, True, True)}.items():
                 c = count(lay, factor, residue, thin)
                 # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)
                 bound_fwd = useful / c["fwd_pairs"]
