@@ -5,11 +5,7 @@
 # root on the GPU machine after bench/device_check_and_tune.sh filled tuning.TUNED:
 #   bash bench/device_bench.sh       (JSON, logs and the Markdown table under $OUT)
 set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+source bench/device_setup.sh
 TS=${TS:-16384,65536} DS=${DS:-64,128} ABLATE=${ABLATE:-residue,thin,stack} timeout ${BENCH_TIMEOUT:-390} \
   python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
 tail -40 "$OUT/bench.log"

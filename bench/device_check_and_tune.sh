@@ -3,12 +3,7 @@
 # launch-configuration sweep. Run from the repository root on the GPU machine:
 #   bash bench/device_check_and_tune.sh        (writes logs and tune.json under $OUT)
 set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+source bench/device_setup.sh
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_gpu_kernels.py -q -x -p no:cacheprovider \
   -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 timeout ${TUNE_TIMEOUT:-330} python3 bench/tune.py 2>&1 | tee "$OUT/tune.log" | grep -E "==|Error|error" | head -40

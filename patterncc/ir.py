@@ -129,6 +129,14 @@ def _heads_arg(heads: tuple[int, ...] | None) -> str:
     return "" if heads is None else f"heads=[{', '.join(map(str, heads))}]"
 
 
+def _within_classes(node: "Pattern", d: int, seq_len: int) -> "Pattern | None":
+    """Residue form of a node that keeps classes apart: same class (block(L) in residue
+    order) and its within-class form; None if it does not keep classes apart."""
+    if not node.keeps_classes(d):
+        return None
+    return intersect([Block(residue_length(seq_len, d)), node.residue_within(d, seq_len)])
+
+
 def residue_length(seq_len: int, d: int) -> int:
     """Tokens per residue class in residue order: L = ceil(T / d)."""
     return -(-seq_len // d)
@@ -356,9 +364,7 @@ class Window(Primitive):
         return self.dilation % d == 0
 
     def residue(self, d, seq_len):
-        if not self.keeps_classes(d):
-            return None
-        return intersect([Block(residue_length(seq_len, d)), self.residue_within(d, seq_len)])
+        return _within_classes(self, d, seq_len)
 
     def residue_within(self, d, seq_len):
         # Same class: q - k = d * delta. Allowed iff |delta| <= reach // d and d * delta is
@@ -662,9 +668,7 @@ class Strided(Primitive):
         return self.s % d == 0
 
     def residue(self, d, seq_len):
-        if not self.keeps_classes(d):
-            return None
-        return intersect([Block(residue_length(seq_len, d)), self.residue_within(d, seq_len)])
+        return _within_classes(self, d, seq_len)
 
     def residue_within(self, d, seq_len):
         return Strided(int(self.s // np.gcd(self.s, d)))  # q - k = d * delta
