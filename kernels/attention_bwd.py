@@ -62,10 +62,7 @@ def _attn_bwd_dkdv(
     b = tl.program_id(1)
     item = pid // N_TILES
     tile = pid % N_TILES
-    row = tl.load(item_row + item)
-    start = tl.load(item_start + item)
-    end = tl.load(item_end + item)
-    slot = tl.load(item_slot + item)
+    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
     kv_head = row // NR
     # The query heads of one kv head share its kernel order (the lowering sees to that).
     dil, seg = _head_order(head_dil, head_seg, kv_head * GROUP, SEQ_LEN, PERMUTED)
@@ -148,10 +145,7 @@ def _attn_bwd_dq(
     b = tl.program_id(1)
     item = pid // M_TILES
     tile = pid % M_TILES
-    row = tl.load(item_row + item)
-    start = tl.load(item_start + item)
-    end = tl.load(item_end + item)
-    slot = tl.load(item_slot + item)
+    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
     head = row // NR
     kv_head = head // GROUP
     dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)

@@ -53,10 +53,7 @@ def _attn_fwd(
     b = tl.program_id(1)
     item = pid // M_TILES
     tile = pid % M_TILES
-    row = tl.load(item_row + item)
-    start = tl.load(item_start + item)
-    end = tl.load(item_end + item)
-    slot = tl.load(item_slot + item)
+    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
     head = row // NR
     kv_head = head // GROUP
     dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)

@@ -34,6 +34,12 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _work_item(item_row, item_start, item_end, item_slot, item):
+    """(row, first entry, one past the last, scratch slot or -1) of one work item."""
+    return tl.load(item_row + item), tl.load(item_start + item), tl.load(item_end + item), tl.load(item_slot + item)
+
+
+@triton.jit
 def _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED: tl.constexpr):
     """(dil, seg) of one head: its residue factor and class length (1, SEQ_LEN in token order)."""
     if PERMUTED:
