@@ -322,3 +322,18 @@ def test_thin_columns_cut_the_walked_blocks_of_longformer():
     regular, _ = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, 2), stacked=True)
     assert np.median(np.diff(regular[0])) == 10  # ... walks its 10 window blocks, not 11
     assert plan.kv.narrow_block.numel() == 1  # dK/dV keeps whole blocks (nothing narrow)
+
+
+@pytest.mark.parametrize("src,tall", [
+    ("window(256) | global([0])", False),                                   # +20% pairs at 128 rows
+    ("block(64, width=1) | global(0..128) | random(192, seed=1)", False),   # +39%: random blocks differ
+    ("window(1023) & causal", True),                                        # +6%
+    ("window(256) | dilate(2)", True),                                      # residue order: a band
+])
+def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall):
+    from patterncc.backends import triton_backend
+    for t in (16384, 65536):
+        lay = get_layout(patterncc.parse(src), t, 16, 64)
+        pred = codegen.analyse(lay.pattern)
+        assert [triton_backend.row_class(lay, pred, 1, kind) for kind in ("fwd", "dq", "dkdv")] == [tall] * 3
+    assert triton_backend.row_class(get_layout(patterncc.parse(src), 4096, 2, 128), pred, 1, "fwd")  # 128 blocks: tall already

@@ -90,7 +90,7 @@ CASES = [
     ("window(8)", 100, 2, 2, 32, 1, 16, None),
     ("window(16) & causal", 77, 2, 2, 32, 1, 16, None),
     ("global([0, -1]) | window(4)", 129, 2, 2, 32, 1, 32, None),
-    ("global([0, -1]) | window(4)", 129, 2, 1, 32, 1, 16, 2),  # heavy rows split: merge kernels
+    ("global([0, -1]) | window(4)", 129, 2, 1, 32, 1, 16, 2),  # heavy rows split: merged in-kernel
     ("global(10..40) | window(3)", 150, 1, 1, 16, 1, 32, 3),
     ("sink(4) | window(8) & causal", 120, 2, 2, 32, 1, 32, None),
     ("strided(8) & causal", 130, 2, 2, 32, 1, 32, None),

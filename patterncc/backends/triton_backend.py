@@ -3,13 +3,15 @@
 ``attention(q, k, v, layout, scale)`` runs the pattern's generated module (see
 :mod:`patterncc.codegen`) over the layout's kernel plan (see :mod:`patterncc.lowering`):
 
-* forward: one launch of ``_attn_fwd`` over the work items (plus ``_attn_fwd_merge`` when
-  a heavy row was split), saving the base-2 log-sum-exp per query row;
+* forward: one launch of ``_attn_fwd`` over the work items (split heavy rows merged in the
+  kernel by their last item), saving the base-2 log-sum-exp per query row;
 * backward: ``_attn_bwd_preprocess`` (Delta = rowsum(dO * O)), ``_attn_bwd_dkdv`` over the
-  kv index, ``_attn_bwd_dq`` over the forward index (plus ``_sum_partials`` for split rows).
+  kv index, ``_attn_bwd_dq`` over the forward index: one launch each.
 
-No host synchronisation, nothing of size T^2: the plan tensors are cached on the layout,
-scratch buffers hold only the partials of split rows. Triton itself is imported lazily
+Launch configurations come from :mod:`patterncc.backends.tuning`; the row height of each
+walk (one layout block, 64 or 128 positions) from the layout (:func:`row_class`). No host
+synchronisation (but the autotuner's first measurement), nothing of size T^2: the plan
+tensors are cached on the layout, scratch buffers hold only the partials of split rows. Triton itself is imported lazily
 (``import patterncc`` never imports it), and with ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors under Triton's interpreter (slow; for tests).
 """

@@ -21,7 +21,7 @@ Cases: the reference patterns of tests/gpu/test_gpu_kernels.py (Longformer, BigB
 causal window, dilated, the card example, StreamingLLM, Sparse Transformer, rows that no
 key reaches) at odd and tiny lengths T = 1, 77, 333, 1000 (B = 2, H = 4, H_kv = 2: GQA,
 D = 64, bf16, 64-token blocks), plus fp16 with D = 80 (padded head dim), 128-token blocks,
-heavy rows forced to split (the merge kernels), D = 256 (the largest head dim) and
+heavy rows forced to split (the in-kernel merges and their atomics), D = 256 (the largest head dim) and
 T = 4099 (a tail block). --quick runs a third of them.
 
 Output in --out: ``sanitize.log`` (one line per tool: errors, exit status, minutes; then
