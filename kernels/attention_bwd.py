@@ -43,6 +43,7 @@ def _attn_bwd_preprocess(Out, dOut, Delta, SEQ_LEN, M_BLOCKS,
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dkdv(
     Q, K, V, dOut, Lse, Delta,               # Lse / Delta [B, H, T] fp32
+    Qd, dOd,                                 # TMA descriptors of Q, dO (USE_TMA; else Q, dO again)
     dK, dV,                                  # [B, H_KV, T, D]
     ScratchK, ScratchV, Count,               # split columns: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items over kv rows kv_head * NR + key row
@@ -53,7 +54,7 @@ def _attn_bwd_dkdv(
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -85,8 +86,10 @@ def _attn_bwd_dkdv(
         q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
         m_first = qb * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
         tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
-        q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
-        do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+        q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, BLOCK_M, HEAD_DIM, HEAD_PAD,
+                         PERMUTED, USE_TMA)
+        do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, BLOCK_M, HEAD_DIM, HEAD_PAD,
+                          PERMUTED, USE_TMA)
         lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
         delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
         # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
@@ -124,6 +127,7 @@ def _attn_bwd_dkdv(
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dq(
     Q, K, V, dOut, Lse, Delta,
+    Kd, Vd,                                  # TMA descriptors of K, V (USE_TMA; else K, V again)
     dQ,                                      # [B, H, T, D]
     ScratchQ, Count,                         # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items over rows head * NR + query row
@@ -136,7 +140,8 @@ def _attn_bwd_dq(
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NARROW: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -153,7 +158,8 @@ def _attn_bwd_dq(
     m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
-    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    kv_bh = b * (H // GROUP) + kv_head
+    kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
     q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
     do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
     lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
@@ -163,16 +169,16 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     # Thin global key columns first (16-wide tiles), then the entries.
     for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-        dq = _dq_step(q, do, lse, delta, dq, K, V, kv_row0, tl.load(nblock + e) * NARROW, tl.load(nflags + e),
-                      tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
+        dq = _dq_step(q, do, lse, delta, dq, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
+                      tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
     # One flat loop over (entry, key sub-tile) pairs.
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        dq = _dq_step(q, do, lse, delta, dq, K, V, kv_row0, n_first, tl.load(entry_flags + e),
+        dq = _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                       tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
+                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
     dq = dq * sm_scale
 
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -188,13 +194,14 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, dq, K, V, kv_row0, n_first, flags, tok_m, sub_row, head, dil, seg, tables,
-             qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-             STACKED: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
+             tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+             STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes)."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
+    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if (flags & 1) == 0:

@@ -32,6 +32,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_fwd(
     Q, K, V, Out, Lse,                       # [B, H, T, D], [B, H_KV, T, D] x2, [B, H, T, D], [B, H, T] fp32
+    Kd, Vd,                                  # TMA descriptors of K, V (USE_TMA; else K, V again)
     ScratchO, ScratchM, ScratchL, Count,     # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] / [slots, B, ROW_BLOCK] fp32; int32 counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items (int32)
     merge_start, merge_end,                  # per split row: its scratch slots
@@ -44,7 +45,8 @@ def _attn_fwd(
     SEQ_LEN, NR, B, H, GROUP,                # tokens, plan rows per head, batch, query heads, H // H_KV
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NARROW: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -61,7 +63,8 @@ def _attn_fwd(
     m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
-    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    kv_bh = b * (H // GROUP) + kv_head
+    kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
     q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
     # Layout block of each query row inside a stacked row (its FULL bit is 1 + that).
     sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
@@ -71,16 +74,16 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
     for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, kv_row0, tl.load(nblock + e) * NARROW, tl.load(nflags + e),
-                                tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
+                                tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
     # One flat loop over (entry, key sub-tile): a 128-token layout block is two 64-key tiles.
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, kv_row0, n_first, tl.load(entry_flags + e),
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                                 tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST)
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
 
     out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
@@ -100,12 +103,13 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, K, V, kv_row0, n_first, flags, tok_m, sub_row, head, dil, seg, tables,
-            qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-            STACKED: tl.constexpr, PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
+            tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+            STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr):
     """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l)."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     if (flags & 1) != 0:
         # FULL: every pair allowed. Only a block holding positions that are not tokens
@@ -125,7 +129,7 @@ def _attend(q, acc, m_i, l_i, K, V, kv_row0, n_first, flags, tok_m, sub_row, hea
     p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
+    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
     return acc, m_new, l_i
 

@@ -98,6 +98,22 @@ def _load_rows(ptrs, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
 
 
 @triton.jit
+def _walked_tile(X, Xd, row0, bh, first, tok, valid, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_PAD: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK, HEAD_PAD] tile of the walked axis (K/V in the forward and dQ, Q/dO in dK/dV).
+
+    With USE_TMA (token order only) the Hopper copy engine fetches it through the tensor
+    descriptor ``Xd`` over [B * heads, T, D]: no pointer tensor held in registers, rows past
+    T and padding columns filled with 0 by the hardware. Otherwise by pointers.
+    """
+    if USE_TMA:
+        x = Xd.load([bh, first, 0]).reshape(BLOCK, HEAD_PAD)
+    else:
+        x = _load_rows(_row_ptrs(X, row0, first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
+    return x
+
+
+@triton.jit
 def _store_rows(ptrs, x, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Store a [rows, HEAD_PAD] tile (inverse of _load_rows)."""
     if HEAD_DIM == HEAD_PAD:

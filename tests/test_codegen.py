@@ -178,7 +178,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 
 
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: bool,
-                num_warps: int = 4, num_stages: int = 2, tile: int = 64) -> dict:
+                num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -189,7 +189,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     pad = max(16, 1 << (head_dim - 1).bit_length())
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
-                  NARROW=16, PRECISION="tf32", UPCAST=False)
+                  NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -197,7 +197,9 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
              "item_nstart", "item_nend", "kblock", "entry_flags", "nblock", "nflags", "qblock", "qhead",
              "head_dil", "head_seg", "Count"}
 
-    def arg_type(name):
+    def arg_type(name, box):
+        if name in ("Kd", "Vd", "Qd", "dOd"):  # tensor descriptors with TMA, else the tensors again
+            return f"tensordesc<{dtype}[1, {box}, {pad}]>" if tma else "*" + dtype
         if name in data:
             return "*" + dtype
         if name in index:
@@ -215,7 +217,8 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
         fn = gen.kernel(name)
         bm, bn = tiles[name]
         const = {a: v for a, v in {**consts, "BLOCK_M": bm, "BLOCK_N": bn}.items() if a in fn.arg_names}
-        sig = {a: "constexpr" if a in const else arg_type(a) for a in fn.arg_names}
+        box = bm if name == "_attn_bwd_dkdv" else bn  # the walked tile
+        sig = {a: "constexpr" if a in const else arg_type(a, box) for a in fn.arg_names}
         out[name] = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": num_warps, "num_stages": num_stages})
     return out
@@ -242,6 +245,9 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     many = "global([" + ", ".join(str(7 * i) for i in range(20)) + "])"
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
-    for permuted, rows in ((False, block), (True, 2 * block)):  # token order; residue order, stacked rows
-        for name, compiled in aot_compile(gen, dtype, head_dim, block, rows, permuted).items():
+    # token order; residue order with stacked rows; token order with TMA descriptors
+    for permuted, rows, tma in ((False, block, False), (True, 2 * block, False), (False, block, True)):
+        for name, compiled in aot_compile(gen, dtype, head_dim, block, rows, permuted, tma=tma).items():
             assert compiled.asm.get("cubin"), name
+            if tma and name != "_attn_bwd_preprocess":
+                assert "cp.async.bulk.tensor" in compiled.asm["ptx"], f"{name}: no TMA copies"

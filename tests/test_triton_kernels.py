@@ -122,13 +122,16 @@ TILES = {
     "default": {},
     "stacked": {("fwd", 64): (128, 32), ("dq", 64): (128, 16), ("dkdv", 64): (16, 128),
                 ("fwd", 128): (128, 32), ("dq", 128): (128, 16), ("dkdv", 128): (16, 128)},
+    # walked tiles through TMA tensor descriptors (token order; residue order falls back)
+    "tma": {("fwd", 64): (64, 32, 4, 2, True), ("dq", 64): (64, 16, 4, 2, True), ("dkdv", 64): (16, 64, 4, 2, True),
+            ("fwd", 128): (64, 32, 4, 2, True), ("dq", 128): (64, 16, 4, 2, True), ("dkdv", 128): (16, 64, 4, 2, True)},
 }
 
 
 @pytest.fixture(params=list(TILES))
 def tiles(request, monkeypatch):
-    for key, (bm, bn) in TILES[request.param].items():
-        monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(bm, bn))
+    for key, cfg in TILES[request.param].items():
+        monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
     if request.param == "stacked":
         monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)  # stack whatever the waste: test the tall rows
     return request.param

@@ -196,6 +196,21 @@ class _Launch:
         shape = (slots, self.b, walk.row_block) if rows_only else (slots, self.b, walk.row_block, self.d_pad)
         return torch.empty(shape, dtype=torch.float32, device=device)
 
+    def walked(self, kind: str, tensors: tuple, block: int) -> tuple[tuple, bool]:
+        """The walked tensors of kernel ``kind`` as TMA descriptors of [B * heads, T, D] with
+        [1, block, HEAD_PAD] boxes, and True -- when its config asks for TMA and the call
+        allows it (token order, rows 16-byte aligned, a Hopper GPU or the interpreter);
+        else the tensors themselves, and False."""
+        if not (self.cfg[kind].tma and not self.plan.permuted and _tma_ok(tensors, self.interp)):
+            return tensors, False
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        out = []
+        for x in tensors:
+            bh = x.shape[0] * x.shape[1]
+            out.append(TensorDescriptor(x.view(bh, self.t, self.d), [bh, self.t, self.d],
+                                        [self.t * self.d, self.d, 1], [1, block, self.d_pad]))
+        return tuple(out), True
+
     def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
         """The work-item and entry arguments of one kernel (same order in all three)."""
         it = walk.items
@@ -230,6 +245,18 @@ def row_height(layout: Layout, pred, tall: bool, owned: int) -> int:
     return max(lb, min(owned, TALL if tall else FLAT))
 
 
+def _tma_ok(tensors: tuple, interp: bool) -> bool:
+    """Whether tensor descriptors can fetch these [B, H, T, D] tensors' tiles."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.3)
+    except ImportError:
+        return False
+    x = tensors[0]
+    if (x.shape[-1] * x.element_size()) % 16 or any(t.data_ptr() % 16 for t in tensors):
+        return False
+    return interp or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """Uninitialised buffer the kernels fill completely (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
@@ -262,11 +289,13 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     lse = _empty((run.b, run.h, run.t), q, torch.float32)
     bm, bn, opts = run.tiles("fwd")
     tiles = walk.row_block // bm
+    kv_tiles, tma = run.walked("fwd", (k, v), bn)
     run.gen.kernel("_attn_fwd")[(walk.items.n_items * tiles, run.b)](
-        q, k, v, out, lse, run.scratch(walk, q.device), run.scratch(walk, q.device, True),
+        q, k, v, out, lse, *kv_tiles, run.scratch(walk, q.device), run.scratch(walk, q.device, True),
         run.scratch(walk, q.device, True), *run.walk_args(walk, tiles),
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
-        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, **run.consts, **opts)
+        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
+        **run.consts, **opts)
     return out, lse
 
 
@@ -301,20 +330,22 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         walk = plan.kv
         bm, bn, opts = run.tiles("dkdv")
         tiles = walk.row_block // bn
+        q_tiles, tma = run.walked("dkdv", (q, do), bm)
         run.gen.kernel("_attn_bwd_dkdv")[(walk.items.n_items * tiles, run.b)](
-            q, k, v, do, lse, delta, dk, dv, run.scratch(walk, dev), run.scratch(walk, dev),
+            q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk, dev), run.scratch(walk, dev),
             *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, **c, **opts)
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, **c, **opts)
 
     if need_q:
         dq = _empty(q.shape, q)
         walk = plan.dq
         bm, bn, opts = run.tiles("dq")
         tiles = walk.row_block // bm
+        kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.gen.kernel("_attn_bwd_dq")[(walk.items.n_items * tiles, run.b)](
-            q, k, v, do, lse, delta, dq, run.scratch(walk, dev),
+            q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk, dev),
             *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, **c, **opts)
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma, **c, **opts)
     return dq, dk, dv

@@ -50,12 +50,15 @@ KINDS = ("fwd", "dq", "dkdv")
 class KernelConfig:
     """Launch configuration of one kernel. ``block_m`` is the query tile and ``block_n``
     the key tile (dK/dV owns keys: its ``block_n`` may stack layout blocks, its
-    ``block_m`` is at most one); ``num_warps`` and software-pipelining ``num_stages``."""
+    ``block_m`` is at most one); ``num_warps`` and software-pipelining ``num_stages``;
+    ``tma``: fetch the walked tiles through Hopper tensor descriptors (token order, D a
+    multiple of 16 bytes; else by pointers)."""
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False
 
 
 K = KernelConfig
@@ -74,9 +77,11 @@ TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {}
 # What the autotuner tries (the first is the fallback if every candidate fails).
 CANDIDATES: dict[str, list[KernelConfig]] = {
     "fwd": [K(64, 64, 4, 2), K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 32, 4, 3), K(128, 64, 8, 2),
-            K(64, 64, 4, 3)],
-    "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3)],
-    "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3)],
+            K(64, 64, 4, 3), K(64, 64, 4, 3, True), K(128, 64, 8, 3, True)],
+    "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3),
+           K(64, 64, 4, 3, True), K(128, 32, 8, 2, True)],
+    "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3),
+             K(64, 64, 4, 3, True), K(32, 128, 8, 2, True)],
 }
 
 

@@ -111,11 +111,16 @@ def test_forward_is_bitwise_reproducible():
 @pytest.mark.parametrize("kind_cfgs", [
     {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 2)},
     {"fwd": (128, 32, 4, 3), "dq": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2)},
-], ids=["stacked-a", "stacked-b"])
+    {"fwd": (64, 64, 4, 3, True), "dq": (64, 64, 4, 3, True), "dkdv": (64, 64, 4, 3, True)},
+    {"fwd": (128, 64, 8, 3, True), "dq": (128, 32, 8, 2, True), "dkdv": (32, 128, 8, 2, True)},
+], ids=["stacked-a", "stacked-b", "tma", "stacked-tma"])
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "dilated", "card", "causal_window"])
 def test_every_autotuner_candidate_shape_is_exact(name, kind_cfgs, monkeypatch):
-    """Tall (stacked) row tiles and narrow walked tiles, as the autotuner may choose them."""
+    """Tall (stacked) row tiles, narrow walked tiles and TMA descriptors, as the autotuner may
+    choose them (tall rows forced whatever their extra pairs)."""
+    from patterncc import lowering
     from patterncc.backends import tuning
+    monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)
     for kind, cfg in kind_cfgs.items():
         for width in (64, 128):
             monkeypatch.setitem(tuning.CONFIGS, (kind, width), tuning.KernelConfig(*cfg))
