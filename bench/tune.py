@@ -1,13 +1,14 @@
 """Sweep the Triton kernels' launch configurations on a GPU: the table behind tuning.TUNED.
 
 Each kernel is timed alone (forward; dK/dV alone; dQ alone, from a saved forward) for
-every candidate of ``tuning.CANDIDATES``, on the reference patterns, B=1, H=16, bf16, at a
+every candidate of its row class (``tuning.candidates``: patterns whose layout takes tall
+rows try all, the others the flat ones), on the reference patterns, B=1, H=16, bf16, at a
 GPU-bound length (T=65536 by default: at 16K the host-bound spread hides differences;
 see bench/RESULTS.md). Candidates are interleaved per pattern (all candidates of one
 pattern back to back) so drift hits them alike. The score is the geometric mean over
 patterns of the time relative to the first candidate (the old 64x64/4/2 default). Prints
-the best per (kernel, head dim), records it in the tuning cache (so later runs on this
-machine use it) and writes $OUT/tune.json with the entries for ``tuning.TUNED``.
+the best per (kernel, head dim, row class), records it in the tuning cache (so later runs
+on this machine use it) and writes $OUT/tune.json with the entries for ``tuning.TUNED``.
 
     TS=65536 DS=64,128 python bench/tune.py
 """
@@ -25,6 +26,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
+from patterncc import codegen  # noqa: E402
 from patterncc.backends import triton_backend as tb, tuning  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
@@ -42,47 +44,55 @@ def main():
     Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
     names = os.environ.get("PATTERNS", ",".join(PATTERNS)).split(",")
     kinds = os.environ.get("KINDS", ",".join(tuning.KINDS)).split(",")
+    H = int(os.environ.get("HEADS", "16"))
     os.environ["PATTERNCC_AUTOTUNE"] = "0"
+    dev = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "interpreter"
     results = []
     for D in Ds:
         torch.manual_seed(0)
-        q, k, v = (torch.randn(1, 16, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         do = torch.randn_like(q)
         scale = D ** -0.5
+        layouts = {name: patterncc.compile(PATTERNS[name]).layout(T, H) for name in names}
         for kind in kinds:
-            cands = tuning.CANDIDATES[kind]
-            ms = {c: [] for c in cands}
-            for name in names:
-                layout = patterncc.compile(PATTERNS[name]).layout(T, 16)
-                out, lse = tb.forward(q, k, v, layout, scale)
-                run = kernel_runner(kind, q, k, v, do, layout, scale, out, lse)
-                for cfg in cands:
-                    try:
-                        run(cfg)
-                        t = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median")
-                    except Exception as e:  # registers / shared memory
-                        print(f"{kind} D={D} {cfg} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                        t = float("inf")
-                    ms[cfg].append(t)
-                    print(json.dumps({"T": T, "D": D, "kind": kind, "pattern": name, "config": vars(cfg), "ms": t}),
-                          flush=True)
-            base = ms[cands[0]]
-            rel = {c: math.exp(sum(math.log(t / b) for t, b in zip(ms[c], base)) / len(base)) for c in cands}
-            best = min(cands, key=lambda c: rel[c])
-            for dtype in (torch.bfloat16, torch.float16):  # so later runs on this machine use it
-                tuning.record(kind, D, dtype, torch.cuda.get_device_name(), best)
-            results.append({"D": D, "kind": kind, "patterns": names, "best": vars(best),
-                            "candidates": [{"config": vars(c), "ms": ms[c], "relative": rel[c]} for c in cands]})
-            print(f"== D={D} {kind}: best {best} at {rel[best]:.3f}x the first candidate "
-                  f"({', '.join(f'{x:.3f}' for x in ms[best])} ms)", flush=True)
+            by_class: dict[bool, list[str]] = {}
+            for name, lay in layouts.items():
+                tall = tb.row_class(lay, codegen.analyse(lay.pattern), 1, kind)
+                by_class.setdefault(tall, []).append(name)
+            for tall, members in sorted(by_class.items()):
+                cands = tuning.candidates(kind, tall)
+                ms = {c: [] for c in cands}
+                for name in members:  # candidates back to back per pattern: drift hits them alike
+                    layout = layouts[name]
+                    out, lse = tb.forward(q, k, v, layout, scale)
+                    run = kernel_runner(kind, q, k, v, do, layout, scale, out, lse)
+                    for cfg in cands:
+                        try:
+                            run(cfg)
+                            t = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median")
+                        except Exception as e:  # registers / shared memory
+                            print(f"{kind} D={D} {cfg} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                            t = float("inf")
+                        ms[cfg].append(t)
+                        print(json.dumps({"T": T, "D": D, "kind": kind, "tall": tall, "pattern": name,
+                                          "config": vars(cfg), "ms": t}), flush=True)
+                base = ms[cands[0]]
+                rel = {c: math.exp(sum(math.log(t / b) for t, b in zip(ms[c], base)) / len(base)) for c in cands}
+                best = min(cands, key=lambda c: rel[c])
+                for dtype in (torch.bfloat16, torch.float16):  # so later runs on this machine use it
+                    tuning.record(kind, D, dtype, gpu, best, tall)
+                results.append({"D": D, "kind": kind, "tall": tall, "patterns": members, "best": vars(best),
+                                "candidates": [{"config": vars(c), "ms": ms[c], "relative": rel[c]} for c in cands]})
+                print(f"== D={D} {kind} {'tall' if tall else 'flat'} ({', '.join(members)}): best {best} at "
+                      f"{rel[best]:.3f}x the first candidate ({', '.join(f'{x:.3f}' for x in ms[best])} ms)", flush=True)
     out_dir = Path(os.environ.get("OUT", "."))
-    (out_dir / "tune.json").write_text(json.dumps({"T": T, "device": torch.cuda.get_device_name(),
-                                                   "results": results}, indent=1))
+    (out_dir / "tune.json").write_text(json.dumps({"T": T, "device": gpu, "results": results}, indent=1))
     print("\nTUNED table entries:")
     for r in results:
         b = r["best"]
-        print(f"    ({r['kind']!r}, {tuning.width_class(r['D'])}): K({b['block_m']}, {b['block_n']}, "
-              f"{b['num_warps']}, {b['num_stages']}),")
+        print(f"    ({r['kind']!r}, {tuning.width_class(r['D'])}, {r['tall']}): K({b['block_m']}, {b['block_n']}, "
+              f"{b['num_warps']}, {b['num_stages']}, {b['tma']}),")
 
 
 if __name__ == "__main__":
