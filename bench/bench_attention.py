@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
-from patterncc.backends import triton_backend, tuning  # noqa: E402
+from patterncc.backends import triton_backend  # noqa: E402
 
 # A/B variants: a lowering switch of patterncc.lowering and the value it takes.
 ABLATIONS = {"residue": ("RESIDUE_ORDER", False), "thin": ("THIN_COLUMNS", False), "stack": ("STACK_WASTE", 1e9)}

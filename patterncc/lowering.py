@@ -1,7 +1,7 @@
 """Lowering: a Layout -> the kernel plan the generated Triton kernels walk.
 
 The plan is built on the host with NumPy (no Python loop over blocks) and cached on the
-layout per (device, GQA group, tile shape, scratch budget). Three decisions are made here:
+layout per (device, GQA group, tile shape, scratch budget). The decisions made here:
 
 * **Kernel order** (:func:`kernel_layout`). A head whose pattern has a form in *residue
   order* (``ir.Pattern.residue``: tokens grouped by t mod d, d the gcd of its window
@@ -15,9 +15,11 @@ layout per (device, GQA group, tile shape, scratch budget). Three decisions are 
   FULL (bit 0) only where every stacked block is, with bit ``1 + j`` marking the entries
   where stacked block j is FULL. Stacking halves the K/V tile loads but computes every
   entry for all stacked blocks, so it is only done where that covers at most
-  ``STACK_WASTE`` more pairs (:func:`stacks_well`): window bands pass (+6 to +11%),
-  BigBird's per-block random blocks do not (+39%). Random terms inside intersections need
-  their own flag bits, so such patterns are never stacked.
+  ``STACK_WASTE`` more pairs (:func:`stacks_well`): the causal window and the dilated
+  window in residue order pass (+6%, +11%); longformer (+20%: its 64-row tiles already skip
+  the global key block) and BigBird (+39%: stacked blocks draw different random blocks) do
+  not. Random terms inside intersections need their own flag bits, so such patterns are
+  never stacked.
 * **Thin global columns** (:func:`narrow_entries`). A key block that only a top-level
   ``global(...)`` term's key column touches (no other term, no global query in the row)
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
@@ -48,7 +50,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np

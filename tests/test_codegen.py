@@ -16,12 +16,10 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 
 import patterncc
 from patterncc import codegen, ir, lowering
-from patterncc.ir import FULL
 from patterncc.layout import get_layout
 from strategies import layout_cases
 

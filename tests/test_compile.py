@@ -2,7 +2,6 @@
 through Triton's interpreter; CUDA graphs are checked in tests/gpu."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ from patterncc import ir, parse
 from patterncc.ir import EMPTY, FULL, Ctx
 from patterncc.layout import build_layout
 
-from strategies import BLOCK_SIZES, global_indices, layout_cases, pattern_sources
+from strategies import BLOCK_SIZES, global_indices, layout_cases
 
 seq_lens = st.integers(1, 150)
 blocks = st.sampled_from(BLOCK_SIZES)

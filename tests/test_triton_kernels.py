@@ -14,7 +14,6 @@ Every buffer the kernels write (out, LSE, Delta, dq, dk, dv) is allocated full o
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
