@@ -168,8 +168,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     flags = entry_flags(layout, pred)
     orders = head_orders(layout, group)
     tail = _not_tokens_token_order(t, bs)
-    keys = [(p, d) for p, (d, _) in zip(layout.heads, orders)]
-    head_class = np.array([keys.index(key) for key in keys], np.int64)
+    head_class = _first_of_each(list(zip(layout.heads, (d for d, _ in orders))))
     kernel_patterns = [(p, Ctx(t, bs)) if d == 1 else (moved, Ctx(d * ir.residue_length(t, d), bs))
                        for p, (d, moved) in zip(layout.heads, orders)]
     columns = tuple(column_keys(p, ctx.seq_len) for p, ctx in kernel_patterns)
@@ -276,10 +275,10 @@ def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, f
         first = np.searchsorted(sub_block, kblock[sel], "left")
         n = np.searchsorted(sub_block, kblock[sel], "right") - first
         pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-        keep = 0 if stacked else (flags[sel] & ~(COLUMN | TAIL | 1))
+        keep = np.zeros(sel.size, np.int64) if stacked else flags[sel] & ~(COLUMN | TAIL | 1)
         rows.append(np.repeat(row[sel], n))
         subs.append(sub[pick])
-        nflags.append(np.where(count[pick] == NARROW, 1, np.repeat(keep * np.ones(sel.size, np.int64), n)).astype(np.int32))
+        nflags.append(np.where(count[pick] == NARROW, 1, np.repeat(keep, n)).astype(np.int32))
     rows, subs, nflags = (np.concatenate(x) for x in (rows, subs, nflags))
     order = np.argsort(rows * (klay.seq_len // NARROW + 1) + subs, kind="stable")
     n_ptr = np.zeros(n_rows + 1, np.int64)
@@ -393,9 +392,15 @@ def kv_rows(klay: KernelLayout, group: int, factor: int):
         fl = np.concatenate([fl for _, _, fl in parts])
         return _union_entries(kb // factor, own, kb % factor, fl, group * nb, present, nr)
     runs = [tuple(klay.head_class[j * group:(j + 1) * group]) for j in range(h // group)]
-    indptr, own, flags = _assemble(one_kv_head, np.array([runs.index(r) for r in runs]))
+    indptr, own, flags = _assemble(one_kv_head, _first_of_each(runs))
     kv_head = np.repeat(np.arange(h // group, dtype=np.int64), np.diff(indptr[::nr]))
     return indptr, own % nb, own // nb + kv_head * group, flags
+
+
+def _first_of_each(keys: list) -> np.ndarray:
+    """For every position, the first position holding an equal key."""
+    first: dict = {}
+    return np.array([first.setdefault(key, i) for i, key in enumerate(keys)], np.int64)
 
 
 def _assemble(build, classes: np.ndarray):
