@@ -35,6 +35,20 @@ def test_compile_json_expression(capsys):
     assert g["flops_fwd"]["sparse"] < g["flops_fwd"]["dense"]
 
 
+def test_compile_shows_the_blocks_before_and_after_residue_order(capsys):
+    assert main(["compile", "window(256) | global([0]) | dilate(2, heads=2)", "--seq-len", "8192",
+                 "--heads", "4", "--json"]) == 0
+    k = json.loads(capsys.readouterr().out)["groups"][0]["kernel"]
+    assert k["residue_heads"] == [0, 1] and k["residue_factors"] == [2]
+    assert k["touched_blocks"] < k["token_order_blocks"]
+    assert k["full_fraction"] > k["token_order_full_fraction"]
+    assert main(["compile", "window(256) | global([0]) | dilate(2, heads=2)", "--seq-len", "8192",
+                 "--heads", "4"]) == 0
+    assert "kernels: heads 0-1 run in residue order (tokens grouped by t mod 2)" in capsys.readouterr().out
+    assert main(["compile", "window(256) | global([0])", "--seq-len", "8192"]) == 0
+    assert "residue order" not in capsys.readouterr().out  # nothing dilated: nothing to say
+
+
 @pytest.mark.parametrize("args,needle", [
     (["compile", "windw(3)", "--seq-len", "100"], "did you mean 'window'"),
     (["compile", "global([500])", "--seq-len", "100"], "outside the sequence"),
