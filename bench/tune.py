@@ -26,7 +26,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
-from patterncc import codegen  # noqa: E402
+from patterncc import codegen, lowering  # noqa: E402
 from patterncc.backends import triton_backend as tb, tuning  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
@@ -58,7 +58,7 @@ def main():
         for kind in kinds:
             by_class: dict[bool, list[str]] = {}
             for name, lay in layouts.items():
-                tall = tb.row_class(lay, codegen.analyse(lay.pattern), 1, kind)
+                tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, kind)
                 by_class.setdefault(tall, []).append(name)
             for tall, members in sorted(by_class.items()):
                 cands = tuning.candidates(kind, tall)

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
-from patterncc.backends import triton_backend  # noqa: E402
 
 VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True)}
 
@@ -63,7 +62,7 @@ def main():
         for name, src in PATTERNS.items():
             lay = patterncc.compile(src).layout(t, h)
             useful = float(lay.pairs_per_head().sum())
-            tall = triton_backend.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
+            tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
             for variant, (factor, residue, thin) in {**VARIANTS, "chosen": (2 if tall else 1, True, True)}.items():
                 c = count(lay, factor, residue, thin)
                 # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)

@@ -65,6 +65,7 @@ COLUMN = 1 << 29  # flag bit: only a global key column touches this block (see c
 NARROW = 16  # key tile of thin global columns
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
 STACK_WASTE = 0.15  # stack rows only if the tiles then cover at most 15% more pairs
+TALL_ROWS, FLAT_ROWS = 128, 64  # positions per kernel row: tall rows, and at most this if not tall
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
@@ -100,11 +101,9 @@ class KernelLayout:
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def head_entries(self, head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr from 0, key blocks, flags) of one head's rows."""
-        nb = self.nblocks
-        ptr = self.indptr[head * nb:(head + 1) * nb + 1]
-        s, e = ptr[0], ptr[-1]
-        return ptr - s, self.kblock[s:e].astype(np.int64), self.flags[s:e]
+        """(query block, key block, flags) of every entry of one head."""
+        return _head_entries(self.indptr, self.kblock, self.flags, head, self.nblocks)
+
 
     @property
     def nblocks(self) -> int:
@@ -133,6 +132,14 @@ class KernelLayout:
         return self.nnz / (self.num_heads * nb ** 2)
 
 
+def _head_entries(indptr, kblock, flags, head: int, nb: int):
+    """(query block, key block, flags) of the entries of rows head * nb .. head * nb + nb - 1."""
+    ptr = indptr[head * nb:(head + 1) * nb + 1]
+    s, e = ptr[0], ptr[-1]
+    qb = np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr))
+    return qb, kblock[s:e].astype(np.int64), flags[s:e]
+
+
 def residue_factor(pattern: ir.Pattern) -> int:
     """The residue order a head's pattern would run in: gcd of its window dilations (1: none)."""
     dilations = [n.dilation for n in pattern.walk() if isinstance(n, ir.Window)]
@@ -146,11 +153,13 @@ def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | 
     would not, they all stay in token order.
     """
     t = layout.seq_len
-    orders: list[tuple[int, ir.Pattern | None]] = []
+    by_pattern: dict = {}
     for p in layout.heads:
-        d = residue_factor(p) if RESIDUE_ORDER else 1
-        moved = p.residue(d, t) if d > 1 and t > 1 else None
-        orders.append((d, moved) if moved is not None else (1, None))
+        if p not in by_pattern:
+            d = residue_factor(p) if RESIDUE_ORDER else 1
+            moved = p.residue(d, t) if d > 1 and t > 1 else None
+            by_pattern[p] = (d, moved) if moved is not None else (1, None)
+    orders = [by_pattern[p] for p in layout.heads]
     for g in range(0, len(orders), group):
         if len({d for d, _ in orders[g:g + group]}) > 1:
             orders[g:g + group] = [(1, None)] * group
@@ -165,15 +174,16 @@ def kernel_layout(layout: Layout, pred: PredicatePlan, group: int = 1) -> Kernel
 
 def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> KernelLayout:
     t, bs, h, nb = layout.seq_len, layout.block_size, layout.num_heads, layout.nblocks
-    flags = entry_flags(layout, pred)
     orders = head_orders(layout, group)
-    tail = _not_tokens_token_order(t, bs)
+    # Token-order entries: TAIL on the block holding the sequence end (if T % block).
+    flags = entry_flags(layout, pred)
+    flags = np.where(np.isin(layout.kblock, _not_tokens_token_order(t, bs)), flags | TAIL, flags).astype(np.int32)
     head_class = _first_of_each(list(zip(layout.heads, (d for d, _ in orders))))
     kernel_patterns = [(p, Ctx(t, bs)) if d == 1 else (moved, Ctx(d * ir.residue_length(t, d), bs))
                        for p, (d, moved) in zip(layout.heads, orders)]
-    columns = tuple(column_keys(p, ctx.seq_len) for p, ctx in kernel_patterns)
+    per_class = {c: column_keys(kernel_patterns[c][0], kernel_patterns[c][1].seq_len) for c in set(head_class.tolist())}
+    columns = tuple(per_class[c] for c in head_class.tolist())
     if all(d == 1 for d, _ in orders):
-        flags = np.where(np.isin(layout.kblock, tail), flags | TAIL, flags).astype(np.int32)
         flags = _mark_columns(flags, layout.indptr, layout.kblock, kernel_patterns, columns, head_class, nb)
         ones = np.ones(h, np.int64)
         return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags, head_class, columns)
@@ -184,11 +194,10 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     qbs, kbs, fls = [], [], []
     for hd, (d, moved) in enumerate(orders):
         if d == 1:
-            s, e = layout.indptr[hd * nb], layout.indptr[(hd + 1) * nb]
-            kb = layout.kblock[s:e].astype(np.int64)
-            qbs.append(layout.entry_qblock[s:e])
+            qb, kb, fl = _head_entries(layout.indptr, layout.kblock, flags, hd, nb)
+            qbs.append(qb)
             kbs.append(kb)
-            fls.append(np.where(np.isin(kb, tail), flags[s:e] | TAIL, flags[s:e]))
+            fls.append(fl)
             continue
         if (d, moved) not in built:
             length = d * ir.residue_length(t, d)
@@ -241,13 +250,12 @@ def _mark_columns(flags, indptr, kblock, kernel_patterns, columns, head_class, n
         return flags
     flags = flags.copy()
     marks: dict = {}
-    for h, c in enumerate(head_class):
-        s, e = indptr[h * nb], indptr[(h + 1) * nb]
-        if int(c) not in marks:
-            p, ctx = kernel_patterns[h]
-            qb = np.repeat(np.arange(nb, dtype=np.int64), np.diff(indptr[h * nb:(h + 1) * nb + 1]))
-            marks[int(c)] = column_only(p, ctx, columns[h], qb, kblock[s:e].astype(np.int64))
-        flags[s:e] |= np.where(marks[int(c)], COLUMN, 0).astype(np.int32)
+    for h, c in enumerate(map(int, head_class)):
+        if c not in marks:
+            qb, kb, _ = _head_entries(indptr, kblock, flags, h, nb)
+            marks[c] = column_only(*kernel_patterns[h], columns[h], qb, kb)
+        s = indptr[h * nb]
+        flags[s:s + marks[c].size] |= np.where(marks[c], COLUMN, 0).astype(np.int32)
     return flags
 
 
@@ -311,6 +319,25 @@ def can_stack(pred: PredicatePlan) -> bool:
     return not pred.random_nodes
 
 
+def row_class(layout: Layout, pred: PredicatePlan, group: int, kind: str) -> bool:
+    """Whether walk ``kind`` of this layout takes tall (TALL_ROWS) tiles: the layout block is
+    that tall already, or stacking to it covers at most STACK_WASTE more pairs than rows of
+    FLAT_ROWS positions."""
+    lb = layout.block_size
+    if lb >= TALL_ROWS:
+        return True
+    return stacks_well(layout, pred, group, kind, TALL_ROWS // lb, max(1, FLAT_ROWS // lb))
+
+
+def row_height(layout: Layout, pred: PredicatePlan, tall: bool, owned: int) -> int:
+    """Positions per kernel row: the config's owned tile, capped by the class (TALL_ROWS or
+    FLAT_ROWS), at least one layout block; one layout block if rows cannot stack at all."""
+    lb = layout.block_size
+    if not can_stack(pred):
+        return lb
+    return max(lb, min(owned, TALL_ROWS if tall else FLAT_ROWS))
+
+
 def stacks_well(layout: Layout, pred: PredicatePlan, group: int, kind: str, factor: int, base: int = 1) -> bool:
     """Whether rows of ``factor`` layout blocks in walk ``kind`` ("fwd", "dq": query rows;
     "dkdv": key rows) cover at most STACK_WASTE more pairs than rows of ``base`` blocks."""
@@ -333,7 +360,7 @@ def _sample_pairs(klay: KernelLayout, kind: str, group: int, factor: int) -> int
     nr = -(-nb // factor)
     heads = range(group) if kind == "dkdv" else range(1)
     parts = [klay.head_entries(h) for h in heads]
-    qb = np.concatenate([i * nb + np.repeat(np.arange(nb), np.diff(ptr)) for i, (ptr, _, _) in enumerate(parts)])
+    qb = np.concatenate([i * nb + q for i, (q, _, _) in enumerate(parts)])
     kb = np.concatenate([kb for _, kb, _ in parts])
     if kind == "dkdv":
         key = (kb // factor) * (group * nb) + qb
@@ -367,9 +394,8 @@ def stacked_rows(klay: KernelLayout, factor: int) -> tuple[np.ndarray, np.ndarra
     present = _sub_counts(nb, factor)
 
     def one_head(head):
-        ptr, kb, fl = klay.head_entries(head)
-        row = np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr))
-        return _union_entries(row // factor, kb, row % factor, fl, nb, present, nr)
+        qb, kb, fl = klay.head_entries(head)
+        return _union_entries(qb // factor, kb, qb % factor, fl, nb, present, nr)
     return _assemble(one_head, klay.head_class)
 
 
@@ -386,8 +412,7 @@ def kv_rows(klay: KernelLayout, group: int, factor: int):
 
     def one_kv_head(j):
         parts = [klay.head_entries(hd) for hd in range(j * group, (j + 1) * group)]
-        qb = [np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr)) for ptr, _, _ in parts]
-        own = np.concatenate([i * nb + q for i, q in enumerate(qb)])  # query head in the group, block
+        own = np.concatenate([i * nb + q for i, (q, _, _) in enumerate(parts)])  # query head in the group, block
         kb = np.concatenate([kb for _, kb, _ in parts])
         fl = np.concatenate([fl for _, _, fl in parts])
         return _union_entries(kb // factor, own, kb % factor, fl, group * nb, present, nr)

@@ -331,9 +331,8 @@ def test_thin_columns_cut_the_walked_blocks_of_longformer():
     ("window(256) | dilate(2)", True),                                      # residue order: a band
 ])
 def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall):
-    from patterncc.backends import triton_backend
     for t in (16384, 65536):
         lay = get_layout(patterncc.parse(src), t, 16, 64)
         pred = codegen.analyse(lay.pattern)
-        assert [triton_backend.row_class(lay, pred, 1, kind) for kind in ("fwd", "dq", "dkdv")] == [tall] * 3
-    assert triton_backend.row_class(get_layout(patterncc.parse(src), 4096, 2, 128), pred, 1, "fwd")  # 128 blocks: tall already
+        assert [lowering.row_class(lay, pred, 1, kind) for kind in ("fwd", "dq", "dkdv")] == [tall] * 3
+    assert lowering.row_class(get_layout(patterncc.parse(src), 4096, 2, 128), pred, 1, "fwd")  # 128 blocks: tall already

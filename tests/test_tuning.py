@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import patterncc
-from patterncc import codegen
+from patterncc import codegen, lowering
 from patterncc.backends import triton_backend, tuning
 from patterncc.backends.tuning import KernelConfig as K
 from patterncc.layout import get_layout
@@ -131,7 +131,7 @@ def test_each_key_is_tuned_once_and_a_new_length_reuses_it(monkeypatch):
         ref = patterncc.compile(pattern, block_size=32, backend="torch")(q.detach(), k.detach(), v.detach(), 0.25)
         assert (out - ref).abs().max() < 1e-4
         pred = codegen.analyse(pattern)
-        keys = {(kind, triton_backend.row_class(layout, pred, 1, kind)) for kind in tuning.KINDS}
+        keys = {(kind, lowering.row_class(layout, pred, 1, kind)) for kind in tuning.KINDS}
         assert len(calls) - before == 2 * len(keys - seen)  # two candidates per new key
         seen |= keys
         for kind, tall in keys:

@@ -9,7 +9,7 @@
   kv index, ``_attn_bwd_dq`` over the forward index: one launch each.
 
 Launch configurations come from :mod:`patterncc.backends.tuning`; the row height of each
-walk (one layout block, 64 or 128 positions) from the layout (:func:`row_class`). No host
+walk (one layout block, 64 or 128 positions) from the layout (``lowering.row_class``). No host
 synchronisation (but the autotuner's first measurement), nothing of size T^2: the plan
 tensors are cached on the layout, scratch buffers hold only the partials of split rows. Triton itself is imported lazily
 (``import patterncc`` never imports it), and with ``TRITON_INTERPRET=1`` the same kernels
@@ -166,12 +166,12 @@ class _Launch:
         self.lb = layout.block_size
         self.d_pad = max(16, 1 << (self.d - 1).bit_length())
         self.interp = codegen.interpreting()
-        name = device_name(q)
-        self.tall = {kind: row_class(layout, self.gen.plan, self.group, kind) for kind in tuning.KINDS}
-        self.cfg = {kind: (configs or {}).get(kind) or tuning.config_for(kind, self.d_pad, q.dtype, name,
+        self.name = device_name(q)
+        self.tall = {kind: lowering.row_class(layout, self.gen.plan, self.group, kind) for kind in tuning.KINDS}
+        self.cfg = {kind: (configs or {}).get(kind) or tuning.config_for(kind, self.d_pad, q.dtype, self.name,
                                                                         self.tall[kind])
                     for kind in tuning.KINDS}
-        self.rows = {kind: row_height(layout, self.gen.plan, self.tall[kind], tuning.owned_rows(kind, c))
+        self.rows = {kind: lowering.row_height(layout, self.gen.plan, self.tall[kind], tuning.owned_rows(kind, c))
                      for kind, c in self.cfg.items()}
         tiles = lowering.Tiles(*(self.rows[kind] // self.lb for kind in ("fwd", "dq", "dkdv")))
         self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split, tiles,
@@ -222,29 +222,6 @@ class _Launch:
                 it.merge_start, it.merge_end, *entries, self.plan.tables, self.plan.dil, self.plan.seg)
 
 
-TALL = 128  # rows of a tall tile (positions); flat rows hold at most FLAT
-FLAT = 64
-
-
-def row_class(layout: Layout, pred, group: int, kind: str) -> bool:
-    """Whether walk ``kind`` of this layout takes tall (128-row) tiles: the layout block is
-    that tall already, or stacking to it covers at most lowering.STACK_WASTE more pairs
-    than rows of FLAT positions."""
-    lb = layout.block_size
-    if lb >= TALL:
-        return True
-    return lowering.stacks_well(layout, pred, group, kind, TALL // lb, max(1, FLAT // lb))
-
-
-def row_height(layout: Layout, pred, tall: bool, owned: int) -> int:
-    """Positions per kernel row: the config's owned tile, capped by the class (TALL or
-    FLAT), at least one layout block; one layout block if rows cannot stack at all."""
-    lb = layout.block_size
-    if not lowering.can_stack(pred):
-        return lb
-    return max(lb, min(owned, TALL if tall else FLAT))
-
-
 def _tma_ok(tensors: tuple, interp: bool) -> bool:
     """Whether tensor descriptors can fetch these [B, H, T, D] tensors' tiles."""
     try:
@@ -262,18 +239,17 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
-def _maybe_autotune(kind: str, q: torch.Tensor, k: torch.Tensor, layout: Layout, configs: dict | None,
-                    run) -> None:
-    """On the first call for (kind, head dim, dtype, GPU, row class), measure the candidates
-    if asked to (see tuning.should_autotune); ``run(config)`` launches the kernel with one."""
-    if configs is not None:
-        return
-    pad, name = max(16, 1 << (q.shape[-1] - 1).bit_length()), device_name(q)
-    if name is None:
-        return
-    tall = row_class(layout, codegen.load(layout.pattern).plan, q.shape[1] // k.shape[1], kind)
-    if tuning.should_autotune(kind, pad, q.dtype, name, tall):
-        tuning.autotune(kind, pad, q.dtype, name, run, tall=tall)
+def _tuned_launch(run: _Launch, kinds: tuple, q, k, layout: Layout, split, configs: dict | None,
+                  launch) -> _Launch:
+    """``run``, or -- on the first call for a (kernel, head dim, dtype, GPU, row class) key
+    that should be tuned (tuning.should_autotune) -- a new _Launch with the autotuner's
+    choice; ``launch(kind, config)`` runs one kernel with one candidate."""
+    tuned = False
+    for kind in kinds:
+        if configs is None and tuning.should_autotune(kind, run.d_pad, q.dtype, run.name, run.tall[kind]):
+            tuning.autotune(kind, run.d_pad, q.dtype, run.name, lambda cfg: launch(kind, cfg), tall=run.tall[kind])
+            tuned = True
+    return _Launch(q, k, layout, split, configs) if tuned else run
 
 
 def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, configs: dict | None = None):
@@ -282,8 +258,8 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     One kernel launch. ``configs`` ({"fwd": KernelConfig}) overrides the launch configuration."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-    _maybe_autotune("fwd", q, k, layout, configs, lambda cfg: forward(q, k, v, layout, scale, split, {"fwd": cfg}))
-    run = _Launch(q, k, layout, split, configs)
+    run = _tuned_launch(_Launch(q, k, layout, split, configs), ("fwd",), q, k, layout, split, configs,
+                        lambda kind, cfg: forward(q, k, v, layout, scale, split, {kind: cfg}))
     walk = run.plan.fwd
     out = _empty(q.shape, q)
     lse = _empty((run.b, run.h, run.t), q, torch.float32)
@@ -306,13 +282,10 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     args = (do, q, k, v, out, lse, layout, scale, split)
-    if need_kv:
-        _maybe_autotune("dkdv", q, k, layout, configs,
-                        lambda cfg: backward(*args, need_q=False, configs={"dkdv": cfg}))
-    if need_q:
-        _maybe_autotune("dq", q, k, layout, configs,
-                        lambda cfg: backward(*args, need_kv=False, configs={"dq": cfg}))
-    run = _Launch(q, k, layout, split, configs)
+    kinds = ("dkdv",) * need_kv + ("dq",) * need_q
+    run = _tuned_launch(_Launch(q, k, layout, split, configs), kinds, q, k, layout, split, configs,
+                        lambda kind, cfg: backward(*args, need_q=kind == "dq", need_kv=kind == "dkdv",
+                                                   configs={kind: cfg}))
     plan, c = run.plan, run.consts
     dev = q.device
 

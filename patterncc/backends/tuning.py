@@ -91,8 +91,10 @@ def owned_rows(kind: str, cfg: KernelConfig) -> int:
 
 
 def candidates(kind: str, tall: bool) -> list[KernelConfig]:
-    """The autotuner's candidates for a class: all for tall layouts, <= 64 owned rows for flat."""
-    return [c for c in CANDIDATES[kind] if tall or owned_rows(kind, c) <= 64]
+    """The autotuner's candidates for a class: all for tall layouts, those owning at most
+    lowering.FLAT_ROWS rows for flat ones."""
+    from ..lowering import FLAT_ROWS
+    return [c for c in CANDIDATES[kind] if tall or owned_rows(kind, c) <= FLAT_ROWS]
 
 
 def width_class(head_pad: int) -> int:
