@@ -14,7 +14,7 @@ Each row also records what the kernels walked (blocks and FULL fraction in kerne
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
 same pattern with ``residue`` (residue order of dilated heads) or ``thin`` (narrow tiles
 of thin global columns) turned off, or ``stack`` (128-row tiles whatever their extra
-pairs, lowering.STACK_WASTE) forced, timed in the same run.
+pairs and however K/V are loaded: lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -38,8 +38,9 @@ import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from patterncc.backends import triton_backend  # noqa: E402
 
-# A/B variants: a lowering switch of patterncc.lowering and the value it takes.
-ABLATIONS = {"residue": ("RESIDUE_ORDER", False), "thin": ("THIN_COLUMNS", False), "stack": ("STACK_WASTE", 1e9)}
+# A/B variants: switches of patterncc.lowering and the values they take.
+ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
+             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
@@ -197,9 +198,9 @@ def kernel_stats(lay, q) -> dict:
 
 def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
     """The same pattern with one lowering turned off (see ABLATIONS), timed now."""
-    flag, value = ABLATIONS[what]
-    saved = getattr(lowering, flag)
-    setattr(lowering, flag, value)
+    saved = {flag: getattr(lowering, flag) for flag in ABLATIONS[what]}
+    for flag, value in ABLATIONS[what].items():
+        setattr(lowering, flag, value)
     try:
         op(q, k, v)
         pf = bench(lambda: op(q, k, v))
@@ -207,7 +208,8 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
     finally:
-        setattr(lowering, flag, saved)
+        for flag, value in saved.items():
+            setattr(lowering, flag, value)
     return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],

@@ -19,7 +19,9 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   window in residue order pass (+6%, +11%); longformer (+20%: its 64-row tiles already skip
   the global key block) and BigBird (+39%: stacked blocks draw different random blocks) do
   not. Random terms inside intersections need their own flag bits, so such patterns are
-  never stacked.
+  never stacked. Measured on an H200, tall rows pay only where K/V loads are gathers
+  (residue order), so by default (``TALL_ONLY_GATHERED``) only such layouts take them
+  (:func:`row_class`): the dilated window does, the causal window runs 64-row tiles.
 * **Thin global columns** (:func:`narrow_entries`). A key block that only a top-level
   ``global(...)`` term's key column touches (no other term, no global query in the row)
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
@@ -65,6 +67,7 @@ COLUMN = 1 << 29  # flag bit: only a global key column touches this block (see c
 NARROW = 16  # key tile of thin global columns
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
 STACK_WASTE = 0.15  # stack rows only if the tiles then cover at most 15% more pairs
+TALL_ONLY_GATHERED = True  # tall rows only for residue-ordered (gathered) walks; False: any band (A/B)
 TALL_ROWS, FLAT_ROWS = 128, 64  # positions per kernel row: tall rows, and at most this if not tall
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
@@ -321,11 +324,20 @@ def can_stack(pred: PredicatePlan) -> bool:
 
 def row_class(layout: Layout, pred: PredicatePlan, group: int, kind: str) -> bool:
     """Whether walk ``kind`` of this layout takes tall (TALL_ROWS) tiles: the layout block is
-    that tall already, or stacking to it covers at most STACK_WASTE more pairs than rows of
-    FLAT_ROWS positions."""
+    that tall already, or the heads run in residue order and stacking covers at most
+    STACK_WASTE more pairs than rows of FLAT_ROWS positions.
+
+    Why residue order only (``TALL_ONLY_GATHERED``): a tall tile halves the K/V tiles a
+    program loads but holds twice the accumulator. Measured on an H200 at T=65536, D=64
+    (bench/RESULTS.md, 2026-12-01), that pays where K/V are gathered token by token (the
+    dilated window in residue order: forward 1.05 ms tall against 1.29 ms at 64 rows) and
+    not where they are contiguous rows (the causal window: 1.10 ms either way at best,
+    1.22 ms with the dilated window's tall winner)."""
     lb = layout.block_size
     if lb >= TALL_ROWS:
         return True
+    if TALL_ONLY_GATHERED and not kernel_layout(layout, pred, group).permuted:
+        return False
     return stacks_well(layout, pred, group, kind, TALL_ROWS // lb, max(1, FLAT_ROWS // lb))
 
 

@@ -324,13 +324,16 @@ def test_thin_columns_cut_the_walked_blocks_of_longformer():
     assert plan.kv.narrow_block.numel() == 1  # dK/dV keeps whole blocks (nothing narrow)
 
 
-@pytest.mark.parametrize("src,tall", [
-    ("window(256) | global([0])", False),                                   # +20% pairs at 128 rows
-    ("block(64, width=1) | global(0..128) | random(192, seed=1)", False),   # +39%: random blocks differ
-    ("window(1023) & causal", True),                                        # +6%
-    ("window(256) | dilate(2)", True),                                      # residue order: a band
+@pytest.mark.parametrize("src,tall,gathered_only", [
+    ("window(256) | global([0])", False, False),                                   # +20% pairs at 128 rows
+    ("block(64, width=1) | global(0..128) | random(192, seed=1)", False, False),   # +39%: random blocks differ
+    ("window(1023) & causal", True, False),                                        # +6%
+    ("window(1023) & causal", False, True),                                        # contiguous K/V: 64 rows
+    ("window(256) | dilate(2)", True, True),                                       # residue order: a band
+    ("window(256) | dilate(2)", True, False),
 ])
-def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall):
+def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall, gathered_only, monkeypatch):
+    monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", gathered_only)
     for t in (16384, 65536):
         lay = get_layout(patterncc.parse(src), t, 16, 64)
         pred = codegen.analyse(lay.pattern)

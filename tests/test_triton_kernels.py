@@ -133,6 +133,7 @@ def tiles(request, monkeypatch):
         monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
     if request.param == "stacked":
         monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)  # stack whatever the waste: test the tall rows
+        monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", False)  # in token order too
     return request.param
 
 

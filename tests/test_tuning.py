@@ -18,6 +18,7 @@ from patterncc.backends.tuning import KernelConfig as K
 from patterncc.layout import get_layout
 
 GPU = "NVIDIA H100 80GB HBM3"
+MEASURED = {gpu: dict(table) for gpu, table in tuning.TUNED.items()}  # before the fixture's fake table
 TABLE = {("fwd", 64, True): K(128, 64, 8, 3), ("fwd", 64, False): K(64, 32, 4, 3), ("dq", 64, True): K(128, 32, 8, 2)}
 
 
@@ -136,3 +137,13 @@ def test_each_key_is_tuned_once_and_a_new_length_reuses_it(monkeypatch):
         seen |= keys
         for kind, tall in keys:
             assert tuning.tuned(kind, 16, torch.float32, "Fake GPU", tall) in two
+
+
+def test_measured_table_holds_only_candidates_of_its_class():
+    """TUNED entries come from the sweep, so each is a candidate of its class: the GPU test
+    test_every_autotuner_candidate_shape_is_exact then covers what the table picks."""
+    assert MEASURED, "the measured table is empty"
+    for table in MEASURED.values():
+        for (kind, width, tall), cfg in table.items():
+            assert kind in tuning.KINDS and width in (64, 128, 256)
+            assert cfg in tuning.candidates(kind, tall), (kind, width, tall, cfg)

@@ -3,9 +3,10 @@
 A configuration is the owned tile (rows a program keeps: queries in the forward and dQ,
 keys in dK/dV; taller than the layout block, it stacks layout blocks), the walked tile,
 ``num_warps`` and ``num_stages``. Configurations come in two classes, by the layout they
-run: ``tall`` where the lowering accepts 128-row tiles (``lowering.stacks_well``: a band
-or window pattern), ``flat`` where it does not (BigBird's scattered random blocks; rows
-then hold at most 64 positions, or one layout block if that is larger).
+run: ``tall`` where the lowering takes 128-row tiles (``lowering.row_class``: a band in
+residue order, such as a dilated window), ``flat`` where it does not (contiguous bands,
+BigBird's scattered random blocks; rows then hold at most 64 positions, or one layout
+block if that is larger).
 :func:`config_for` looks one up, in this order:
 
 1. ``CONFIGS[(kind, width)]``: set by hand (and by tests), for every GPU;
@@ -27,7 +28,7 @@ Example:
     >>> import torch
     >>> from patterncc.backends import tuning
     >>> tuning.config_for("fwd", 64, torch.bfloat16, None)   # no GPU: the default
-    KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False)
     >>> tuning.cache_key("dq", 80, torch.float16, "NVIDIA H200", tall=True)
     'dq/128/float16/tall/NVIDIA H200'
 """
@@ -69,10 +70,20 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 
 # Measured with bench/tune.py (bench/RESULTS.md): {GPU name prefix: {(kind, width, tall): config}},
 # from bf16 runs; fp16 shares them, fp32 falls back to DEFAULT. Only measured entries go
-# here. Empty for now: the stacked-row kernels (2026-12-01) have not been swept on a GPU
-# yet, so every GPU autotunes once (DEFAULT, 64x64 / 4 warps / 2 stages, was the best of
-# the 2026-11-24 sweep of the previous kernels on an H100).
-TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {}
+# here; a GPU or key not listed autotunes once. "NVIDIA H200": the 2026-12-01 sweep at
+# T=65536, H=16 (bench/results/2026-12-01-NVIDIA-H200-tune.json), best geometric mean
+# over the class's reference patterns: flat = longformer, BigBird, causal window; tall =
+# the dilated window in residue order (lowering.row_class).
+TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
+    "NVIDIA H200": {
+        ("fwd", 64, False): K(64, 64, 4, 3, True), ("fwd", 64, True): K(128, 64, 4, 3),
+        ("dq", 64, False): K(64, 64, 4, 3, True), ("dq", 64, True): K(64, 32, 4, 3),
+        ("dkdv", 64, False): K(32, 64, 4, 3), ("dkdv", 64, True): K(32, 128, 4, 3),
+        ("fwd", 128, False): K(64, 64, 4, 3, True), ("fwd", 128, True): K(64, 64, 4, 2),
+        ("dq", 128, False): K(64, 64, 4, 2), ("dq", 128, True): K(64, 64, 4, 2),
+        ("dkdv", 128, False): K(64, 64, 4, 3, True), ("dkdv", 128, True): K(32, 64, 4, 3),
+    },
+}
 
 # What the autotuner tries (the first is the fallback if every candidate fails).
 CANDIDATES: dict[str, list[KernelConfig]] = {
