@@ -8,13 +8,14 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,thin,stack python bench/bench_attention.py   # also A/B rows, see ABLATIONS
+    ABLATE=residue,tokens,thin,stack python bench/bench_attention.py   # also A/B rows, see ABLATIONS
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
-same pattern with ``residue`` (residue order of dilated heads) or ``thin`` (narrow tiles
-of thin global columns) turned off, or ``stack`` (128-row tiles whatever their extra
-pairs and however K/V are loaded: lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, timed in the same run.
+same pattern with ``residue`` (residue order of dilated heads), ``tokens`` (division-free
+residue tokens, order mode 1) or ``thin`` (narrow tiles of thin global columns) turned
+off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are loaded:
+lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -40,8 +41,10 @@ from patterncc.backends import triton_backend  # noqa: E402
 
 # A/B variants: switches of patterncc.lowering and the values they take.
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
+             "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}}
-LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced"}
+LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
+          "tokens": "general residue tokens"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -167,7 +170,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 del out
                 for a in ablate:
-                    if ((a == "residue" and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
+                    if ((a in ("residue", "tokens") and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
                             or (a == "stack" and r["rows"]["fwd"] > 64)):
                         continue  # that switch changes nothing for this pattern
                     rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))

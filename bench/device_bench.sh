@@ -8,7 +8,7 @@
 # JSON, logs and the Markdown table land under $OUT.
 set -u
 source bench/device_setup.sh
-TS=${TS:-16384} DS=${DS:-64,128} ABLATE=${ABLATE-residue,thin,stack} timeout ${BENCH_TIMEOUT:-390} \
+TS=${TS:-16384} DS=${DS:-64,128} ABLATE=${ABLATE-residue,tokens,thin,stack} timeout ${BENCH_TIMEOUT:-390} \
   python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
 tail -40 "$OUT/bench.log"
 timeout ${OVERHEAD_TIMEOUT:-90} python3 bench/overheads.py > "$OUT/overheads.jsonl" 2> "$OUT/overheads.err"; echo "overheads exit $?"

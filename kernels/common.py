@@ -11,6 +11,9 @@ lowering does this for dilated windows): with factor ``dil`` and class length ``
 positions c * seg .. c * seg + seg - 1 hold the tokens t = c (mod dil) in increasing
 order, so a dilated window becomes a plain band of FULL blocks. Every load and store goes
 through the token of its position; outputs, LSE and gradients stay in token order.
+``PERMUTED`` is 0 (token order), 1 (residue order, every class at least as long as any
+tile and (T + 1) * HEAD_DIM below 2^31: division-free tokens, int32 in-head row offsets)
+or 2 (residue order, general: short classes or huge heads).
 """
 import triton
 import triton.language as tl
@@ -59,8 +62,17 @@ def _tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexp
     token: ``valid`` is False there, and its token reads as SEQ_LEN or more.
     """
     offs = first + tl.arange(0, BLOCK)
-    if PERMUTED:
+    if PERMUTED == 1:
+        # Position p holds token (p mod seg) * dil + p // seg. A vector integer division is
+        # tens of instructions per element on every walked tile, so divide the tile's first
+        # position only: with classes at least a tile long, a tile spans at most two.
+        c0 = first // seg
+        i = offs - c0 * seg
+        nxt = i >= seg
+        tok = tl.where(nxt, i - seg, i) * dil + c0 + nxt.to(tl.int32)
+    elif PERMUTED:
         tok = (offs % seg) * dil + offs // seg
+    if PERMUTED:
         valid = (offs < dil * seg) & (tok < SEQ_LEN)
         tok = tl.where(valid, tok, SEQ_LEN)
     else:
@@ -76,10 +88,13 @@ def _row_ptrs(base, head_row0, first, tok, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.
 
     In token order the tile is contiguous: an int64 scalar base at its first row and small
     int32 in-tile offsets (b * H * T * D can pass 2^31). In residue order rows are strided
-    or scattered, so the row offsets are int64.
+    or scattered: an int64 base at the head's row 0 and int32 offsets within the head
+    (PERMUTED 1: the host checked (T + 1) * HEAD_DIM < 2^31), else int64 row offsets.
     """
     cols = tl.arange(0, HEAD_PAD)
-    if PERMUTED:
+    if PERMUTED == 1:
+        return base + head_row0 * HEAD_DIM + (tok * HEAD_DIM)[:, None] + cols[None, :]
+    elif PERMUTED:
         rows = (head_row0 + tok.to(tl.int64)) * HEAD_DIM
         return base + rows[:, None] + cols[None, :]
     else:

@@ -72,6 +72,7 @@ TALL_ROWS, FLAT_ROWS = 128, 64  # positions per kernel row: tall rows, and at mo
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
+FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -689,6 +690,26 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )
+
+
+def order_mode(klay: KernelLayout, longest_tile: int, head_pad: int) -> int:
+    """The kernels' ``PERMUTED`` constexpr: 0 token order; 1 residue order where every
+    class holds at least ``longest_tile`` positions (a tile then spans at most two classes:
+    tokens without a vector division) and rows of one head fit int32 offsets; 2 residue
+    order otherwise (short classes of short sequences, or heads of 2^31 elements).
+
+    >>> import patterncc
+    >>> from patterncc import codegen
+    >>> lay = patterncc.compile("window(256) | dilate(2)").layout(4096, 2)
+    >>> klay = kernel_layout(lay, codegen.analyse(lay.pattern))
+    >>> order_mode(klay, 128, 64), order_mode(klay, 4096, 64)
+    (1, 2)
+    """
+    if not klay.permuted:
+        return 0
+    shortest = int(klay.seg[klay.dil > 1].min())
+    fits = (klay.seq_len + 1) * head_pad < 2 ** 31
+    return 1 if FAST_RESIDUE_TOKENS and shortest >= longest_tile and fits else 2
 
 
 def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1, split: int | None = None,

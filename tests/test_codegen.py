@@ -175,7 +175,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
     assert gen.path.read_text() == gen.source
 
 
-def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: bool,
+def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
@@ -243,8 +243,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     many = "global([" + ", ".join(str(7 * i) for i in range(20)) + "])"
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
-    # token order; residue order with stacked rows; token order with TMA descriptors
-    for permuted, rows, tma in ((False, block, False), (True, 2 * block, False), (False, block, True)):
+    # token order; residue order (both order modes) with stacked rows; token order with TMA descriptors
+    for permuted, rows, tma in ((0, block, False), (1, 2 * block, False), (2, 2 * block, False), (0, block, True)):
         for name, compiled in aot_compile(gen, dtype, head_dim, block, rows, permuted, tma=tma).items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

@@ -113,6 +113,9 @@ CASES = [
     ("window(5) | global([0, 7]) | dilate(2)", 101, 4, 2, 32, 1, 16, 3),
     ("(window(8) & causal) | dilate(3)", 130, 2, 2, 16, 2, 32, None),
     ("window(6) | dilate(2, heads=[0, 1])", 99, 4, 2, 32, 1, 16, None),
+    # classes longer than any tile (division-free tokens): tiles straddle class ends, empty slots
+    ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 1, 16, 1, 16, 5),
+    ("(window(8) & causal) | dilate(3)", 400, 2, 2, 32, 1, 32, None),
 ]
 
 # Launch configurations: the default, and tiles taller than the layout block (rows stack
@@ -141,6 +144,19 @@ def tiles(request, monkeypatch):
 def test_matches_reference_fp32(src, t, h, hkv, d, b, bs, split, tiles):
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
+
+
+@pytest.mark.parametrize("src,t,bs,mode", [
+    ("window(8)", 100, 16, 0),                               # token order
+    ("window(6) | dilate(3)", 100, 16, 2),                   # classes of 34 < a 64-row tile
+    ("window(5) | global([0, 7]) | dilate(2)", 301, 16, 1),  # classes of 151
+    ("(window(8) & causal) | dilate(3)", 400, 32, 1),        # classes of 134
+])
+def test_order_mode_of_the_residue_cases(src, t, bs, mode, tiles):
+    """The cases above run the order mode they are there for (tall tiles included)."""
+    lay = get_layout(patterncc.parse(src), t, 2, bs)
+    q, k, _ = _inputs(1, 2, 2, t, 16, torch.float32)
+    assert triton_backend._Launch(q, k, lay, None).consts["PERMUTED"] == mode
 
 
 def test_split_rows_merge_in_kernel_deterministically_and_reset_their_counters():

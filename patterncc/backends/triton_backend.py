@@ -177,7 +177,9 @@ class _Launch:
         self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split, tiles,
                                       self.d, q.element_size())
         self.consts = dict(
-            HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb, PERMUTED=self.plan.permuted,
+            HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb,
+            PERMUTED=lowering.order_mode(lowering.kernel_layout(layout, self.gen.plan, self.group),
+                                         max(self.lb, *self.rows.values()), self.d_pad),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=self.interp and q.dtype == torch.bfloat16,
         )
