@@ -116,6 +116,7 @@ CASES = [
     # classes longer than any tile (division-free tokens): tiles straddle class ends, empty slots
     ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 1, 16, 1, 16, 5),
     ("(window(8) & causal) | dilate(3)", 400, 2, 2, 32, 1, 32, None),
+    ("window(4) | dilate(2, heads=[1])", 261, 2, 2, 16, 1, 16, None),  # and a token-order head beside
 ]
 
 # Launch configurations: the default, and tiles taller than the layout block (rows stack
@@ -151,6 +152,7 @@ def test_matches_reference_fp32(src, t, h, hkv, d, b, bs, split, tiles):
     ("window(6) | dilate(3)", 100, 16, 2),                   # classes of 34 < a 64-row tile
     ("window(5) | global([0, 7]) | dilate(2)", 301, 16, 1),  # classes of 151
     ("(window(8) & causal) | dilate(3)", 400, 32, 1),        # classes of 134
+    ("window(4) | dilate(2, heads=[1])", 261, 16, 1),        # classes of 131, head 0 in token order
 ])
 def test_order_mode_of_the_residue_cases(src, t, bs, mode, tiles):
     """The cases above run the order mode they are there for (tall tiles included)."""
