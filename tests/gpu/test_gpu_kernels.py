@@ -121,6 +121,7 @@ def test_every_autotuner_candidate_shape_is_exact(name, kind_cfgs, monkeypatch):
     from patterncc import lowering
     from patterncc.backends import tuning
     monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)
+    monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", False)  # token-order layouts too
     for kind, cfg in kind_cfgs.items():
         for width in (64, 128):
             monkeypatch.setitem(tuning.CONFIGS, (kind, width), tuning.KernelConfig(*cfg))
