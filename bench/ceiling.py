@@ -5,9 +5,9 @@ window with flat or tall rows under each launch configuration.
    SDPA at the same shape, flash and cuDNN backends: the ceiling of our inner loop, as
    eff (their time / ours) and TFLOP/s. A pattern's eff cannot pass this by much.
 2. ``window(1023) & causal`` forward, each kernel timed alone at T=65536 under every
-   forward candidate, with tall rows (the default) and with flat 64-query rows
-   (``lowering.STACK_WASTE = -1``): which shape and row height the pattern wants.
-
+   forward candidate, with tall rows (``lowering.TALL_ONLY_GATHERED = False``: the band
+   stacks) and with flat 64-query rows (the default since this probe's 2026-12-01 run):
+   which shape and row height the pattern wants.
 3. ``dense`` and the causal window over 128-token layout blocks, forward, with 128-wide
    key tiles: what the 64-token layout block costs.
 
@@ -63,10 +63,10 @@ def causal_window_rows(D: int, T: int = 65536, H: int = 16) -> list[dict]:
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     layout = patterncc.compile("window(1023) & causal").layout(T, H)
     rows = []
-    saved = lowering.STACK_WASTE
+    saved = lowering.STACK_WASTE, lowering.TALL_ONLY_GATHERED
     try:
-        for label, waste in (("tall", saved), ("flat", -1.0)):
-            lowering.STACK_WASTE = waste
+        for label, waste, gathered_only in (("tall", saved[0], False), ("flat", -1.0, True)):
+            lowering.STACK_WASTE, lowering.TALL_ONLY_GATHERED = waste, gathered_only
             for cfg in tuning.CANDIDATES["fwd"]:
                 try:
                     tb.forward(q, k, v, layout, D ** -0.5, configs={"fwd": cfg})
@@ -77,7 +77,7 @@ def causal_window_rows(D: int, T: int = 65536, H: int = 16) -> list[dict]:
                 rows.append({"probe": "causal_window fwd", "T": T, "D": D, "rows": label, "config": vars(cfg), "ms": ms})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        lowering.STACK_WASTE = saved
+        lowering.STACK_WASTE, lowering.TALL_ONLY_GATHERED = saved
     return rows
 
 
