@@ -136,6 +136,13 @@ class KernelLayout:
         return self.nnz / (self.num_heads * nb ** 2)
 
 
+def switches() -> tuple:
+    """The module's tuning switches above, as a key: what was built under other values (an
+    A/B run flips them) is not reused."""
+    return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS,
+            FAST_RESIDUE_TOKENS, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
+
+
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
     """(query block, key block, flags) of the entries of rows head * nb .. head * nb + nb - 1."""
     ptr = indptr[head * nb:(head + 1) * nb + 1]

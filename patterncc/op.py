@@ -142,7 +142,8 @@ class SparseAttention:
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  *, layer: int | None = None) -> torch.Tensor:
-        _validate(q, k, v, scale, self._backend_for(q) if isinstance(q, torch.Tensor) else "torch")
+        backend = self._backend_for(q) if isinstance(q, torch.Tensor) else "torch"
+        _validate(q, k, v, scale, backend)
         b, h, t, d = q.shape
         heads = self._heads(h)
         if scale is None:
@@ -150,7 +151,7 @@ class SparseAttention:
         if b == 0 or t == 0:
             return torch.zeros_like(q) + 0 * (q.sum() + k.sum() + v.sum())  # grads (zero) for all three
         pattern = self.pattern_for_layer(layer)
-        if self._backend_for(q) == "triton":
+        if backend == "triton":
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             if torch.compiler.is_compiling():
                 # One opaque custom op for torch.compile: the layout is built, and cached,

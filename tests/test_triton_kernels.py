@@ -268,3 +268,55 @@ def test_non_square_tiles_match_reference(kind, cfg, monkeypatch):
     monkeypatch.setitem(triton_backend.CONFIGS, (kind, 64), triton_backend.KernelConfig(*cfg))
     errs, *_ = run_case("window(20) | global([3]) | random(64, seed=2)", 150, 2, 1, 32, 1, 64)
     assert max(errs) < 1e-4, errs
+
+
+def test_launch_constants_are_built_once_per_key_and_rebuilt_when_an_input_of_them_changes(monkeypatch):
+    """launch_for memoises a call's constants on the layout; shapes, dtype, split, the
+    lowering switches and the tuning state are part of the key, so an A/B flip or a new
+    config is never served stale constants."""
+    layout = get_layout(patterncc.parse("window(8) | global([0])"), 130, 2, 32)
+    q, k, _ = _inputs(1, 2, 2, 130, 16, torch.float32)
+    first = triton_backend.launch_for(q, k, layout)
+    assert triton_backend.launch_for(q, k, layout) is first
+    assert triton_backend.launch_for(q.half(), k.half(), layout) is not first
+    assert triton_backend.launch_for(q, k[:, :1], layout).group == 2
+    assert triton_backend.launch_for(q, k, layout, split=2) is not first
+    forced = triton_backend.KernelConfig(32, 32, 4, 2)
+    monkeypatch.setitem(triton_backend.CONFIGS, ("fwd", 64), forced)
+    assert triton_backend.launch_for(q, k, layout).cfg["fwd"] == forced
+    monkeypatch.delitem(triton_backend.CONFIGS, ("fwd", 64))
+    assert triton_backend.launch_for(q, k, layout) is first
+    monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)
+    monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", False)
+    stacked = triton_backend.launch_for(q, k, layout)
+    assert stacked.tall["fwd"] and not first.tall["fwd"]
+    explicit = {"fwd": forced}
+    assert triton_backend.launch_for(q, k, layout, configs=explicit) is not triton_backend.launch_for(
+        q, k, layout, configs=explicit)  # explicit overrides (the autotuner's candidates) are not kept
+
+
+@pytest.mark.parametrize("src,split,split_rows", [("window(4) | global([0])", 2, True),
+                                                  ("window(4) & causal", None, False)])
+def test_scratch_is_new_per_call_where_rows_split_and_a_shared_dummy_elsewhere(src, split, split_rows):
+    layout = get_layout(patterncc.parse(src), 150, 2, 16)
+    q, k, _ = _inputs(1, 2, 2, 150, 16, torch.float32)
+    run = triton_backend.launch_for(q, k, layout, split=split)
+    walk = run.plan.fwd
+    assert (walk.items.n_slots > 0) == split_rows
+    a, b = run.scratch(walk), run.scratch(walk)
+    assert (a is not b) if split_rows else (a is b is run.no_scratch)
+
+
+def test_inference_calls_skip_autograd_and_match_the_recorded_path():
+    """Without inputs that need gradients (or under no_grad) the op runs the forward
+    directly: the same numbers, no graph node."""
+    layout = get_layout(patterncc.parse("window(8) | global([0])"), 100, 2, 32)
+    q, k, v = _inputs(1, 2, 1, 100, 16, torch.float32)
+    recorded = triton_backend.attention(q, k, v, layout, 0.25)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        plain = triton_backend.attention(q, k, v, layout, 0.25)
+    detached = triton_backend.attention(q.detach(), k.detach(), v.detach(), layout, 0.25)
+    for out in (plain, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, recorded.detach())

@@ -147,3 +147,20 @@ def test_measured_table_holds_only_candidates_of_its_class():
         for (kind, width, tall), cfg in table.items():
             assert kind in tuning.KINDS and width in (64, 128, 256)
             assert cfg in tuning.candidates(kind, tall), (kind, width, tall, cfg)
+
+
+def test_fingerprint_changes_with_everything_config_for_reads(monkeypatch):
+    """Launch constants are keyed by it (triton_backend.launch_for): a tuning result, a
+    forced config or a replaced table must change it; nothing else may."""
+    start = tuning.fingerprint()
+    assert tuning.fingerprint() == start
+    tuning.record("fwd", 64, torch.bfloat16, GPU, K(64, 32, 4, 3))
+    recorded = tuning.fingerprint()
+    assert recorded != start
+    monkeypatch.setitem(tuning.CONFIGS, ("dq", 64), K(32, 32, 4, 2))
+    forced = tuning.fingerprint()
+    assert forced != recorded
+    monkeypatch.setitem(tuning.TUNED, "NVIDIA H100", dict(TABLE))
+    assert tuning.fingerprint() != forced
+    tuning.clear()
+    assert tuning.fingerprint() not in (start, recorded, forced)

@@ -125,6 +125,16 @@ def cache_key(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, ta
 _lock = threading.Lock()
 _memory: dict[str, KernelConfig] = {}
 _disk_loaded = False
+_generation = 0  # bumped whenever the autotuner's cache changes (record, clear)
+
+
+def fingerprint() -> tuple:
+    """What config_for's answers depend on besides its arguments, as a key for launch
+    constants built from them: the autotuner cache's generation, ``CONFIGS`` and the
+    tables of ``TUNED`` (replace a table to change it; edits inside one are not seen by
+    launches already built)."""
+    return (_generation, tuple(CONFIGS.items()) if CONFIGS else (),
+            tuple((name, id(table)) for name, table in TUNED.items()))
 
 
 def tuning_file() -> Path:
@@ -242,6 +252,7 @@ def record(kind: str, head_pad: int, dtype: torch.dtype, device_name: str, confi
     with _lock:
         _load_disk()
         _memory[cache_key(kind, head_pad, dtype, device_name, tall)] = config
+        _bump()
         _save_disk()
 
 
@@ -251,3 +262,9 @@ def clear() -> None:
     with _lock:
         _memory.clear()
         _disk_loaded = False
+        _bump()
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1

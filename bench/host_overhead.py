@@ -1,0 +1,88 @@
+"""Host time of one patterncc call against its GPU time (T=16384, bf16, B=1, H=16, D=64).
+
+On a GPU (the default) it prints, per reference pattern, one JSON line with
+``host_ms_per_call`` (back-to-back forward calls, no synchronisation: the rate the Python
+side can issue them), ``do_bench_ms`` (what bench_attention.py reports) and
+``cudagraph_ms`` (the same forward replayed from a CUDA graph: GPU time alone). When the
+first is near the second and above the third, the call is host-bound.
+
+``--stub`` measures patterncc's own share on any machine: the Triton launches are replaced
+by no-ops (CPU tensors, the interpreter's code path up to the launch), and it prints the
+microseconds per forward call and per forward+backward call. Before/after numbers of a
+host-side change come from running it on both commits.
+
+    python bench/host_overhead.py            # on a GPU machine
+    python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+STUB = "--stub" in sys.argv
+if STUB:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import patterncc  # noqa: E402
+from bench_attention import PATTERNS  # noqa: E402
+
+T, H, D = 16384, 16, 64
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](*args) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _per_call_us(fn, n: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def stub_main() -> None:
+    from patterncc import codegen
+    codegen.Generated.kernel = lambda self, name: _NoLaunch()
+    q, k, v = (torch.randn(1, H, T, D, dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwdbwd(op):
+        qg.grad = kg.grad = vg.grad = None  # no CPU-side gradient accumulation in the timing
+        op(qg, kg, vg).backward(do)
+
+    for name, src in PATTERNS.items():
+        op = patterncc.compile(src, block_size=64, backend="triton")
+        row = {"pattern": name,
+               "fwd_us": _per_call_us(lambda: op(q, k, v), 2000),
+               "fwd_grad_inputs_us": _per_call_us(lambda: op(qg, kg, vg), 2000),
+               "fwdbwd_us": _per_call_us(lambda: fwdbwd(op), 1000)}
+        print(json.dumps({k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()}), flush=True)
+
+
+def gpu_main() -> None:
+    from triton.testing import do_bench, do_bench_cudagraph
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name, src in PATTERNS.items():
+        op = patterncc.compile(src, block_size=64, backend="triton")
+        op(q, k, v)
+        torch.cuda.synchronize()
+        host = _per_call_us(lambda: op(q, k, v), 200) / 1e3
+        torch.cuda.synchronize()
+        plain = do_bench(lambda: op(q, k, v), warmup=25, rep=100, return_mode="median")
+        graph = do_bench_cudagraph(lambda: op(q, k, v), rep=100, return_mode="median")
+        print(json.dumps({"pattern": name, "host_ms_per_call": round(host, 4), "do_bench_ms": round(plain, 4),
+                          "cudagraph_ms": round(graph, 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    stub_main() if STUB else gpu_main()
