@@ -19,6 +19,11 @@ lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
+
+Each row also has the forward's GPU time alone (``pcc_fwd_graph_ms``, ``flex_fwd_graph_ms``:
+replayed from a CUDA graph under no_grad) and patterncc's host time per call
+(``pcc_host_fwd_ms``): at short sequences the eager op can wait on Python (bench/RESULTS.md,
+third session), and these columns tell a kernel change from host noise.
 """
 from __future__ import annotations
 
@@ -84,6 +89,34 @@ def bench(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grad_to_none)
 
 
+def bench_graph(fn, what: str):
+    """Median GPU time of ``fn`` replayed from a CUDA graph, under no_grad: kernel time with
+    no host time in it (None if it cannot be captured)."""
+    from triton.testing import do_bench_cudagraph
+
+    def run():
+        with torch.no_grad():
+            fn()
+    try:
+        return do_bench_cudagraph(run, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a capture failure only loses this column
+        print(f"graph {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def host_ms(fn, n: int = 50) -> float:
+    """Host time per call of ``fn`` issued back to back (no synchronisation between calls):
+    a time near do_bench's means the call is host-bound."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
 def versions() -> dict:
     import triton
     return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
@@ -134,10 +167,12 @@ def main() -> None:
                 torch.cuda.synchronize()
                 first_call = time.perf_counter() - t0
                 pf = bench(lambda: op(q, k, v))
+                pf_graph = bench_graph(lambda: op(q, k, v), f"pcc {name}")
+                pf_host = host_ms(lambda: op(q, k, v))
                 def pfb():
                     op(q, k, v).backward(do)
                 pfb_ms = bench(pfb, [q, k, v])
-                flex_f = flex_fb = None
+                flex_f = flex_fb = flex_graph = None
                 if not skip_flex:
                     try:
                         mm = flex_mask_mod(name, op, T, H, dev)
@@ -145,6 +180,7 @@ def main() -> None:
                                                _compile=True)
                         flex(q, k, v, block_mask=bm)
                         flex_f = bench(lambda: flex(q, k, v, block_mask=bm))
+                        flex_graph = bench_graph(lambda: flex(q, k, v, block_mask=bm), f"flex {name}")
                         def ffb():
                             flex(q, k, v, block_mask=bm).backward(do)
                         flex_fb = bench(ffb, [q, k, v])
@@ -164,7 +200,10 @@ def main() -> None:
                          flex_eff_fwdbwd=dfb * density / flex_fb if (dfb and flex_fb) else None,
                          speedup_vs_flex_fwd=flex_f / pf if flex_f else None,
                          speedup_vs_flex_fwdbwd=flex_fb / pfb_ms if flex_fb else None,
-                         pcc_first_call_s=round(first_call, 3))
+                         pcc_first_call_s=round(first_call, 3),
+                         pcc_host_fwd_ms=pf_host, pcc_fwd_graph_ms=pf_graph, flex_fwd_graph_ms=flex_graph,
+                         eff_fwd_graph=df * density / pf_graph if (df and pf_graph) else None,
+                         speedup_vs_flex_fwd_graph=flex_graph / pf_graph if (flex_graph and pf_graph) else None)
                 r.update(kernel_stats(lay, q))
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -244,6 +283,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{_f(r['flex_eff_fwd'], 2)} | {_f(r['speedup_vs_flex_fwd'], 2)}x | {_f(r['dense_fwdbwd_ms'])} | "
                      f"{_f(r['flex_fwdbwd_ms'])} | {_f(r['pcc_fwdbwd_ms'])} | {_f(r['eff_fwdbwd'], 2)} | "
                      f"{_f(r['flex_eff_fwdbwd'], 2)} | {_f(r['speedup_vs_flex_fwdbwd'], 2)}x | {_f(r['eff_cudnn_fwd'], 2)} |")
+    graphs = [r for r in rows if "ablation" not in r and r.get("pcc_fwd_graph_ms")]
+    if graphs:
+        lines += ["", "Forward GPU time alone (CUDA-graph replay, no_grad) and patterncc's host time per call:",
+                  "", "| T | pattern | D | pcc host | pcc fwd | pcc graph | flex graph | eff graph | vs flex graph |",
+                  "|" + "---|" * 9]
+        for r in graphs:
+            lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {_f(r['pcc_host_fwd_ms'])} | {_f(r['pcc_fwd_ms'])} | "
+                         f"{_f(r['pcc_fwd_graph_ms'])} | {_f(r['flex_fwd_graph_ms'])} | {_f(r['eff_fwd_graph'], 2)} | "
+                         f"{_f(r['speedup_vs_flex_fwd_graph'], 2)}x |")
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
         lines += ["", "| T | pattern | D | variant | fwd default / variant | f+b default / variant |", "|---|---|---|---|---|---|"]
