@@ -589,13 +589,20 @@ class Walk:
 
     def counters(self, batch: int, tiles: int) -> torch.Tensor:
         """int32 merge counters [n_merge * tiles * batch], zero between calls (the last
-        program of each split row resets its own)."""
-        key = (batch, tiles)
+        program of each split row resets its own). One set per CUDA stream: calls on two
+        streams may overlap without sharing them (a captured graph keeps its capture
+        stream's). A walk without split rows gets one dummy, which its kernels never touch."""
+        key = (batch, tiles, _stream_id(self.block.device) if self.items.n_merge else None)
         got = self._counters.get(key)
         if got is None:
             n = max(1, self.items.n_merge * tiles * batch)
             got = self._counters[key] = torch.zeros(n, dtype=torch.int32, device=self.block.device)
         return got
+
+
+def _stream_id(device: torch.device) -> int:
+    """The current stream of ``device`` as a number (0 off CUDA)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 @dataclass(frozen=True)

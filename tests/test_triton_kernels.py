@@ -320,3 +320,19 @@ def test_inference_calls_skip_autograd_and_match_the_recorded_path():
     for out in (plain, detached):
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, recorded.detach())
+
+
+def test_merge_counters_are_per_stream_where_rows_merge(monkeypatch):
+    """Calls on two CUDA streams must not share merge counters (stream ids faked here: the
+    interpreter runs on the CPU); a walk without split rows needs none of its own."""
+    layout = get_layout(patterncc.parse("window(4) | global([0])"), 150, 2, 16)
+    q, k, _ = _inputs(1, 2, 2, 150, 16, torch.float32)
+    merged = triton_backend.launch_for(q, k, layout, split=2).plan.fwd
+    plain = triton_backend.launch_for(q, k, get_layout(patterncc.parse("window(4) & causal"), 150, 2, 16)).plan.fwd
+    assert merged.items.n_merge > 0 and plain.items.n_merge == 0
+    monkeypatch.setattr(lowering, "_stream_id", lambda device: 7)
+    on_7 = merged.counters(1, 1), plain.counters(1, 1)
+    assert merged.counters(1, 1) is on_7[0]
+    monkeypatch.setattr(lowering, "_stream_id", lambda device: 8)
+    assert merged.counters(1, 1) is not on_7[0]
+    assert plain.counters(1, 1) is on_7[1]

@@ -245,22 +245,21 @@ class _Launch:
         return tuple(out), True
 
     def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
-        """The work-item and entry arguments of one kernel (same order in all three): device
-        tensors of the plan, built once per walk."""
-        key = (id(walk), tiles)
-        got = self._args.get(key)
-        if got is None:
-            got = self._args[key] = self._walk_args(walk, tiles)
-        return got
+        """The work-item and entry arguments of one kernel (same order in all three): the
+        merge counters of this call's stream, then device tensors of the plan (built once)."""
+        rest = self._args.get(id(walk))
+        if rest is None:
+            rest = self._args[id(walk)] = self._plan_args(walk)
+        return (walk.counters(self.b, tiles), *rest)
 
-    def _walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
+    def _plan_args(self, walk: lowering.Walk) -> tuple:
         it = walk.items
         if walk.head is None:  # forward, dQ: entries and the narrow entries of thin columns
             entries = (it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block, walk.narrow_flags)
         else:
             entries = (walk.block, walk.head, walk.flags)
-        return (walk.counters(self.b, tiles), it.row, it.start, it.end, it.slot, it.merge,
-                it.merge_start, it.merge_end, *entries, self.plan.tables, self.plan.dil, self.plan.seg)
+        return (it.row, it.start, it.end, it.slot, it.merge, it.merge_start, it.merge_end, *entries,
+                self.plan.tables, self.plan.dil, self.plan.seg)
 
 
 def _tma_ok(tensors: tuple, interp: bool) -> bool:
