@@ -6,5 +6,5 @@ set -u
 source bench/device_setup.sh
 # Tests run the default and the forced candidate configurations, not the autotuner.
 PATTERNCC_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_gpu_kernels.py -q -x -p no:cacheprovider \
-  -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate or streams}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 timeout ${TUNE_TIMEOUT:-330} python3 bench/tune.py 2>&1 | tee "$OUT/tune.log" | grep -E "==|Error|error" | head -40
