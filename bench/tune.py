@@ -11,6 +11,11 @@ the best per (kernel, head dim, row class), records it in the tuning cache (so l
 on this machine use it) and writes $OUT/tune.json with the entries for ``tuning.TUNED``.
 
     TS=65536 DS=64,128 python bench/tune.py
+    STACK_BANDS=1 DS=64 KINDS=fwd,dq python bench/tune.py   # the causal window in the tall class too
+
+STACK_BANDS=1 turns lowering.TALL_ONLY_GATHERED off for the sweep, so contiguous bands that
+stack well (the causal window) are swept with the tall candidates (the capped 8-warp ones
+among them); it measures, and records nothing in the tuning cache.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ def main():
     kinds = os.environ.get("KINDS", ",".join(tuning.KINDS)).split(",")
     H = int(os.environ.get("HEADS", "16"))
     os.environ["PATTERNCC_AUTOTUNE"] = "0"
+    if os.environ.get("STACK_BANDS") == "1":  # tall rows for contiguous bands too (the causal window)
+        lowering.TALL_ONLY_GATHERED = False
     dev = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "interpreter"
     results = []
@@ -81,7 +88,8 @@ def main():
                 rel = {c: math.exp(sum(math.log(t / b) for t, b in zip(ms[c], base)) / len(base)) for c in cands}
                 best = min(cands, key=lambda c: rel[c])
                 for dtype in (torch.bfloat16, torch.float16):  # so later runs on this machine use it
-                    tuning.record(kind, D, dtype, gpu, best, tall)
+                    if os.environ.get("STACK_BANDS") != "1":  # a what-if class is not what the library runs
+                        tuning.record(kind, D, dtype, gpu, best, tall)
                 results.append({"D": D, "kind": kind, "tall": tall, "patterns": members, "best": vars(best),
                                 "candidates": [{"config": vars(c), "ms": ms[c], "relative": rel[c]} for c in cands]})
                 print(f"== D={D} {kind} {'tall' if tall else 'flat'} ({', '.join(members)}): best {best} at "
@@ -91,8 +99,9 @@ def main():
     print("\nTUNED table entries:")
     for r in results:
         b = r["best"]
+        cap = f", maxnreg={b['maxnreg']}" if b.get("maxnreg") else ""
         print(f"    ({r['kind']!r}, {tuning.width_class(r['D'])}, {r['tall']}): K({b['block_m']}, {b['block_n']}, "
-              f"{b['num_warps']}, {b['num_stages']}, {b['tma']}),")
+              f"{b['num_warps']}, {b['num_stages']}, {b['tma']}{cap}),")
 
 
 if __name__ == "__main__":

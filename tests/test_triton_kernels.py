@@ -336,3 +336,17 @@ def test_merge_counters_are_per_stream_where_rows_merge(monkeypatch):
     monkeypatch.setattr(lowering, "_stream_id", lambda device: 8)
     assert merged.counters(1, 1) is not on_7[0]
     assert plain.counters(1, 1) is on_7[1]
+
+
+def test_a_register_cap_reaches_the_launch_options(monkeypatch):
+    """KernelConfig.maxnreg goes to Triton as a launch option (compiled GPU code; the
+    interpreter takes no options)."""
+    monkeypatch.setitem(triton_backend.CONFIGS, ("fwd", 64), triton_backend.KernelConfig(64, 64, 8, 3, maxnreg=128))
+    layout = get_layout(patterncc.parse("window(8) & causal"), 130, 2, 32)
+    q, k, _ = _inputs(1, 2, 2, 130, 16, torch.float32)
+    run = triton_backend.launch_for(q, k, layout)
+    assert run.tiles("fwd")[2] == ({} if run.interp else {"num_warps": 8, "num_stages": 3, "maxnreg": 128})
+    run = triton_backend._Launch(q, k, layout, None)  # a private one (launch_for's is shared)
+    run.interp = False
+    assert run._tile_shape("fwd")[2] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert "maxnreg" not in run._tile_shape("dq")[2]

@@ -216,6 +216,8 @@ class _Launch:
     def _tile_shape(self, kind: str) -> tuple[int, int, dict]:
         c, rows = self.cfg[kind], self.rows[kind]
         opts = {} if self.interp else dict(num_warps=c.num_warps, num_stages=c.num_stages)
+        if c.maxnreg and not self.interp:
+            opts["maxnreg"] = c.maxnreg
         if kind == "dkdv":
             return min(self.lb, c.block_m), min(rows, c.block_n), opts
         return min(rows, c.block_m), min(self.lb, c.block_n), opts

@@ -53,13 +53,16 @@ class KernelConfig:
     the key tile (dK/dV owns keys: its ``block_n`` may stack layout blocks, its
     ``block_m`` is at most one); ``num_warps`` and software-pipelining ``num_stages``;
     ``tma``: fetch the walked tiles through Hopper tensor descriptors (token order, D a
-    multiple of 16 bytes; else by pointers)."""
+    multiple of 16 bytes; else by pointers); ``maxnreg``: a cap on registers per thread
+    (None: the compiler's choice), so that more programs fit on an SM -- ptxas gives an
+    8-warp 128-row forward 175-250 registers, one program per SM, where 128 suffice."""
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False
+    maxnreg: int | None = None
 
 
 K = KernelConfig
@@ -87,11 +90,14 @@ TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
 }
 
 # What the autotuner tries (the first is the fallback if every candidate fails).
+# The capped 8-warp entries (maxnreg=128: two 8-warp programs per SM) compile without
+# spills at D=64 for the forward and dQ (ptxas, Triton 3.6, sm_90a; bench/RESULTS.md).
 CANDIDATES: dict[str, list[KernelConfig]] = {
     "fwd": [K(64, 64, 4, 2), K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 32, 4, 3), K(128, 64, 8, 2),
-            K(64, 64, 4, 3), K(64, 64, 4, 3, True), K(128, 64, 8, 3, True)],
+            K(64, 64, 4, 3), K(64, 64, 4, 3, True), K(128, 64, 8, 3, True),
+            K(128, 64, 8, 3, maxnreg=128), K(128, 64, 8, 3, True, maxnreg=128)],
     "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3),
-           K(64, 64, 4, 3, True), K(128, 32, 8, 2, True)],
+           K(64, 64, 4, 3, True), K(128, 32, 8, 2, True), K(128, 32, 8, 2, maxnreg=128)],
     "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3),
              K(64, 64, 4, 3, True), K(32, 128, 8, 2, True)],
 }
