@@ -90,14 +90,16 @@ TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
 }
 
 # What the autotuner tries (the first is the fallback if every candidate fails).
-# The capped 8-warp entries (maxnreg=128: two 8-warp programs per SM) compile without
-# spills at D=64 for the forward and dQ (ptxas, Triton 3.6, sm_90a; bench/RESULTS.md).
+# The capped entries (maxnreg=128) compile without spills at D=64 (ptxas, Triton 3.6,
+# sm_90a; bench/RESULTS.md): 8-warp 128-row tiles, two programs per SM instead of one, and
+# 2-stage 64-row tiles with TMA, four programs per SM instead of three.
 CANDIDATES: dict[str, list[KernelConfig]] = {
     "fwd": [K(64, 64, 4, 2), K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 32, 4, 3), K(128, 64, 8, 2),
             K(64, 64, 4, 3), K(64, 64, 4, 3, True), K(128, 64, 8, 3, True),
-            K(128, 64, 8, 3, maxnreg=128), K(128, 64, 8, 3, True, maxnreg=128)],
+            K(128, 64, 8, 3, maxnreg=128), K(128, 64, 8, 3, True, maxnreg=128), K(64, 64, 4, 2, True, maxnreg=128)],
     "dq": [K(64, 64, 4, 2), K(128, 32, 4, 3), K(128, 64, 8, 2), K(128, 32, 8, 2), K(64, 32, 4, 3),
-           K(64, 64, 4, 3, True), K(128, 32, 8, 2, True), K(128, 32, 8, 2, maxnreg=128)],
+           K(64, 64, 4, 3, True), K(128, 32, 8, 2, True), K(128, 32, 8, 2, maxnreg=128),
+           K(64, 64, 4, 2, True, maxnreg=128)],
     "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3),
              K(64, 64, 4, 3, True), K(32, 128, 8, 2, True)],
 }
