@@ -70,18 +70,15 @@ def stub_main() -> None:
 
 
 def gpu_main() -> None:
-    from triton.testing import do_bench, do_bench_cudagraph
+    from bench_attention import bench, bench_graph, host_ms
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for name, src in PATTERNS.items():
         op = patterncc.compile(src, block_size=64, backend="triton")
-        op(q, k, v)
-        torch.cuda.synchronize()
-        host = _per_call_us(lambda: op(q, k, v), 200) / 1e3
-        torch.cuda.synchronize()
-        plain = do_bench(lambda: op(q, k, v), warmup=25, rep=100, return_mode="median")
-        graph = do_bench_cudagraph(lambda: op(q, k, v), rep=100, return_mode="median")
+        host = host_ms(lambda: op(q, k, v), 200)
+        plain = bench(lambda: op(q, k, v))
+        graph = bench_graph(lambda: op(q, k, v), name)
         print(json.dumps({"pattern": name, "host_ms_per_call": round(host, 4), "do_bench_ms": round(plain, 4),
-                          "cudagraph_ms": round(graph, 4)}), flush=True)
+                          "cudagraph_ms": graph and round(graph, 4)}), flush=True)
 
 
 if __name__ == "__main__":

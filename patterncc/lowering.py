@@ -108,7 +108,6 @@ class KernelLayout:
         """(query block, key block, flags) of every entry of one head."""
         return _head_entries(self.indptr, self.kblock, self.flags, head, self.nblocks)
 
-
     @property
     def nblocks(self) -> int:
         return -(-self.seq_len // self.block)
@@ -665,11 +664,21 @@ class Tiles:
     kv: int = 1
 
 
+def head_pad(head_dim: int) -> int:
+    """The kernels' HEAD_PAD: the head dim rounded up to a power of two, at least 16 (the
+    smallest tl.dot).
+
+    >>> head_pad(64), head_pad(80), head_pad(8)
+    (64, 128, 16)
+    """
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def max_slots(layout: Layout, head_dim: int | None, itemsize: int, row_block: int) -> int | None:
     """Scratch slots that stay within SCRATCH_FRACTION of the output's bytes (per batch)."""
     if head_dim is None:
         return None
-    pad = max(16, 1 << (head_dim - 1).bit_length())
+    pad = head_pad(head_dim)
     budget = SCRATCH_FRACTION * layout.num_heads * layout.seq_len * head_dim * itemsize
     return max(1, int(budget // (row_block * (pad + 2) * 4)))
 

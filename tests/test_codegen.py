@@ -185,7 +185,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    pad = max(16, 1 << (head_dim - 1).bit_length())
+    pad = lowering.head_pad(head_dim)
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False)

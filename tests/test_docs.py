@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 MODULES = ["patterncc", "patterncc.errors", "patterncc.ir", "patterncc.parser", "patterncc.layout",
-           "patterncc.op", "patterncc.report", "patterncc.cli", "patterncc.backends.torch_backend"]
+           "patterncc.op", "patterncc.report", "patterncc.cli", "patterncc.lowering", "patterncc.codegen",
+           "patterncc.backends.torch_backend", "patterncc.backends.tuning"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

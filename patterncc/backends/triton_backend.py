@@ -183,7 +183,7 @@ class _Launch:
                              f"got q of shape {tuple(q.shape)}")
         self.gen = codegen.load(layout.pattern)
         self.lb = layout.block_size
-        self.d_pad = max(16, 1 << (self.d - 1).bit_length())
+        self.d_pad = lowering.head_pad(self.d)
         self.interp = codegen.interpreting()
         self.name = device_name(q)
         self.tall = {kind: lowering.row_class(layout, self.gen.plan, self.group, kind) for kind in tuning.KINDS}
@@ -215,9 +215,8 @@ class _Launch:
 
     def _tile_shape(self, kind: str) -> tuple[int, int, dict]:
         c, rows = self.cfg[kind], self.rows[kind]
-        opts = {} if self.interp else dict(num_warps=c.num_warps, num_stages=c.num_stages)
-        if c.maxnreg and not self.interp:
-            opts["maxnreg"] = c.maxnreg
+        cap = {"maxnreg": c.maxnreg} if c.maxnreg else {}
+        opts = {} if self.interp else dict(num_warps=c.num_warps, num_stages=c.num_stages, **cap)
         if kind == "dkdv":
             return min(self.lb, c.block_m), min(rows, c.block_n), opts
         return min(rows, c.block_m), min(self.lb, c.block_n), opts

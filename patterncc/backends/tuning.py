@@ -28,7 +28,7 @@ Example:
     >>> import torch
     >>> from patterncc.backends import tuning
     >>> tuning.config_for("fwd", 64, torch.bfloat16, None)   # no GPU: the default
-    KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False)
+    KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False, maxnreg=None)
     >>> tuning.cache_key("dq", 80, torch.float16, "NVIDIA H200", tall=True)
     'dq/128/float16/tall/NVIDIA H200'
 """
