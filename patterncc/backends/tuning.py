@@ -75,13 +75,14 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 # from bf16 runs; fp16 shares them, fp32 falls back to DEFAULT. Only measured entries go
 # here; a GPU or key not listed autotunes once. "NVIDIA H200": the 2026-12-01 sweeps at
 # T=65536, H=16 (bench/results/2026-12-01-NVIDIA-H200-tune.json; the tall class from
-# -run3-tune.json, after the order-mode-1 kernels), best geometric mean
+# -run3-tune.json, after the order-mode-1 kernels; D=64 forward and dQ from -run4-tune.json,
+# where the register-capped candidates won), best geometric mean
 # over the class's reference patterns: flat = longformer, BigBird, causal window; tall =
 # the dilated window in residue order (lowering.row_class).
 TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
     "NVIDIA H200": {
-        ("fwd", 64, False): K(64, 64, 4, 3, True), ("fwd", 64, True): K(128, 64, 4, 3),
-        ("dq", 64, False): K(64, 64, 4, 3, True), ("dq", 64, True): K(64, 64, 4, 2),
+        ("fwd", 64, False): K(64, 64, 4, 2, True, 128), ("fwd", 64, True): K(64, 64, 4, 2, True, 128),
+        ("dq", 64, False): K(64, 64, 4, 2, True, 128), ("dq", 64, True): K(64, 64, 4, 2, True, 128),
         ("dkdv", 64, False): K(32, 64, 4, 3), ("dkdv", 64, True): K(32, 64, 4, 3),
         ("fwd", 128, False): K(64, 64, 4, 3, True), ("fwd", 128, True): K(64, 64, 4, 2),
         ("dq", 128, False): K(64, 64, 4, 2), ("dq", 128, True): K(64, 64, 4, 2),
