@@ -111,17 +111,20 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
-    if (flags & 1) != 0:
-        # FULL: every pair allowed. Only a block holding positions that are not tokens
-        # (the sequence tail, an empty residue slot: flag bit 30) masks those keys.
-        if (flags & (1 << 30)) != 0:
-            qk = tl.where(valid_n[None, :], qk, float("-inf"))
-    else:
-        # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
-        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-        if STACKED:
-            allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-        qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
+    # A FULL entry (every pair allowed) needs no mask unless its block holds positions that
+    # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if` picks
+    # the mask and one `where` applies it: with an if/else that each rewrite qk, Triton 3.6
+    # computes exp2 twice per element (once per layout of p; bench/RESULTS.md, run 4).
+    if ((flags & 1) == 0) | ((flags & (1 << 30)) != 0):
+        if (flags & 1) != 0:
+            keep = tl.broadcast_to(valid_n[None, :], (q.shape[0], BLOCK_N))
+        else:
+            # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
+            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+            if STACKED:
+                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+            keep = allowed & valid_n[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
     # so p and alpha are exp2(-inf) = 0 and never NaN.

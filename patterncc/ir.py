@@ -264,6 +264,12 @@ class TritonNames:
     random_bits: tuple = ()
     table_nodes: tuple = ()
 
+    def as_vector(self, x: str) -> tuple[str, str]:
+        """(1-D token vector, broadcast suffix) of ``q`` or ``k``: "offs_m[:, None]" gives
+        ("offs_m", "[:, None]"), so a per-token value can be computed on the vector first."""
+        vec, bracket, axes = x.partition("[")
+        return vec, bracket + axes
+
     def transposed(self) -> "TritonNames":
         """The same names with the tile axes swapped ([BLOCK_N, BLOCK_M] predicates)."""
         return replace(self, q="offs_m[None, :]", k="offs_n[:, None]")
@@ -535,7 +541,11 @@ class Global(Primitive):
             # Many indices: one int8 load from this node's per-token membership table.
             i = n.table_nodes.index(self)
             base = n.tables if i == 0 else f"({n.tables} + {n.seq_len}.to(tl.int64) * {i})"
-            return f"(tl.load({base} + {x}, mask={x} < {n.seq_len}, other=0) != 0)"
+            # Loaded as a vector and then broadcast: a [BLOCK_M, 1] pointer load would give
+            # Triton a one-row-per-thread layout to build the softmax around (exp2 computed
+            # twice per element in 128-row, 4-warp tiles; tests/test_codegen.py).
+            vec, axes = n.as_vector(x)
+            return f"(tl.load({base} + {vec}, mask={vec} < {n.seq_len}, other=0) != 0){axes}"
         terms = []
         for i in self.items:
             if isinstance(i, IndexRange):
