@@ -8,14 +8,15 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack python bench/bench_attention.py   # also A/B rows, see ABLATIONS
+    ABLATE=residue,tokens,thin,stack,split python bench/bench_attention.py   # also A/B rows, see ABLATIONS
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
 same pattern with ``residue`` (residue order of dilated heads), ``tokens`` (division-free
 residue tokens, order mode 1) or ``thin`` (narrow tiles of thin global columns) turned
 off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are loaded:
-lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, timed in the same run.
+lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launched
+first: lowering.SPLIT_FIRST) forced, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -47,9 +48,9 @@ from patterncc.backends import triton_backend  # noqa: E402
 # A/B variants: switches of patterncc.lowering and the values they take.
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
-             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}}
+             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True}}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
-          "tokens": "general residue tokens"}
+          "tokens": "general residue tokens", "split": "split rows first"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -210,7 +211,7 @@ def main() -> None:
                 del out
                 for a in ablate:
                     if ((a in ("residue", "tokens") and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
-                            or (a == "stack" and r["rows"]["fwd"] > 64)):
+                            or (a == "stack" and r["rows"]["fwd"] > 64) or (a == "split" and not r["split_rows_fwd"])):
                         continue  # that switch changes nothing for this pattern
                     rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))
                     print(json.dumps(rows[-1]), flush=True)
@@ -234,7 +235,7 @@ def kernel_stats(lay, q) -> dict:
     run = triton_backend._Launch(q, q, lay, None)
     return {"kernel_blocks": klay.nnz, "kernel_full_fraction": round(klay.full_fraction, 4),
             "residue_heads": int((klay.dil > 1).sum()), "narrow_tiles_fwd": run.plan.fwd.n_narrow,
-            "fwd_items": run.plan.fwd.items.n_items, "configs": {k: vars(c) for k, c in run.cfg.items()},
+            "fwd_items": run.plan.fwd.items.n_items, "split_rows_fwd": run.plan.fwd.items.n_merge, "configs": {k: vars(c) for k, c in run.cfg.items()},
             "rows": run.rows}
 
 

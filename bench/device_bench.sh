@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the benchmark against dense SDPA and FlexAttention (one T per call:
-# both do not fit 10 minutes; D = 64, 128; with the residue-order, division-free-token and
-# thin-column A/B rows), then first-use / new-length overheads and peak memory, then the
+# both do not fit 10 minutes; D = 64, 128; with the residue-order, division-free-token,
+# thin-column and split-rows-first A/B rows), then first-use / new-length overheads and peak memory, then the
 # 1M-token checks. Run from the repository root on the GPU machine:
 #   bash bench/device_bench.sh                                   (T=16384, with A/B rows)
 #   TS=65536 EXTRAS=0 bash bench/device_bench.sh                 (T=65536, A/B rows, no extras)
@@ -12,7 +12,7 @@
 set -u
 source bench/device_setup.sh
 export PATTERNCC_AUTOTUNE=${PATTERNCC_AUTOTUNE-0}
-TS=${TS:-16384} DS=${DS:-64,128} ABLATE=${ABLATE-residue,tokens,thin} timeout ${BENCH_TIMEOUT:-420} \
+TS=${TS:-16384} DS=${DS:-64,128} ABLATE=${ABLATE-residue,tokens,thin,split} timeout ${BENCH_TIMEOUT:-420} \
   python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
 tail -40 "$OUT/bench.log"
 [ "${EXTRAS:-1}" = 0 ] && exit 0

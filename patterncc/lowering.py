@@ -32,7 +32,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
   the last one to finish; every row, even an empty one, has an item so every output row is
   written. ``split`` is about twice the mean row, raised where needed to keep the scratch
-  within ``SCRATCH_FRACTION`` of the output's bytes.
+  within ``SCRATCH_FRACTION`` of the output's bytes. Items run in row order (neighbouring
+  rows share K/V blocks in L2); ``SPLIT_FIRST`` launches split rows' pieces first (A/B).
 
 Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
@@ -73,6 +74,7 @@ SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
+SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS,
-            FAST_RESIDUE_TOKENS, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -561,6 +563,12 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
     if narrow_ptr is not None:
         lead = piece == 0
         n_start[lead], n_end[lead] = narrow_ptr[row[lead]], narrow_ptr[row[lead] + 1]
+    if SPLIT_FIRST:
+        # Long pieces first, so they do not start in the grid's last wave (and their merge
+        # is not the kernel's tail); the rest keep row order, where neighbours share K/V.
+        # Results do not change: partials still merge in slot order.
+        order = np.concatenate([np.flatnonzero(in_cut), np.flatnonzero(~in_cut)])
+        row, start, end, slot, merge, n_start, n_end = (a[order] for a in (row, start, end, slot, merge, n_start, n_end))
     t = lambda a: _dev(a, device)  # noqa: E731
     return WorkItems(t(row), t(start), t(end), t(slot), t(merge), t(merge_start), t(merge_end),
                      t(n_start), t(n_end), n_items, int(in_cut.sum()), int(cut.sum()), split)
@@ -744,7 +752,7 @@ def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1, split:
     """
     device = torch.device(device)
     key = ("triton_plan", str(device), int(group), split, tiles, head_dim, itemsize,
-           pred.random_nodes, pred.table_nodes, RESIDUE_ORDER, THIN_COLUMNS)
+           pred.random_nodes, pred.table_nodes, switches())
     return layout._cached(key, lambda: make_plan(layout, pred, device, group, split, tiles,
                                                  head_dim, itemsize))
 

@@ -244,6 +244,20 @@ def test_heavy_rows_are_split_and_balanced_rows_are_not():
     assert lowering.plan_for(dense, codegen.analyse(dense.pattern), "cpu").fwd.items.n_merge == 0
 
 
+@pytest.mark.parametrize("split_first", [False, True])
+def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, split_first):
+    lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
+    base = lowering.make_items(lay.indptr, 16, "cpu")
+    monkeypatch.setattr(lowering, "SPLIT_FIRST", split_first)
+    it = lowering.make_items(lay.indptr, 16, "cpu")
+    cut = it.slot.numpy() >= 0
+    assert cut[:it.n_slots].all() == split_first and cut.sum() == it.n_slots > 0
+    rest = it.row.numpy()[~cut]
+    assert (np.diff(rest) >= 0).all()  # the other items keep row order
+    items = lambda w: sorted(zip(*(a.tolist() for a in (w.row, w.start, w.end, w.slot, w.merge))))  # noqa: E731
+    assert items(it) == items(base)  # the same items, only launched in another order
+
+
 @given(counts=st.lists(st.integers(0, 3000), min_size=1, max_size=60), budget=st.integers(1, 400))
 def test_split_keeps_the_scratch_within_budget_when_it_can(counts, budget):
     counts = np.array(counts)

@@ -180,6 +180,26 @@ def test_split_rows_merge_in_kernel_deterministically_and_reset_their_counters()
         assert walk._counters  # the kernels used these counters
 
 
+def test_split_rows_first_changes_the_launch_order_not_the_results(monkeypatch):
+    pattern = patterncc.parse("window(4) | global([0, -1])")
+    layout = get_layout(pattern, 600, 2, 16)
+    q, k, v = _inputs(1, 2, 1, 600, 16, torch.float32)
+    runs = []
+    orders = []
+    for first in (False, True):
+        monkeypatch.setattr(lowering, "SPLIT_FIRST", first)
+        out = triton_backend.attention(q, k, v, layout, 0.25, split=16)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+        plan = lowering.plan_for(layout, codegen.analyse(pattern), DEVICE, group=2, split=16,
+                                 tiles=lowering.Tiles(4, 4, 4), head_dim=16, itemsize=4)
+        for walk in (plan.fwd, plan.dq, plan.kv):
+            assert 0 < walk.items.n_slots < walk.items.n_items  # some rows split, not all
+        orders.append(plan.fwd.items.row.tolist())
+    assert orders[0] == sorted(orders[0]) and orders[1] != orders[0]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # partials merge in slot order whatever order items run in
+
+
 @pytest.mark.parametrize("src,h,empty_heads", [
     ("global([3]) & causal", 4, ()),          # queries 0..2 see no key
     ("window(2, heads=[0])", 2, (1,)),       # head 1 sees nothing at all
