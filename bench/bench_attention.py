@@ -8,7 +8,7 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split python bench/bench_attention.py   # also A/B rows, see ABLATIONS
+    ABLATE=residue,tokens,thin,stack,split,fold python bench/bench_attention.py   # also A/B rows, see ABLATIONS
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -16,7 +16,8 @@ same pattern with ``residue`` (residue order of dilated heads), ``tokens`` (divi
 residue tokens, order mode 1) or ``thin`` (narrow tiles of thin global columns) turned
 off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are loaded:
 lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launched
-first: lowering.SPLIT_FIRST) forced, timed in the same run.
+first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded into exp2's
+FFMA: lowering.FOLD_SCALE) turned off, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -48,9 +49,11 @@ from patterncc.backends import triton_backend  # noqa: E402
 # A/B variants: switches of patterncc.lowering and the values they take.
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
-             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True}}
+             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
+             "fold": {"FOLD_SCALE": False}}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
-          "tokens": "general residue tokens", "split": "split rows first"}
+          "tokens": "general residue tokens", "split": "split rows first",
+          "fold": "scale fold off"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

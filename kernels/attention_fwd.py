@@ -46,7 +46,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -76,14 +76,15 @@ def _attn_fwd(
     for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
                                 tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
-                                NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
+                                NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
+                                FOLD_SCALE)
     # One flat loop over (entry, key sub-tile): a 128-token layout block is two 64-key tiles.
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                                 tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
 
     out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     if slot < 0:
@@ -106,11 +107,17 @@ def _attn_fwd(
 def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
             tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr):
-    """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l)."""
+            UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l).
+
+    FOLD_SCALE (qk_scale > 0): the scores stay unscaled until exp2, whose argument
+    qk * qk_scale - m is one FFMA per score; the row max is taken unscaled and scaled once
+    (max commutes with a positive factor). Else the scores are scaled first."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
-    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
+    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
+    if not FOLD_SCALE:
+        qk = qk * qk_scale
     # A FULL entry (every pair allowed) needs no mask unless its block holds positions that
     # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if` picks
     # the mask and one `where` applies it: with an if/else that each rewrite qk, Triton 3.6
@@ -125,11 +132,17 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
                 allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
             keep = allowed & valid_n[None, :]
         qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
     # so p and alpha are exp2(-inf) = 0 and never NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_sub[:, None])
+    if FOLD_SCALE:
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    else:
+        p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)

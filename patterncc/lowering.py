@@ -75,6 +75,7 @@ RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, 
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
+FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):

@@ -180,7 +180,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
-                maxnreg: int | None = None) -> dict:
+                maxnreg: int | None = None, fold_scale: bool = True) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -191,7 +191,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     pad = lowering.head_pad(head_dim)
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
-                  NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False)
+                  NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -251,12 +251,15 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     many = "global([" + ", ".join(str(7 * i) for i in range(20)) + "])"
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
-    # token order; residue order (both order modes) with stacked rows; token order with TMA
-    # descriptors; 128-row tiles at 8 warps under a register cap (the capped candidates)
-    variants = ((0, block, False, 4, None), (1, 2 * block, False, 4, None), (2, 2 * block, False, 4, None),
-                (0, block, True, 4, None), (0, max(block, 128), True, 8, 128))
-    for permuted, rows, tma, warps, cap in variants:
-        compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap)
+    # token order (the forward's scale folded into exp2, and not: a scale <= 0); residue order
+    # (both order modes) with stacked rows; token order with TMA descriptors; 128-row tiles at
+    # 8 warps under a register cap (the capped candidates)
+    variants = ((0, block, False, 4, None, True), (0, block, False, 4, None, False),
+                (1, 2 * block, False, 4, None, True), (2, 2 * block, False, 4, None, True),
+                (0, block, True, 4, None, True), (0, max(block, 128), True, 8, 128, True))
+    for permuted, rows, tma, warps, cap, fold in variants:
+        compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
+                                       fold_scale=fold)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

@@ -220,9 +220,13 @@ def test_empty_rows_give_zero_output_and_gradients(src, h, empty_heads):
     assert (dk[:, pair] == 0).all() and (dv[:, pair] == 0).all()
 
 
-def test_scale_and_odd_lengths():
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("scale", [0.3, -0.7, 0.0])
+def test_scale_and_odd_lengths(monkeypatch, scale, fold):
+    """Any finite scale, with the forward's scale folded into exp2 (positive scales) or not."""
+    monkeypatch.setattr(lowering, "FOLD_SCALE", fold)
     for t in (1, 33, 65):
-        errs, *_ = run_case("window(5) | sink(1)", t, 1, d=16, bs=32, scale=0.3)
+        errs, *_ = run_case("window(5) | sink(1)", t, 1, d=16, bs=32, scale=scale)
         assert_close(errs)
 
 

@@ -312,7 +312,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
         *run.walk_args(walk, tiles),
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-        **run.consts, **opts)
+        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, **run.consts, **opts)
     return out, lse
 
 
