@@ -1,11 +1,14 @@
-"""A few forward calls per pattern for Nsight Compute to profile (no timing here).
+"""A few attention calls per pattern for Nsight Compute to profile (no timing here).
 
     ncu --clock-control none --kernel-name regex:_attn_fwd --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        --section MemoryWorkloadAnalysis python bench/ncu_fwd.py
-Env: PATTERNS (comma list of bench_attention names), T, D; FLEX=1 runs FlexAttention's
-forward on the same pattern instead (its kernel: regex:triton_tem). Three launches per
-pattern: skip two (compile, warm-up) and profile the third.
+        --section MemoryWorkloadAnalysis python bench/ncu_calls.py
+
+Env: PATTERNS (comma list of bench_attention names), T, D; FLEX=1 runs FlexAttention on the
+same pattern instead (its kernels: regex:triton_tem); BWD=1 runs forward+backward (the
+backward kernels: regex:_attn_bwd_d for patterncc's dQ and dK/dV, Flex's backward is its
+second triton_tem launch). Three calls per pattern: skip the first two (compile, warm-up)
+and profile the third. bench/ncu_compare.sh is the routine that uses it.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import patterncc  # noqa: E402
 from bench_attention import PATTERNS, flex_mask_mod  # noqa: E402
 
 
-def forward(name: str, T: int):
-    """The forward call to profile: patterncc's op, or FlexAttention's (FLEX=1)."""
+def attention(name: str, T: int):
+    """The call to profile: patterncc's op, or FlexAttention's (FLEX=1)."""
     op = patterncc.compile(PATTERNS[name], backend="triton")
     if os.environ.get("FLEX") != "1":
         return op
@@ -36,12 +39,18 @@ def forward(name: str, T: int):
 
 def main() -> None:
     T, D = int(os.environ.get("T", 65536)), int(os.environ.get("D", 64))
+    backward = os.environ.get("BWD") == "1"
     for name in os.environ.get("PATTERNS", "causal_window,bigbird").split(","):
-        op = forward(name, T)
-        q, k, v = (torch.randn(1, 16, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        with torch.no_grad():
-            for _ in range(3):
-                op(q, k, v)
+        fn = attention(name, T)
+        q, k, v = (torch.randn(1, 16, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        for _ in range(3):
+            if backward:
+                fn(q, k, v).backward(do)
+            else:
+                with torch.no_grad():
+                    fn(q, k, v)
         torch.cuda.synchronize()
         print(name, "done", flush=True)
 
