@@ -56,6 +56,20 @@ def test_dense_reference_with_gradients(name, t, d, h, hkv, dtype):
         assert rel_err(a, r) < 1e-2
 
 
+@pytest.mark.parametrize("scale", [0.05, -0.2, 0.0])  # the forward folds only a scale > 0 into exp2
+@pytest.mark.parametrize("name", ["longformer", "causal_window", "dilated"])
+def test_any_scale_matches_reference(name, scale):
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 1000, 2
+    q, k, v = _inputs(1, h, h, t, 64, torch.bfloat16)
+    out = op(q, k, v, scale=scale)
+    ref = reference_attention(q, k, v, op.mask(t, h).cuda(), scale)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+
+
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "causal_window", "dilated", "card"])
 @pytest.mark.parametrize("t", [16384, 65536])
 def test_long_sequences_sampled_rows(name, t):
