@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the benchmark against dense SDPA and FlexAttention (one T per call:
 # both do not fit 10 minutes; D = 64, 128; with the residue-order, division-free-token,
-# thin-column and split-rows-first A/B rows), then first-use / new-length overheads and peak memory, then the
-# 1M-token checks. Run from the repository root on the GPU machine:
+# thin-column and split-rows-first A/B rows), then first-use / new-length overheads and
+# peak memory, then the 1M-token checks. Run from the repository root on the GPU machine:
 #   bash bench/device_bench.sh                                   (T=16384, with A/B rows)
 #   TS=65536 EXTRAS=0 bash bench/device_bench.sh                 (T=65536, A/B rows, no extras)
 # Configs come from the tuning table / cache (PATTERNCC_AUTOTUNE=0: tuning is bench/tune.py's

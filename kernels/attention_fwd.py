@@ -112,12 +112,16 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
 
     FOLD_SCALE (qk_scale > 0): the scores stay unscaled until exp2, whose argument
     qk * qk_scale - m is one FFMA per score; the row max is taken unscaled and scaled once
-    (max commutes with a positive factor). Else the scores are scaled first."""
+    (max commutes with a positive factor). Else the scores are scaled first (and the later
+    factor is 1)."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
-    if not FOLD_SCALE:
+    if FOLD_SCALE:
+        late_scale = qk_scale
+    else:
         qk = qk * qk_scale
+        late_scale = 1.0
     # A FULL entry (every pair allowed) needs no mask unless its block holds positions that
     # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if` picks
     # the mask and one `where` applies it: with an if/else that each rewrite qk, Triton 3.6
@@ -132,17 +136,11 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
                 allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
             keep = allowed & valid_n[None, :]
         qk = tl.where(keep, qk, float("-inf"))
-    if FOLD_SCALE:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
     # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
     # so p and alpha are exp2(-inf) = 0 and never NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if FOLD_SCALE:
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-    else:
-        p = tl.math.exp2(qk - m_sub[:, None])
+    p = tl.math.exp2(qk * late_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)

@@ -254,7 +254,8 @@ def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, sp
     assert cut[:it.n_slots].all() == split_first and cut.sum() == it.n_slots > 0
     rest = it.row.numpy()[~cut]
     assert (np.diff(rest) >= 0).all()  # the other items keep row order
-    items = lambda w: sorted(zip(*(a.tolist() for a in (w.row, w.start, w.end, w.slot, w.merge))))  # noqa: E731
+    def items(w):
+        return sorted(zip(*(a.tolist() for a in (w.row, w.start, w.end, w.slot, w.merge))))
     assert items(it) == items(base)  # the same items, only launched in another order
 
 
