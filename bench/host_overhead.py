@@ -4,7 +4,9 @@ On a GPU (the default) it prints, per reference pattern, one JSON line with
 ``host_ms_per_call`` (back-to-back forward calls, no synchronisation: the rate the Python
 side can issue them), ``do_bench_ms`` (what bench_attention.py reports) and
 ``cudagraph_ms`` (the same forward replayed from a CUDA graph: GPU time alone). When the
-first is near the second and above the third, the call is host-bound.
+first is near the second and above the third, the call is host-bound. The same for
+forward+backward: ``host_fwdbwd_ms`` (issued while a sleep kernel holds the GPU, so the
+host never waits on it) against ``do_bench_fwdbwd_ms``.
 
 ``--stub`` measures patterncc's own share on any machine: the Triton launches are replaced
 by no-ops (CPU tensors, the interpreter's code path up to the launch), and it prints the
@@ -12,6 +14,7 @@ microseconds per forward call and per forward+backward call. Before/after number
 host-side change come from running it on both commits.
 
     python bench/host_overhead.py            # on a GPU machine
+    python bench/host_overhead.py --profile  # ... with a cProfile of each forward+backward
     python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import time
 
 STUB = "--stub" in sys.argv
+PROFILE = "--profile" in sys.argv
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -72,13 +76,53 @@ def stub_main() -> None:
 def gpu_main() -> None:
     from bench_attention import bench, bench_graph, host_ms
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
     for name, src in PATTERNS.items():
         op = patterncc.compile(src, block_size=64, backend="triton")
+
+        def fwdbwd():
+            qg.grad = kg.grad = vg.grad = None  # as do_bench's grad_to_none: no accumulation kernels
+            op(qg, kg, vg).backward(do)
         host = host_ms(lambda: op(q, k, v), 200)
         plain = bench(lambda: op(q, k, v))
         graph = bench_graph(lambda: op(q, k, v), name)
         print(json.dumps({"pattern": name, "host_ms_per_call": round(host, 4), "do_bench_ms": round(plain, 4),
-                          "cudagraph_ms": graph and round(graph, 4)}), flush=True)
+                          "cudagraph_ms": graph and round(graph, 4),
+                          "host_fwdbwd_ms": round(host_ms_ahead(fwdbwd, 20), 4),
+                          "do_bench_fwdbwd_ms": round(bench(fwdbwd, [qg, kg, vg]), 4)}), flush=True)
+        if PROFILE:
+            _host_profile(fwdbwd, name)
+
+
+def host_ms_ahead(fn, n: int) -> float:
+    """Host time per call of ``fn`` while a sleep kernel keeps the GPU busy: the host never
+    waits on the GPU or on a full launch queue (n calls of a few launches stay far below its
+    ~1000 entries), so this is what issuing a call costs, whatever the GPU time."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def _host_profile(fn, name: str, n: int = 200) -> None:
+    """The host functions one forward+backward spends its time in (cProfile, by own time)."""
+    import cProfile
+    import pstats
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"== host profile of {n} forward+backward calls, {name}", flush=True)
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":
