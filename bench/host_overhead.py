@@ -9,7 +9,8 @@ forward+backward: ``host_fwdbwd_ms`` (issued while a sleep kernel holds the GPU,
 host never waits on it) against ``do_bench_fwdbwd_ms``.
 
 ``--stub`` measures patterncc's own share on any machine: the Triton launches are replaced
-by no-ops (CPU tensors, the interpreter's code path up to the launch), and it prints the
+by no-ops (CPU tensors, the interpreter's code path up to the launch, launch configurations
+looked up as on the first GPU of the tuning table), and it prints the
 microseconds per forward call and per forward+backward call. Before/after numbers of a
 host-side change come from running it on both commits.
 
@@ -55,7 +56,10 @@ def _per_call_us(fn, n: int) -> float:
 
 def stub_main() -> None:
     from patterncc import codegen
+    from patterncc.backends import triton_backend, tuning
     codegen.Generated.kernel = lambda self, name: _NoLaunch()
+    gpu = next(iter(tuning.TUNED))  # configs looked up as on that GPU (the tuning-table path)
+    triton_backend.device_name = lambda x: gpu
     q, k, v = (torch.randn(1, H, T, D, dtype=torch.bfloat16) for _ in range(3))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)

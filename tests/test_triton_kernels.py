@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import patterncc
 from patterncc import codegen, lowering
-from patterncc.backends import triton_backend
+from patterncc.backends import triton_backend, tuning
 from patterncc.layout import get_layout
 from reference import reference_attention, rel_err
 from strategies import pattern_sources
@@ -317,6 +317,31 @@ def test_launch_constants_are_built_once_per_key_and_rebuilt_when_an_input_of_th
     explicit = {"fwd": forced}
     assert triton_backend.launch_for(q, k, layout, configs=explicit) is not triton_backend.launch_for(
         q, k, layout, configs=explicit)  # explicit overrides (the autotuner's candidates) are not kept
+
+
+def test_a_settled_no_to_tuning_is_not_asked_again_until_the_flag_changes(monkeypatch):
+    """A repeated call skips tuning.should_autotune once it said no for this launch (host
+    time); PATTERNCC_AUTOTUNE is part of what is remembered, and a no given during a graph
+    capture (where tuning is never allowed) is not remembered."""
+    monkeypatch.setattr(triton_backend, "device_name", lambda x: "Fake GPU")
+    layout = get_layout(patterncc.parse("window(8) | global([0])"), 130, 2, 32)
+    q, k, _ = _inputs(1, 2, 2, 130, 16, torch.float32)
+    run = triton_backend._Launch(q, k, layout, None)
+    asked = []
+    monkeypatch.setattr(tuning, "should_autotune", lambda *a, **kw: asked.append(a[0]) or False)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setenv("PATTERNCC_AUTOTUNE", "0")
+    assert not triton_backend._should_tune(run, "fwd", q.dtype)
+    capturing[0] = False
+    for _ in range(3):
+        assert not triton_backend._should_tune(run, "fwd", q.dtype)
+    assert asked == ["fwd", "fwd"]  # once under capture (not kept), once after (kept)
+    monkeypatch.setenv("PATTERNCC_AUTOTUNE", "1")
+    assert not triton_backend._should_tune(run, "fwd", q.dtype)
+    assert not triton_backend._should_tune(run, "dq", q.dtype)
+    assert asked == ["fwd", "fwd", "fwd", "dq"]
 
 
 @pytest.mark.parametrize("src,split,split_rows", [("window(4) | global([0])", 2, True),

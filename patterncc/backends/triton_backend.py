@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -207,6 +208,8 @@ class _Launch:
         self.no_scratch = torch.empty(1, dtype=torch.float32, device=q.device)
         self._tiles = {kind: self._tile_shape(kind) for kind in tuning.KINDS}
         self._args: dict = {}
+        self.tma_capable = _tma_capable(q.device, self.interp)
+        self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
         """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
@@ -235,7 +238,7 @@ class _Launch:
         [1, block, HEAD_PAD] boxes, and True -- when its config asks for TMA and the call
         allows it (token order, rows 16-byte aligned, a Hopper GPU or the interpreter);
         else the tensors themselves, and False."""
-        if not (self.cfg[kind].tma and not self.plan.permuted and _tma_ok(tensors, self.interp)):
+        if not (self.cfg[kind].tma and not self.plan.permuted and self.tma_capable and _tma_aligned(tensors)):
             return tensors, False
         from triton.tools.tensor_descriptor import TensorDescriptor
         out = []
@@ -263,16 +266,21 @@ class _Launch:
                 self.plan.tables, self.plan.dil, self.plan.seg)
 
 
-def _tma_ok(tensors: tuple, interp: bool) -> bool:
-    """Whether tensor descriptors can fetch these [B, H, T, D] tensors' tiles."""
+def _tma_capable(device: torch.device, interp: bool) -> bool:
+    """Whether tensor descriptors can be used on ``device`` at all (Triton >= 3.3, and a
+    Hopper GPU or the interpreter); checked once per launch constants."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.3)
     except ImportError:
         return False
+    return interp or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _tma_aligned(tensors: tuple) -> bool:
+    """Whether these [B, H, T, D] tensors' rows and base addresses are 16-byte aligned, as
+    tensor descriptors need (checked per call: a caller's tensor may start anywhere)."""
     x = tensors[0]
-    if (x.shape[-1] * x.element_size()) % 16 or any(t.data_ptr() % 16 for t in tensors):
-        return False
-    return interp or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return not ((x.shape[-1] * x.element_size()) % 16 or any(t.data_ptr() % 16 for t in tensors))
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -287,10 +295,25 @@ def _tuned_launch(run: _Launch, kinds: tuple, q, k, layout: Layout, split, confi
     choice; ``launch(kind, config)`` runs one kernel with one candidate."""
     tuned = False
     for kind in kinds:
-        if configs is None and tuning.should_autotune(kind, run.d_pad, q.dtype, run.name, run.tall[kind]):
+        if configs is None and _should_tune(run, kind, q.dtype):
             tuning.autotune(kind, run.d_pad, q.dtype, run.name, lambda cfg: launch(kind, cfg), tall=run.tall[kind])
             tuned = True
     return launch_for(q, k, layout, split, configs) if tuned else run
+
+
+def _should_tune(run: _Launch, kind: str, dtype: torch.dtype) -> bool:
+    """tuning.should_autotune for this launch's key, remembered on ``run`` once it says no
+    outside a graph capture (a repeated call then skips the lookups: host time is what a
+    short sequence waits on). What else the answer depends on -- the tuning cache, CONFIGS,
+    the TUNED tables -- is in launch_for's key, so a change there builds a new ``run``."""
+    settled = (kind, os.environ.get("PATTERNCC_AUTOTUNE", ""))
+    if settled in run.settled:
+        return False
+    if tuning.should_autotune(kind, run.d_pad, dtype, run.name, run.tall[kind]):
+        return True
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        run.settled.add(settled)
+    return False
 
 
 def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, configs: dict | None = None):
