@@ -250,6 +250,7 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
     try:
         op(q, k, v)
         pf = bench(lambda: op(q, k, v))
+        pf_graph = bench_graph(lambda: op(q, k, v), f"{name} {what}")  # GPU time alone: 16K eager may be host-bound
         def pfb():
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
@@ -259,7 +260,9 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
     return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],
-            "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"]}
+            "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"], "pcc_fwd_graph_ms": pf_graph,
+            "with_fwd_graph_ms": base["pcc_fwd_graph_ms"],
+            "gain_fwd_graph": pf_graph / base["pcc_fwd_graph_ms"] if (pf_graph and base["pcc_fwd_graph_ms"]) else None}
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -298,11 +301,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          f"{_f(r['speedup_vs_flex_fwd_graph'], 2)}x |")
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
-        lines += ["", "| T | pattern | D | variant | fwd default / variant | f+b default / variant |", "|---|---|---|---|---|---|"]
+        lines += ["", "| T | pattern | D | variant | fwd default / variant | fwd graph default / variant "
+                  "| f+b default / variant |", "|---|---|---|---|---|---|---|"]
         for r in ablations:
             lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['ablation']} | {r['with_fwd_ms']:.3f} / "
-                         f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {r['with_fwdbwd_ms']:.3f} / "
-                         f"{r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) |")
+                         f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {_f(r.get('with_fwd_graph_ms'))} / "
+                         f"{_f(r.get('pcc_fwd_graph_ms'))} ({_f(r.get('gain_fwd_graph'), 2)}x) | "
+                         f"{r['with_fwdbwd_ms']:.3f} / {r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) |")
     return "\n".join(lines)
 
 
