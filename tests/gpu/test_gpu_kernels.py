@@ -102,6 +102,38 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(static_out, op(*(x.detach() for x in fresh)))
 
 
+def test_cuda_graph_captures_forward_and_backward():
+    """A training step (forward and backward) captured once replays to the eager op's output
+    and gradients on new inputs (the recipe of torch.cuda.graph for whole networks: warm up
+    on a side stream, grads set to None before capture)."""
+    op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
+    q, k, v = (x.detach().clone().requires_grad_() for x in _inputs(1, 4, 2, 3000, 64, torch.bfloat16))
+    do = torch.randn_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            op(q, k, v).backward(do)
+    torch.cuda.current_stream().wait_stream(side)
+    q.grad = k.grad = v.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(q, k, v)
+        out.backward(do)
+    for seed in (1, 2):
+        fresh = _inputs(1, 4, 2, 3000, 64, torch.bfloat16, seed=seed)
+        with torch.no_grad():
+            for dst, src in zip((q, k, v), fresh):
+                dst.copy_(src)
+        graph.replay()
+        eager = [x.detach().clone().requires_grad_() for x in fresh]
+        ref = op(*eager)
+        ref.backward(do)
+        assert torch.equal(out, ref)
+        for got, want in zip((q.grad, k.grad, v.grad), eager):
+            assert torch.equal(got, want.grad)
+
+
 def test_calls_on_two_streams_may_overlap():
     """Split rows (the global query) merge through counters; each stream has its own, so the
     same layout running on two streams at once gives what each call gives alone."""
