@@ -50,10 +50,10 @@ from patterncc.backends import triton_backend  # noqa: E402
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
-             "fold": {"FOLD_SCALE": False}}
+             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": True}}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
-          "fold": "scale fold off"}
+          "fold": "scale fold off", "rtma": "residue TMA boxes on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -213,7 +213,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 del out
                 for a in ablate:
-                    if ((a in ("residue", "tokens") and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
+                    if ((a in ("residue", "tokens", "rtma") and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
                             or (a == "stack" and r["rows"]["fwd"] > 64) or (a == "split" and not r["split_rows_fwd"])):
                         continue  # that switch changes nothing for this pattern
                     rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))

@@ -86,10 +86,10 @@ def _attn_bwd_dkdv(
         q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
         m_first = qb * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
         tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
-        q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, BLOCK_M, HEAD_DIM, HEAD_PAD,
-                         PERMUTED, USE_TMA)
-        do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, BLOCK_M, HEAD_DIM, HEAD_PAD,
-                          PERMUTED, USE_TMA)
+        q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
+                         HEAD_PAD, PERMUTED, USE_TMA)
+        do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
+                          HEAD_PAD, PERMUTED, USE_TMA)
         lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
         delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
         # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
@@ -200,8 +200,10 @@ def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags
              UPCAST: tl.constexpr):
     """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes)."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-    k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
-    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, BLOCK_N, HEAD_DIM, HEAD_PAD, PERMUTED, USE_TMA)
+    k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
+                     PERMUTED, USE_TMA)
+    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
+                     PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if (flags & 1) == 0:

@@ -113,16 +113,23 @@ def _load_rows(ptrs, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
 
 
 @triton.jit
-def _walked_tile(X, Xd, row0, bh, first, tok, valid, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _walked_tile(X, Xd, row0, bh, first, tok, valid, seg, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_PAD: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr):
     """A [BLOCK, HEAD_PAD] tile of the walked axis (K/V in the forward and dQ, Q/dO in dK/dV).
 
-    With USE_TMA (token order only) the Hopper copy engine fetches it through the tensor
-    descriptor ``Xd`` over [B * heads, T, D]: no pointer tensor held in registers, rows past
-    T and padding columns filled with 0 by the hardware. Otherwise by pointers.
+    With USE_TMA the Hopper copy engine fetches it through the tensor descriptor ``Xd``: no
+    pointer tensor held in registers, rows past T and padding columns filled with 0 by the
+    hardware. In token order ``Xd`` is [B * heads, T, D]; in residue order (the host allows
+    it only with one residue factor d for all heads, d dividing T, and tiles inside one
+    class) it is the [B * heads, T / d, d, D] view, where class c = first // seg is column
+    c and its rows are strided by d. Otherwise by pointers.
     """
     if USE_TMA:
-        x = Xd.load([bh, first, 0]).reshape(BLOCK, HEAD_PAD)
+        if PERMUTED:
+            c = first // seg
+            x = Xd.load([bh, first - c * seg, c, 0]).reshape(BLOCK, HEAD_PAD)
+        else:
+            x = Xd.load([bh, first, 0]).reshape(BLOCK, HEAD_PAD)
     else:
         x = _load_rows(_row_ptrs(X, row0, first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
     return x

@@ -76,6 +76,7 @@ THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whol
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
+RESIDUE_TMA = False  # residue-order walks through strided TMA boxes where residue_stride allows (A/B; unmeasured)
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -742,6 +743,29 @@ def order_mode(klay: KernelLayout, longest_tile: int, head_pad: int) -> int:
     shortest = int(klay.seg[klay.dil > 1].min())
     fits = (klay.seq_len + 1) * head_pad < 2 ** 31
     return 1 if FAST_RESIDUE_TOKENS and shortest >= longest_tile and fits else 2
+
+
+def residue_stride(klay: KernelLayout) -> int | None:
+    """The residue factor d when a residue-order walk can fetch its tiles as strided boxes
+    of a [B * heads, T / d, d, D] view (class c's rows are tokens c, c + d, ...): every head
+    permuted by the same d, and d divides T, so each class holds exactly T / d tokens and
+    has no empty slots. None otherwise (the kernels then load residue-order rows by
+    pointers). A walk also needs T / d to be a multiple of its tile (a tile in one class).
+
+    >>> import patterncc
+    >>> from patterncc import codegen
+    >>> def stride(src, t):
+    ...     lay = patterncc.compile(src).layout(t, 2)
+    ...     return residue_stride(kernel_layout(lay, codegen.analyse(lay.pattern)))
+    >>> stride("window(256) | dilate(2)", 4096), stride("window(256) | dilate(2)", 4095)
+    (2, None)
+    >>> stride("window(256) | dilate(2, heads=[1])", 4096), stride("window(256)", 4096)
+    (None, None)
+    """
+    d = int(klay.dil[0])
+    if d <= 1 or (klay.dil != d).any() or klay.tokens % d or (klay.seg * d != klay.tokens).any():
+        return None
+    return d
 
 
 def plan_for(layout: Layout, pred: PredicatePlan, device, group: int = 1, split: int | None = None,

@@ -201,7 +201,9 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 
     def arg_type(name, box):
         if name in ("Kd", "Vd", "Qd", "dOd"):  # tensor descriptors with TMA, else the tensors again
-            return f"tensordesc<{dtype}[1, {box}, {pad}]>" if tma else "*" + dtype
+            if not tma:
+                return "*" + dtype
+            return f"tensordesc<{dtype}[1, {box}, 1, {pad}]>" if permuted else f"tensordesc<{dtype}[1, {box}, {pad}]>"
         if name in data:
             return "*" + dtype
         if name in index:
@@ -252,11 +254,13 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
     # token order (the forward's scale folded into exp2, and not: a scale <= 0); residue order
-    # (both order modes) with stacked rows; token order with TMA descriptors; 128-row tiles at
-    # 8 warps under a register cap (the capped candidates)
+    # (both order modes) with stacked rows; token order with TMA descriptors, and residue
+    # order with strided (4-D) ones; 128-row tiles at 8 warps under a register cap (the
+    # capped candidates)
     variants = ((0, block, False, 4, None, True), (0, block, False, 4, None, False),
                 (1, 2 * block, False, 4, None, True), (2, 2 * block, False, 4, None, True),
-                (0, block, True, 4, None, True), (0, max(block, 128), True, 8, 128, True))
+                (0, block, True, 4, None, True), (1, block, True, 4, None, True),
+                (0, max(block, 128), True, 8, 128, True))
     for permuted, rows, tma, warps, cap, fold in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
                                        fold_scale=fold)

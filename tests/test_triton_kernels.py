@@ -117,6 +117,10 @@ CASES = [
     ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 1, 16, 1, 16, 5),
     ("(window(8) & causal) | dilate(3)", 400, 2, 2, 32, 1, 32, None),
     ("window(4) | dilate(2, heads=[1])", 261, 2, 2, 16, 1, 16, None),  # and a token-order head beside
+    # one factor for all heads, d | T, classes a multiple of the tiles: strided TMA boxes ("tma" tiles)
+    ("window(5) | global([0, 7]) | dilate(2)", 256, 2, 1, 32, 1, 16, 5),
+    ("(window(8) & causal) | dilate(3)", 384, 2, 2, 16, 2, 32, None),
+    ("window(6) | dilate(2)", 192, 2, 2, 80, 1, 32, None),  # D=80: boxes padded to 128 columns
 ]
 
 # Launch configurations: the default, and tiles taller than the layout block (rows stack
@@ -125,7 +129,8 @@ TILES = {
     "default": {},
     "stacked": {("fwd", 64): (128, 32), ("dq", 64): (128, 16), ("dkdv", 64): (16, 128),
                 ("fwd", 128): (128, 32), ("dq", 128): (128, 16), ("dkdv", 128): (16, 128)},
-    # walked tiles through TMA tensor descriptors (token order; residue order falls back)
+    # walked tiles through TMA tensor descriptors (token order; residue order where
+    # lowering.residue_stride allows, with RESIDUE_TMA on; else it falls back to pointers)
     "tma": {("fwd", 64): (64, 32, 4, 2, True), ("dq", 64): (64, 16, 4, 2, True), ("dkdv", 64): (16, 64, 4, 2, True),
             ("fwd", 128): (64, 32, 4, 2, True), ("dq", 128): (64, 16, 4, 2, True), ("dkdv", 128): (16, 64, 4, 2, True)},
 }
@@ -135,6 +140,8 @@ TILES = {
 def tiles(request, monkeypatch):
     for key, cfg in TILES[request.param].items():
         monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
+    if request.param == "tma":
+        monkeypatch.setattr(lowering, "RESIDUE_TMA", True)
     if request.param == "stacked":
         monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)  # stack whatever the waste: test the tall rows
         monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", False)  # in token order too
@@ -159,6 +166,35 @@ def test_order_mode_of_the_residue_cases(src, t, bs, mode, tiles):
     lay = get_layout(patterncc.parse(src), t, 2, bs)
     q, k, _ = _inputs(1, 2, 2, t, 16, torch.float32)
     assert triton_backend._Launch(q, k, lay, None).consts["PERMUTED"] == mode
+
+
+@pytest.mark.parametrize("src,t,h,bs,expect", [
+    ("window(5) | global([0, 7]) | dilate(2)", 256, 2, 16, True),   # the CASES that take the boxes
+    ("(window(8) & causal) | dilate(3)", 384, 2, 32, True),
+    ("window(6) | dilate(2)", 192, 2, 32, True),
+    ("window(8)", 256, 2, 16, True),                                # token order: always
+    ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 16, False),  # d does not divide T
+    ("window(4) | dilate(2, heads=[1])", 256, 2, 16, False),        # a token-order head beside
+    ("window(6) | dilate(2)", 200, 2, 16, False),                   # classes of 100: not whole tiles
+])
+def test_residue_order_walks_take_strided_boxes_only_where_they_fit(src, t, h, bs, expect, monkeypatch):
+    """With TMA configs and RESIDUE_TMA, every walked tile of these layouts comes through a
+    descriptor (4-D in residue order) or none does; RESIDUE_TMA off keeps residue order on
+    pointers. The CASES above with T = 256, 384 and 192 therefore test the boxes' values."""
+    for key, cfg in TILES["tma"].items():
+        monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
+    lay = get_layout(patterncc.parse(src), t, h, bs)
+    q, k, _ = _inputs(1, h, h, t, 16, torch.float32)
+    for residue_tma in (True, False):
+        monkeypatch.setattr(lowering, "RESIDUE_TMA", residue_tma)
+        run = triton_backend._Launch(q, k, lay, None)
+        for kind in tuning.KINDS:
+            bm, bn, _ = run.tiles(kind)
+            descs, tma = run.walked(kind, (k, k), bm if kind == "dkdv" else bn)
+            want = expect and (residue_tma or not run.plan.permuted)
+            assert tma == want, (kind, residue_tma)
+            if tma:
+                assert len(descs[0].shape) == (4 if run.plan.permuted else 3)
 
 
 def test_split_rows_merge_in_kernel_deterministically_and_reset_their_counters():

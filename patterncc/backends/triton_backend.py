@@ -196,10 +196,10 @@ class _Launch:
         tiles = lowering.Tiles(*(self.rows[kind] // self.lb for kind in ("fwd", "dq", "dkdv")))
         self.plan = lowering.plan_for(layout, self.gen.plan, q.device, self.group, split, tiles,
                                       self.d, q.element_size())
+        klay = lowering.kernel_layout(layout, self.gen.plan, self.group)
         self.consts = dict(
             HEAD_DIM=self.d, HEAD_PAD=self.d_pad, LAYOUT_BLOCK=self.lb,
-            PERMUTED=lowering.order_mode(lowering.kernel_layout(layout, self.gen.plan, self.group),
-                                         max(self.lb, *self.rows.values()), self.d_pad),
+            PERMUTED=lowering.order_mode(klay, max(self.lb, *self.rows.values()), self.d_pad),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=self.interp and q.dtype == torch.bfloat16,
         )
@@ -209,6 +209,9 @@ class _Launch:
         self._tiles = {kind: self._tile_shape(kind) for kind in tuning.KINDS}
         self._args: dict = {}
         self.tma_capable = _tma_capable(q.device, self.interp)
+        # residue order through strided boxes: order mode 1 and one residue factor for all heads
+        self.residue_dil = (lowering.residue_stride(klay)
+                            if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
@@ -234,18 +237,29 @@ class _Launch:
         return torch.empty(shape, dtype=torch.float32, device=self.device)
 
     def walked(self, kind: str, tensors: tuple, block: int) -> tuple[tuple, bool]:
-        """The walked tensors of kernel ``kind`` as TMA descriptors of [B * heads, T, D] with
-        [1, block, HEAD_PAD] boxes, and True -- when its config asks for TMA and the call
-        allows it (token order, rows 16-byte aligned, a Hopper GPU or the interpreter);
-        else the tensors themselves, and False."""
-        if not (self.cfg[kind].tma and not self.plan.permuted and self.tma_capable and _tma_aligned(tensors)):
+        """The walked tensors of kernel ``kind`` as TMA descriptors, and True -- when its
+        config asks for TMA and the call allows it (rows 16-byte aligned, a Hopper GPU or the
+        interpreter; in residue order, see residue_stride); else the tensors themselves, and
+        False. Token order: [B * heads, T, D] with [1, block, HEAD_PAD] boxes. Residue order:
+        [B * heads, T / d, d, D] with [1, block, 1, HEAD_PAD] boxes, one class per box."""
+        if not (self.cfg[kind].tma and self.tma_capable and _tma_aligned(tensors)):
             return tensors, False
+        d = 1
+        if self.plan.permuted:
+            d = self.residue_dil
+            if d is None or (self.t // d) % block:
+                return tensors, False
         from triton.tools.tensor_descriptor import TensorDescriptor
         out = []
         for x in tensors:
             bh = x.shape[0] * x.shape[1]
-            out.append(TensorDescriptor(x.view(bh, self.t, self.d), [bh, self.t, self.d],
-                                        [self.t * self.d, self.d, 1], [1, block, self.d_pad]))
+            if d == 1:
+                out.append(TensorDescriptor(x.view(bh, self.t, self.d), [bh, self.t, self.d],
+                                            [self.t * self.d, self.d, 1], [1, block, self.d_pad]))
+            else:
+                shape = [bh, self.t // d, d, self.d]
+                out.append(TensorDescriptor(x.view(shape), shape, [self.t * self.d, d * self.d, self.d, 1],
+                                            [1, block, 1, self.d_pad]))
         return tuple(out), True
 
     def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
