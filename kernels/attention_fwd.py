@@ -124,19 +124,16 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
         qk = qk * qk_scale
         late_scale = 1.0
     # A FULL entry (every pair allowed) needs no mask unless its block holds positions that
-    # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if` picks
-    # the mask and one `where` applies it: with an if/else that each rewrite qk, Triton 3.6
-    # computes exp2 twice per element (once per layout of p; bench/RESULTS.md, run 4).
+    # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if`, one
+    # `where`, no branch inside: an if/else that each rewrite qk made Triton 3.6 compute exp2
+    # twice per element (run 4), and a mask chosen by a nested if/else is carried across the
+    # branches as packed predicate bits (~250 more instructions per masked tile, sm_90
+    # SASS). A FULL tail block evaluates the predicate too (rare) and ORs its FULL bit in.
     if ((flags & 1) == 0) | ((flags & (1 << 30)) != 0):
-        if (flags & 1) != 0:
-            keep = tl.broadcast_to(valid_n[None, :], (q.shape[0], BLOCK_N))
-        else:
-            # PARTIAL: the pattern's token predicate (generated from the IR), on tokens.
-            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-            if STACKED:
-                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-            keep = allowed & valid_n[None, :]
-        qk = tl.where(keep, qk, float("-inf"))
+        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables) | ((flags & 1) != 0)
+        if STACKED:
+            allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+        qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
     # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
     # so p and alpha are exp2(-inf) = 0 and never NaN.
