@@ -108,11 +108,15 @@ def bench_graph(fn, what: str):
         return None
 
 
-def host_ms(fn, n: int = 50) -> float:
+def host_ms(fn, n: int = 50, ahead: bool = False) -> float:
     """Host time per call of ``fn`` issued back to back (no synchronisation between calls):
-    a time near do_bench's means the call is host-bound."""
+    a time near do_bench's means the call is host-bound. ``ahead``: a sleep kernel keeps the
+    GPU busy meanwhile, so the host never waits on it or on a full launch queue (keep n
+    calls of a few launches far below its ~1000 entries): what issuing a call costs."""
     fn()
     torch.cuda.synchronize()
+    if ahead:
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
     t0 = time.perf_counter()
     for _ in range(n):
         fn()

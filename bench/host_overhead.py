@@ -93,25 +93,10 @@ def gpu_main() -> None:
         graph = bench_graph(lambda: op(q, k, v), name)
         print(json.dumps({"pattern": name, "host_ms_per_call": round(host, 4), "do_bench_ms": round(plain, 4),
                           "cudagraph_ms": graph and round(graph, 4),
-                          "host_fwdbwd_ms": round(host_ms_ahead(fwdbwd, 20), 4),
+                          "host_fwdbwd_ms": round(host_ms(fwdbwd, 20, ahead=True), 4),
                           "do_bench_fwdbwd_ms": round(bench(fwdbwd, [qg, kg, vg]), 4)}), flush=True)
         if PROFILE:
             _host_profile(fwdbwd, name)
-
-
-def host_ms_ahead(fn, n: int) -> float:
-    """Host time per call of ``fn`` while a sleep kernel keeps the GPU busy: the host never
-    waits on the GPU or on a full launch queue (n calls of a few launches stay far below its
-    ~1000 entries), so this is what issuing a call costs, whatever the GPU time."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e3
-    torch.cuda.synchronize()
-    return host
 
 
 def _host_profile(fn, name: str, n: int = 200) -> None:
