@@ -51,6 +51,10 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": True}}
+# What a row must have for its A/B switch to change anything (other switches: every row).
+APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
+           "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
+           "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
           "fold": "scale fold off", "rtma": "residue TMA boxes on"}
@@ -217,8 +221,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 del out
                 for a in ablate:
-                    if ((a in ("residue", "tokens", "rtma") and not r["residue_heads"]) or (a == "thin" and not r["narrow_tiles_fwd"])
-                            or (a == "stack" and r["rows"]["fwd"] > 64) or (a == "split" and not r["split_rows_fwd"])):
+                    if not APPLIES.get(a, lambda r: True)(r):
                         continue  # that switch changes nothing for this pattern
                     rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))
                     print(json.dumps(rows[-1]), flush=True)
