@@ -50,14 +50,14 @@ from patterncc.backends import triton_backend  # noqa: E402
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
-             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": True}}
+             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
-          "fold": "scale fold off", "rtma": "residue TMA boxes on"}
+          "fold": "scale fold off", "rtma": "residue TMA boxes off"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -17,6 +17,11 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py            # on a GPU machine
     python bench/host_overhead.py --profile  # ... with a cProfile of each forward+backward
     python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
+    python bench/host_overhead.py --breakdown  # on a GPU: host time per launch, per pass
+
+``--breakdown`` records the kernel launches of one forward+backward and replays each alone
+behind a sleep kernel (its host cost: Triton's launch path and the driver), and times the
+forward and the backward pass apart, and one ``torch.empty`` of an output's size.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import time
 
 STUB = "--stub" in sys.argv
 PROFILE = "--profile" in sys.argv
+BREAKDOWN = "--breakdown" in sys.argv
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -70,6 +76,10 @@ def stub_main() -> None:
 
     for name, src in PATTERNS.items():
         op = patterncc.compile(src, block_size=64, backend="triton")
+
+        def bwd():
+            qg.grad = kg.grad = vg.grad = None  # no accumulation kernels in the timing
+            out.backward(do, retain_graph=True)
         row = {"pattern": name,
                "fwd_us": _per_call_us(lambda: op(q, k, v), 2000),
                "fwd_grad_inputs_us": _per_call_us(lambda: op(qg, kg, vg), 2000),
@@ -114,5 +124,53 @@ def _host_profile(fn, name: str, n: int = 200) -> None:
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
 
 
+class _Recorder:
+    """Wraps a generated kernel: kernel[grid](*args) launches it and keeps the call."""
+
+    def __init__(self, name: str, kernel, calls: list):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, self.kernel, grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def breakdown_main(patterns=("longformer", "causal_window")) -> None:
+    from bench_attention import host_ms
+    from patterncc import codegen
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    calls: list = []
+    real = codegen.Generated.kernel
+    codegen.Generated.kernel = lambda self, name: _Recorder(name, real(self, name), calls)
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    print(json.dumps({"torch_empty_us": round(host_ms(lambda: torch.empty_like(q), 200, ahead=True) * 1e3, 1)}))
+    for name in patterns:
+        op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+        out = op(qg, kg, vg)
+        out.backward(do, retain_graph=True)
+        torch.cuda.synchronize()
+        calls.clear()
+        out = op(qg, kg, vg)
+        out.backward(do, retain_graph=True)
+
+        def bwd():
+            qg.grad = kg.grad = vg.grad = None  # no accumulation kernels in the timing
+            out.backward(do, retain_graph=True)
+        row = {"pattern": name,
+               "fwd_us": round(host_ms(lambda: op(q, k, v), 50, ahead=True) * 1e3, 1),
+               "bwd_us": round(host_ms(bwd, 20, ahead=True) * 1e3, 1),
+               "launches": []}
+        for kname, kernel, grid, args, kwargs in list(calls):
+            fn = (lambda kr=kernel, g=grid, a=args, kw=kwargs: kr[g](*a, **kw))
+            row["launches"].append({"kernel": kname, "args": len(args),
+                                    "descriptors": sum(isinstance(a, TensorDescriptor) for a in args),
+                                    "host_us": round(host_ms(fn, 50, ahead=True) * 1e3, 1)})
+        print(json.dumps(row), flush=True)
+
+
 if __name__ == "__main__":
-    stub_main() if STUB else gpu_main()
+    breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()

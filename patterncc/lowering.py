@@ -76,7 +76,7 @@ THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whol
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
-RESIDUE_TMA = False  # residue-order walks through strided TMA boxes where residue_stride allows (A/B; unmeasured)
+RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 
 
 # ----------------------------------------------------------------------------------------

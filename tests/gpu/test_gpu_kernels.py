@@ -73,7 +73,7 @@ def test_any_scale_matches_reference(name, scale):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("src", [REFERENCE["dilated"], "(window(100) & causal) | dilate(4)"])
 def test_residue_order_through_strided_tma_boxes(src, d, monkeypatch):
-    """lowering.RESIDUE_TMA (an A/B switch, off by default): residue-order walks fetch their
+    """lowering.RESIDUE_TMA (on by default; an A/B switch): residue-order walks fetch their
     tiles as strided boxes of a [B * heads, T / d, d, D] view; same results as the reference
     (GQA, two batches). TMA configs are forced so that all three walks take the boxes."""
     from patterncc import lowering
