@@ -8,7 +8,7 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold python bench/bench_attention.py   # also A/B rows, see ABLATIONS
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -17,7 +17,9 @@ residue tokens, order mode 1) or ``thin`` (narrow tiles of thin global columns) 
 off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are loaded:
 lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launched
 first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded into exp2's
-FFMA: lowering.FOLD_SCALE) turned off, timed in the same run.
+FFMA: lowering.FOLD_SCALE) or ``rtma`` (residue-order tiles through strided TMA boxes:
+lowering.RESIDUE_TMA) turned off, or ``thinrows`` (global query rows' far blocks walked
+with 16-row tiles: lowering.THIN_ROWS) turned on, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -50,14 +52,15 @@ from patterncc.backends import triton_backend  # noqa: E402
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
-             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}}
+             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
-           "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"]}
+           "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
+           "thinrows": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
-          "fold": "scale fold off", "rtma": "residue TMA boxes off"}
+          "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

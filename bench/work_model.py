@@ -11,8 +11,10 @@ K/V tile loads per pass come along. No GPU needed:
 
 Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole blocks for
 global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
-64-token layout blocks per kernel row (as a 128-row config would); "chosen" is what the
-Triton backend picks (128-row tiles where lowering.stacks_well says they pay, else 64).
+64-token layout blocks per kernel row (as a 128-row config would); "thinrows" is rows64 with
+lowering.THIN_ROWS (the forward's global query rows walked with 16-row tiles); "chosen" is
+what the Triton backend picks by default (128-row tiles where lowering.stacks_well says
+they pay, else 64).
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
-VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True)}
+VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True),
+            "thinrows": (1, True, True, True)}
 
 
-def count(layout, factor: int, residue: bool, thin: bool) -> dict:
-    lowering.RESIDUE_ORDER, lowering.THIN_COLUMNS = residue, thin
+def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool = False) -> dict:
+    lowering.RESIDUE_ORDER, lowering.THIN_COLUMNS, lowering.THIN_ROWS = residue, thin, thin_rows
     try:
         pred = codegen.analyse(layout.pattern)
         if not lowering.can_stack(pred):
@@ -42,14 +45,22 @@ def count(layout, factor: int, residue: bool, thin: bool) -> dict:
         (ptr, kb, fl), (nptr, nsub, nfl) = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, factor),
                                                                      stacked=factor > 1)
         rows = factor * bs
-        fwd = kb.size * rows * bs + nsub.size * rows * lowering.NARROW
+        n_thin = 0  # forward entries walked with 16-row tiles (THIN_ROWS, unstacked rows only)
+        if thin_rows and factor == 1:
+            ptr, kb, fl, segments = lowering.thin_rows(klay, ptr, kb, fl)
+            if segments is not None:
+                _, start, end, sub = segments
+                n_thin = int((end - start)[sub >= 0].sum())
+        fwd = (kb.size - n_thin) * rows * bs + n_thin * lowering.NARROW * bs + nsub.size * rows * lowering.NARROW
         kv_ptr, _, _, kv_fl = lowering.kv_rows(klay, 1, factor)
         dkdv = kv_fl.size * rows * bs
         full = float(((fl & 1) != 0).mean()) if fl.size else 0.0
-        return {"fwd_pairs": fwd, "dq_pairs": fwd, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
+        dq = fwd + n_thin * (rows - lowering.NARROW) * bs  # dQ keeps whole row tiles
+        return {"fwd_pairs": fwd, "dq_pairs": dq, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
                 "kv_tile_loads_fwd": int(kb.size + nsub.size), "rows": rows}
     finally:
         lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = True
+        lowering.THIN_ROWS = False
 
 
 def main():
@@ -63,8 +74,8 @@ def main():
             lay = patterncc.compile(src).layout(t, h)
             useful = float(lay.pairs_per_head().sum())
             tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
-            for variant, (factor, residue, thin) in {**VARIANTS, "chosen": (2 if tall else 1, True, True)}.items():
-                c = count(lay, factor, residue, thin)
+            for variant, args in {**VARIANTS, "chosen": (2 if tall else 1, True, True)}.items():
+                c = count(lay, *args)
                 # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)
                 bound_fwd = useful / c["fwd_pairs"]
                 bound_fb = 3.5 * useful / (c["fwd_pairs"] + 1.25 * c["dq_pairs"] + 1.25 * c["dkdv_pairs"])

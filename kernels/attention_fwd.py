@@ -16,7 +16,10 @@ rows are one item, which writes the normalised output and the log-sum-exp direct
 (``slot < 0``); heavy rows (a global query attending every key block) are cut into
 several items that each write an unnormalised partial (acc, m, l) to a scratch slot, and
 the last of them to finish merges all of them by log-sum-exp. So no program walks much
-more than ``split`` blocks, and the forward is one launch whatever the pattern.
+more than ``split`` blocks, and the forward is one launch whatever the pattern. With
+THIN_ROWS, an item may be *thin* (``item_thin`` >= 0): its entries are key blocks that only
+a few global queries of the row attend, so it walks them with the 16 rows holding those
+queries, and its partial leaves the row's other positions empty.
 
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` so that
 exp2 can be used, and LSE is stored in those units (log2-sum-exp2 of the scaled scores).
@@ -41,15 +44,15 @@ def _attn_fwd(
     nblock, nflags,                          # narrow entries: 16-key sub-block, flags
     tables,                                  # int8 [n_tables, T] membership tables (global index sets)
     head_dil, head_seg,                      # per head: residue factor and class length (PERMUTED only)
+    item_thin,                               # per item: its 16-row sub-block (thin-row items), else -1
     qk_scale,                                # softmax scale * log2(e)
     SEQ_LEN, NR, B, H, GROUP,                # tokens, plan rows per head, batch, query heads, H // H_KV
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, THIN_ROWS: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
-    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -65,42 +68,115 @@ def _attn_fwd(
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     kv_bh = b * (H // GROUP) + kv_head
     kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
-    q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
-    # Layout block of each query row inside a stacked row (its FULL bit is 1 + that).
-    sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
+    out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
+    if THIN_ROWS:
+        thin = tl.load(item_thin + item)
+    else:
+        thin = -1  # no thin items: the branch below is resolved at compile time
+    if thin >= 0:
+        _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile,
+                      slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                      HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED, PERMUTED,
+                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+        _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b, B,
+                       out_ptrs, Lse + q_row0 + tok_m, valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
+    else:
+        q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+        # Layout block of each query row inside a stacked row (its FULL bit is 1 + that).
+        sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
-    for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
-                                tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
-                                NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
-                                FOLD_SCALE)
-    # One flat loop over (entry, key sub-tile): a 128-token layout block is two 64-key tiles.
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+        # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
+        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
+                                    tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                    NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
+                                    FOLD_SCALE)
+        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
+                                      entry_flags, tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                      HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
+                                      PRECISION, UPCAST, FOLD_SCALE)
+        if slot < 0:
+            _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
+        else:
+            # Part of a heavy row: keep the unnormalised partial; the last part merges them.
+            r = tl.arange(0, BLOCK_M)
+            s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + tile * BLOCK_M
+            tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD), acc)
+            tl.store(ScratchM + s_row + r, m_i)
+            tl.store(ScratchL + s_row + r, l_i)
+            _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b,
+                           B, out_ptrs, Lse + q_row0 + tok_m, valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM,
+                           HEAD_PAD)
+
+
+@triton.jit
+def _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b, B,
+                   out_ptrs, lse_ptrs, valid_m, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                   ROW_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """After a split row's partial is written: the last of its items to arrive merges all
+    of them and writes the row's output and LSE."""
+    last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
+    if last:
+        acc, m_i, l_i = _merge_partials(ScratchO, ScratchM, ScratchL, s0, s1, b, B, tile * BLOCK_M,
+                                        BLOCK_M, ROW_BLOCK, HEAD_PAD)
+        _finish_rows(out_ptrs, lse_ptrs, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, tok_m, sub_row,
+                  head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                  LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
+                  PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  FOLD_SCALE: tl.constexpr):
+    """Entries start .. end - 1 of a row folded into (acc, m, l): one flat loop over (entry,
+    key sub-tile), so a 128-token layout block is two 64-key tiles."""
+    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                                 tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
                                 HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+    return acc, m_i, l_i
 
-    out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
-    if slot < 0:
-        _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
-    else:
-        # Part of a heavy row: keep the unnormalised partial; the last part merges them.
-        r = tl.arange(0, BLOCK_M)
-        s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + tile * BLOCK_M
-        tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD), acc)
-        tl.store(ScratchM + s_row + r, m_i)
-        tl.store(ScratchL + s_row + r, l_i)
-        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
-        if last:
-            acc, m_i, l_i = _merge_partials(ScratchO, ScratchM, ScratchL, s0, s1, b, B, tile * BLOCK_M,
-                                            BLOCK_M, ROW_BLOCK, HEAD_PAD)
-            _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
+
+@triton.jit
+def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
+                  b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                  ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
+                  STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """A thin-row item's partial for this program's tile of the row: the NARROW rows of
+    sub-block ``thin`` against its entries (only global queries attend them, so a 64-row
+    tile would compute 48 or more masked rows), and empty (m = -inf, l = 0, acc = 0) for the
+    tile's other rows, which the merge then ignores."""
+    r = tl.arange(0, BLOCK_M)
+    local = thin * NARROW - tile * BLOCK_M  # the sub-block's first row within this tile
+    others = (r < local) | (r >= local + NARROW)
+    s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + tile * BLOCK_M
+    tl.store(ScratchM + s_row + r, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=others)
+    tl.store(ScratchL + s_row + r, tl.zeros([BLOCK_M], tl.float32), mask=others)
+    tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
+             tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
+    if (local >= 0) & (local < BLOCK_M):
+        t_first = m_first + local
+        tok_t, valid_t = _tokens(t_first, NARROW, dil, seg, SEQ_LEN, PERMUTED)
+        q = _load_rows(_row_ptrs(Q, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
+        m_i = tl.full([NARROW], float("-inf"), tl.float32)
+        l_i = tl.zeros([NARROW], tl.float32)
+        acc = tl.zeros([NARROW, HEAD_PAD], tl.float32)
+        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
+                                      entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg, tables,
+                                      qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED,
+                                      PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+        r16 = tl.arange(0, NARROW)
+        tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD), acc)
+        tl.store(ScratchM + s_row + local + r16, m_i)
+        tl.store(ScratchL + s_row + local + r16, l_i)
 
 
 @triton.jit

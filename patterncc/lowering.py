@@ -27,6 +27,12 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
   that hold global keys, in a loop of their own with 16-wide tiles, evaluating the
   ordinary (exact) predicate there. dK/dV keeps the whole block (it owns whole key tiles).
+* **Thin global query rows** (:func:`thin_rows`; ``THIN_ROWS``, an A/B switch). The
+  transpose in the forward: a key block that only a global term's query rows touch (the
+  far blocks of a global query row) costs a whole 64-row tile for a few queries; such
+  entries become items of their own that walk them with 16-row tiles (the 16-row sub-blocks
+  holding global queries) and write a partial merged with the row's other items. Only
+  unstacked forward rows; dQ and dK/dV keep whole tiles.
 * **Work items** (:func:`make_items`): runs of at most ``split`` entries of one row. A row
   longer than ``split`` (a global row touching every block, a global key column in the
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
@@ -65,6 +71,7 @@ from .layout import Layout, build_head
 
 TAIL = 1 << 30  # flag bit: the key block holds positions that are not tokens
 COLUMN = 1 << 29  # flag bit: only a global key column touches this block (see column_only)
+ROW = 1 << 28  # flag bit: only global query rows touch this block (see row_only)
 NARROW = 16  # key tile of thin global columns
 MIN_SPLIT = 16  # never cut rows shorter than this many blocks
 STACK_WASTE = 0.15  # stack rows only if the tiles then cover at most 15% more pairs
@@ -74,6 +81,7 @@ SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
+THIN_ROWS = False  # forward: walk global query rows' far blocks with 16-row tiles (A/B; unmeasured)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
@@ -142,7 +150,7 @@ class KernelLayout:
 def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
-    return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS,
+    return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
             FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
 
 
@@ -245,12 +253,26 @@ def column_only(pattern: ir.Pattern, ctx: Ctx, columns: np.ndarray, qb: np.ndarr
     """Which blocks (qb, kb) only the key column of ``pattern``'s global terms touches, in key
     blocks the column fills at most half of (in 16-key sub-blocks): no other term touches
     them and the query block holds no global query (those rows attend every key)."""
+    return _only_global(pattern, ctx, columns, qb, kb, keys=True)
+
+
+def row_only(pattern: ir.Pattern, ctx: Ctx, rows: np.ndarray, qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Which blocks (qb, kb) only the query rows of ``pattern``'s global terms touch (a global
+    term is symmetric: its rows are its column's positions), in query blocks those rows fill
+    at most half of (in 16-row sub-blocks): no other term touches them and the key block
+    holds no global key (every query attends those)."""
+    return _only_global(pattern, ctx, rows, qb, kb, keys=False)
+
+
+def _only_global(pattern, ctx: Ctx, positions: np.ndarray, qb: np.ndarray, kb: np.ndarray, keys: bool) -> np.ndarray:
+    """column_only (``keys``: the global positions are the key side) or row_only."""
     out = np.zeros(qb.size, bool)
-    if columns.size == 0:
+    if positions.size == 0:
         return out
-    blocks, per_block = np.unique(np.unique(columns // NARROW) * NARROW // ctx.block, return_counts=True)
+    thin_side, other = (kb, qb) if keys else (qb, kb)
+    blocks, per_block = np.unique(np.unique(positions // NARROW) * NARROW // ctx.block, return_counts=True)
     thin = blocks[per_block <= max(1, ctx.block // NARROW // 2)]
-    cand = np.flatnonzero(np.isin(kb, thin) & ~np.isin(qb, np.unique(columns // ctx.block)))
+    cand = np.flatnonzero(np.isin(thin_side, thin) & ~np.isin(other, np.unique(positions // ctx.block)))
     if cand.size:
         terms = pattern.terms if isinstance(pattern, ir.Union) else (pattern,)
         rest = ir.union(t for t in terms if not isinstance(t, ir.Global))
@@ -259,7 +281,8 @@ def column_only(pattern: ir.Pattern, ctx: Ctx, columns: np.ndarray, qb: np.ndarr
 
 
 def _mark_columns(flags, indptr, kblock, kernel_patterns, columns, head_class, nb):
-    """Set COLUMN on the entries :func:`column_only` finds (each head behaviour once)."""
+    """Set COLUMN on the entries :func:`column_only` finds and ROW on those :func:`row_only`
+    finds (each head behaviour once)."""
     if not any(c.size for c in columns):
         return flags
     flags = flags.copy()
@@ -267,9 +290,10 @@ def _mark_columns(flags, indptr, kblock, kernel_patterns, columns, head_class, n
     for h, c in enumerate(map(int, head_class)):
         if c not in marks:
             qb, kb, _ = _head_entries(indptr, kblock, flags, h, nb)
-            marks[c] = column_only(*kernel_patterns[h], columns[h], qb, kb)
+            marks[c] = (np.where(column_only(*kernel_patterns[h], columns[h], qb, kb), COLUMN, 0)
+                        | np.where(row_only(*kernel_patterns[h], columns[h], qb, kb), ROW, 0)).astype(np.int32)
         s = indptr[h * nb]
-        flags[s:s + marks[c].size] |= np.where(marks[c], COLUMN, 0).astype(np.int32)
+        flags[s:s + marks[c].size] |= marks[c]
     return flags
 
 
@@ -297,7 +321,7 @@ def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, f
         first = np.searchsorted(sub_block, kblock[sel], "left")
         n = np.searchsorted(sub_block, kblock[sel], "right") - first
         pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-        keep = np.zeros(sel.size, np.int64) if stacked else flags[sel] & ~(COLUMN | TAIL | 1)
+        keep = np.zeros(sel.size, np.int64) if stacked else flags[sel] & ~(COLUMN | ROW | TAIL | 1)
         rows.append(np.repeat(row[sel], n))
         subs.append(sub[pick])
         nflags.append(np.where(count[pick] == NARROW, 1, np.repeat(keep, n)).astype(np.int32))
@@ -306,6 +330,58 @@ def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, f
     n_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=n_ptr[1:])
     return regular, (n_ptr, subs[order], nflags[order])
+
+
+def thin_rows(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags: np.ndarray) -> tuple:
+    """Move the ROW entries of unstacked forward rows into thin-row runs (``THIN_ROWS``).
+
+    Returns (indptr, key block, flags, segments): per row its other entries first, then its
+    ROW entries once per 16-row sub-block of the row that holds global queries (FULL there
+    when all 16 rows are global queries, else the exact predicate decides; random and TAIL
+    bits kept). ``segments`` = (row, start, end, sub) of every run, in row order: each row's
+    regular run (sub -1, possibly empty), then one run per thin sub-block (``sub``: which
+    16 rows of the row it walks). None when no entry moves (the input comes back).
+    """
+    thin = (flags & ROW) != 0 if THIN_ROWS else np.zeros(flags.size, bool)
+    if not thin.any():
+        return indptr, kblock, flags, None
+    n_rows, nb = indptr.size - 1, klay.nblocks
+    row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    head = row // nb
+    entries, subs, fls = [np.flatnonzero(~thin)], [np.full(int((~thin).sum()), -1, np.int64)], [flags[~thin]]
+    for c in np.unique(klay.head_class[head[thin]]):
+        sel = np.flatnonzero(thin)[klay.head_class[head[thin]] == c]
+        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
+        sub_block = sub * NARROW // klay.block
+        qb = row[sel] % nb
+        first = np.searchsorted(sub_block, qb, "left")
+        n = np.searchsorted(sub_block, qb, "right") - first
+        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        entry = np.repeat(sel, n)
+        keep = flags[entry] & ~(ROW | COLUMN | 1)
+        entries.append(entry)
+        subs.append(sub[pick] - (row[entry] % nb) * (klay.block // NARROW))
+        fls.append(np.where(count[pick] == NARROW, keep | 1, keep))
+    entry, sub, fl = (np.concatenate(x) for x in (entries, subs, fls))
+    order = np.lexsort((entry, sub, row[entry]))
+    entry, sub, fl = entry[order], sub[order], fl[order]
+    new_row = row[entry]
+    new_ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(new_row, minlength=n_rows), out=new_ptr[1:])
+    # runs: the regular run of every row (maybe empty), then each (row, sub) run
+    regular_end = new_ptr[:-1] + np.bincount(new_row[sub < 0], minlength=n_rows)
+    at = np.flatnonzero(sub >= 0)
+    key = new_row[at] * (klay.block // NARROW) + sub[at]
+    firsts = at[np.concatenate([[True], key[1:] != key[:-1]])] if at.size else at
+    # a run ends where the next one starts, or at its row's end
+    ends = np.minimum(np.append(firsts[1:], entry.size), new_ptr[new_row[firsts] + 1])
+    seg_row = np.concatenate([np.arange(n_rows, dtype=np.int64), new_row[firsts]])
+    seg_sub = np.concatenate([np.full(n_rows, -1, np.int64), sub[firsts]])
+    seg_start = np.concatenate([new_ptr[:-1], firsts])
+    seg_end = np.concatenate([regular_end, ends])
+    o = np.lexsort((seg_sub, seg_row))
+    segments = (seg_row[o], seg_start[o], seg_end[o], seg_sub[o])
+    return new_ptr, kblock[entry], fl.astype(np.int32), segments
 
 
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
@@ -514,10 +590,12 @@ class WorkItems:
     merge_end: torch.Tensor    # [R] one past its last slot
     narrow_start: torch.Tensor  # [I] first narrow entry (thin columns; the row's first item walks them)
     narrow_end: torch.Tensor    # [I] one past its last
+    thin: torch.Tensor          # [I] 16-row sub-block a thin-row item walks (-1: an ordinary item)
     n_items: int
     n_slots: int
     n_merge: int
     split: int
+    n_thin: int = 0             # thin-row items (THIN_ROWS)
 
 
 def choose_split(counts: np.ndarray, max_slots: int | None = None) -> int:
@@ -543,37 +621,51 @@ def _slots(counts: np.ndarray, split: int) -> int:
     return int((-(-cut // split)).sum())
 
 
-def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | None = None) -> WorkItems:
-    counts = np.diff(indptr)
-    per_row = np.maximum(1, -(-counts // split))
-    n_items = int(per_row.sum())
-    row = np.repeat(np.arange(counts.size, dtype=np.int64), per_row)
-    first_item = np.cumsum(per_row) - per_row
-    piece = np.arange(n_items, dtype=np.int64) - np.repeat(first_item, per_row)
-    start = indptr[row] + piece * split
-    end = np.minimum(start + split, indptr[row + 1])
+def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | None = None,
+               segments: tuple | None = None) -> WorkItems:
+    """The work items of a walk: every run of entries cut into pieces of at most ``split``.
+
+    A run is a row's entries, or with ``segments`` (row, start, end, sub) from
+    :func:`thin_rows` each of its runs (a row's regular run first). A row of more than one
+    piece is split: its pieces write scratch slots that its last one merges. The first
+    piece of a row walks its narrow entries (``narrow_ptr``, per row).
+    """
+    n_rows = indptr.size - 1
+    if segments is None:
+        segments = (np.arange(n_rows, dtype=np.int64), indptr[:-1], indptr[1:], np.full(n_rows, -1, np.int64))
+    seg_row, seg_start, seg_end, seg_sub = segments
+    per_seg = np.maximum(1, -(-(seg_end - seg_start) // split))
+    n_items = int(per_seg.sum())
+    seg = np.repeat(np.arange(seg_row.size, dtype=np.int64), per_seg)
+    piece = np.arange(n_items, dtype=np.int64) - (np.cumsum(per_seg) - per_seg)[seg]
+    start = seg_start[seg] + piece * split
+    end = np.minimum(start + split, seg_end[seg])
+    row, thin = seg_row[seg], seg_sub[seg]
+    per_row = np.bincount(row, minlength=n_rows)
     cut = per_row > 1
-    in_cut = np.repeat(cut, per_row)
+    in_cut = cut[row]
     slot = np.full(n_items, -1, np.int64)
     slot[in_cut] = np.arange(int(in_cut.sum()))
     merge = np.full(n_items, -1, np.int64)
-    merge[in_cut] = np.repeat(np.arange(int(cut.sum())), per_row[cut])
+    merge[in_cut] = (np.cumsum(cut) - 1)[row[in_cut]]
     merge_end = np.cumsum(per_row[cut])
     merge_start = merge_end - per_row[cut]
     n_start = np.zeros(n_items, np.int64)
     n_end = np.zeros(n_items, np.int64)
     if narrow_ptr is not None:
-        lead = piece == 0
-        n_start[lead], n_end[lead] = narrow_ptr[row[lead]], narrow_ptr[row[lead] + 1]
+        lead = np.cumsum(per_row) - per_row  # first item of each row: its regular run's first piece
+        n_start[lead], n_end[lead] = narrow_ptr[:-1], narrow_ptr[1:]
     if SPLIT_FIRST:
         # Long pieces first, so they do not start in the grid's last wave (and their merge
         # is not the kernel's tail); the rest keep row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
         order = np.concatenate([np.flatnonzero(in_cut), np.flatnonzero(~in_cut)])
-        row, start, end, slot, merge, n_start, n_end = (a[order] for a in (row, start, end, slot, merge, n_start, n_end))
+        row, start, end, slot, merge, n_start, n_end, thin = (
+            a[order] for a in (row, start, end, slot, merge, n_start, n_end, thin))
     t = lambda a: _dev(a, device)  # noqa: E731
     return WorkItems(t(row), t(start), t(end), t(slot), t(merge), t(merge_start), t(merge_end),
-                     t(n_start), t(n_end), n_items, int(in_cut.sum()), int(cut.sum()), split)
+                     t(n_start), t(n_end), t(thin), n_items, int(in_cut.sum()), int(cut.sum()), split,
+                     int((thin >= 0).sum()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -702,24 +794,28 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
     klay = kernel_layout(layout, pred, group)
     t = lambda a: _dev(a, device)  # noqa: E731
 
-    def walk(factor, indptr, block, flags, head=None, narrow=None):
+    def walk(factor, indptr, block, flags, head=None, narrow=None, segments=None):
         row_block = factor * klay.block
         counts = np.diff(indptr)
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
         n_ptr, n_block, n_flags = narrow if narrow is not None else (None, np.zeros(0), np.zeros(0))
-        return Walk(make_items(indptr, s, device, n_ptr), t(block), t(flags & ~COLUMN),
+        return Walk(make_items(indptr, s, device, n_ptr, segments), t(block), t(flags & ~(COLUMN | ROW)),
                     None if head is None else t(head), t(n_block), t(n_flags), row_block,
                     -(-klay.nblocks // factor), int(n_block.size))
 
     walks = {}
     for name in ("fwd", "dq"):
         factor = getattr(tiles, name)
-        if factor not in walks:
-            regular, narrow = _stacked(klay, factor)
-            walks[factor] = walk(factor, *regular, narrow=narrow)
+        regular, narrow = _stacked(klay, factor)
+        # thin-row runs: forward only (the dQ kernel owns whole 64-row tiles)
+        *regular, segments = thin_rows(klay, *regular) if name == "fwd" and factor == 1 else (*regular, None)
+        key = (factor, segments is not None)
+        if key not in walks:
+            walks[key] = walk(factor, *regular, narrow=narrow, segments=segments)
+        walks[name] = walks[key]
     kv_ptr, kv_qb, kv_qh, kv_flags = _kv(klay, group, tiles.kv)
     return KernelPlan(
-        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
+        fwd=walks["fwd"], dq=walks["dq"], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )

@@ -180,7 +180,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
-                maxnreg: int | None = None, fold_scale: bool = True) -> dict:
+                maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -191,13 +191,14 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     pad = lowering.head_pad(head_dim)
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
-                  NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale)
+                  NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
+                  THIN_ROWS=thin_rows)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
     index = {"item_row", "item_start", "item_end", "item_slot", "item_merge", "merge_start", "merge_end",
              "item_nstart", "item_nend", "kblock", "entry_flags", "nblock", "nflags", "qblock", "qhead",
-             "head_dil", "head_seg", "Count"}
+             "head_dil", "head_seg", "item_thin", "Count"}
 
     def arg_type(name, box):
         if name in ("Kd", "Vd", "Qd", "dOd"):  # tensor descriptors with TMA, else the tensors again

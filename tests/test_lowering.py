@@ -354,3 +354,87 @@ def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall, gathered_onl
         pred = codegen.analyse(lay.pattern)
         assert [lowering.row_class(lay, pred, 1, kind) for kind in ("fwd", "dq", "dkdv")] == [tall] * 3
     assert lowering.row_class(get_layout(patterncc.parse(src), 4096, 2, 128), pred, 1, "fwd")  # 128 blocks: tall already
+
+
+def _walked_once_with_thin_rows(lay, klay):
+    """Per head: how many times the forward walk with THIN_ROWS (regular entries over whole
+    rows, narrow sub-blocks, thin-row runs over their 16 rows) covers each pair; and the
+    plan pieces (indptr, key block, flags, segments)."""
+    regular, narrow = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, 1), stacked=False)
+    ptr, kb, fl, segments = lowering.thin_rows(klay, *regular)
+    bs, nb, w = klay.block, klay.nblocks, lowering.NARROW
+    covers = []
+    for head in range(lay.num_heads):
+        cover = np.zeros((nb * bs, nb * bs), np.int8)
+        for r in range(head * nb, (head + 1) * nb):
+            q0 = (r - head * nb) * bs
+            for b in narrow[1][narrow[0][r]:narrow[0][r + 1]]:
+                cover[q0:q0 + bs, b * w:(b + 1) * w] += 1
+        for row, s, e, sub in zip(*segments):
+            if row // nb != head:
+                continue
+            q0 = (row % nb) * bs
+            rows = slice(q0, q0 + bs) if sub < 0 else slice(q0 + sub * w, q0 + (sub + 1) * w)
+            for b in kb[s:e]:
+                cover[rows, b * bs:(b + 1) * bs] += 1
+        covers.append(cover[:klay.seq_len, :klay.seq_len])
+    return covers, (ptr, kb, fl, segments)
+
+
+@pytest.mark.parametrize("src,t,bs", [
+    ("window(16) | global([0])", 300, 64),
+    ("window(8) | global([0, 5, 70, -1])", 301, 64),     # two global rows in one 16-row sub-block
+    ("window(8) | global([100, 101, 250])", 400, 64),
+    ("window(5) | global([0, 7]) | dilate(2)", 301, 64),  # residue order: global rows move too
+    ("window(20) | global([3]) | random(64, seed=3)", 500, 64),
+    ("window(40) | global(0..20)", 250, 64),              # 20 rows: two 16-row sub-blocks
+    ("window(20) | global([3])", 333, 128),
+])
+def test_thin_rows_walk_each_allowed_pair_exactly_once(src, t, bs, monkeypatch):
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    lay, _, klay = _klay(src, t, 2, bs)
+    covers, (ptr, kb, fl, segments) = _walked_once_with_thin_rows(lay, klay)
+    assert segments is not None and (segments[3] >= 0).any(), "no thin-row run"
+    for head, cover in enumerate(covers):
+        mask, _, _ = _kernel_mask(lay, klay, head)
+        assert (cover[mask] == 1).all(), "an allowed pair is walked twice or never"
+        assert cover.max() <= 1, "a tile is walked twice"
+    row, start, end, sub = segments
+    assert (np.diff(row) >= 0).all() and (start <= end).all()
+    assert np.array_equal(np.unique(row), np.arange(ptr.size - 1))  # every row has its regular run
+    assert ((fl & (lowering.ROW | lowering.COLUMN)) == 0)[np.concatenate(
+        [np.arange(s, e) for s, e, u in zip(start, end, sub) if u >= 0])].all()
+
+
+def test_thin_rows_switched_off_or_not_applicable_change_nothing(monkeypatch):
+    lay, _, klay = _klay("window(16) | global([0])", 300, 2, 64)
+    regular, _ = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, 1), stacked=False)
+    assert lowering.thin_rows(klay, *regular)[3] is None  # THIN_ROWS off
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    for src in ("block(64, width=1) | global(0..128) | random(192, seed=1)", "window(16)"):
+        _, _, other = _klay(src, 300, 2, 64)  # global rows that fill their blocks; no global at all
+        regular, _ = lowering.narrow_entries(other, *lowering.stacked_rows(other, 1), stacked=False)
+        assert lowering.thin_rows(other, *regular)[3] is None
+
+
+def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
+    """A row with thin-row runs is a split row: its regular piece first (it walks the narrow
+    entries), then its thin pieces, all merged through one contiguous run of slots; the dQ
+    walk keeps whole rows."""
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
+    plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
+    it = plan.fwd.items
+    thin, row, merge = it.thin.numpy(), it.row.numpy(), it.merge.numpy()
+    assert it.n_thin == (thin >= 0).sum() > 0 and (thin[thin >= 0] == 0).all()  # token 0: sub-block 0
+    assert set(row[thin >= 0].tolist()) == {0, lay.nblocks}  # the global query block of each head
+    assert (merge[thin >= 0] >= 0).all()
+    for r in (0, lay.nblocks):
+        mine = np.flatnonzero(row == r)
+        assert thin[mine[0]] == -1 and (thin[mine[1:]] >= 0).all()
+        slots = it.slot.numpy()[mine]
+        assert slots.tolist() == list(range(slots[0], slots[0] + mine.size))
+    assert plan.dq.items.n_thin == 0 and plan.dq is not plan.fwd
+    monkeypatch.setattr(lowering, "THIN_ROWS", False)
+    off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
+    assert off.fwd.items.n_thin == 0 and off.dq is off.fwd

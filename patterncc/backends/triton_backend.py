@@ -346,10 +346,10 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
     run.gen.kernel("_attn_fwd")[(walk.items.n_items * tiles, run.b)](
         q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True),
-        *run.walk_args(walk, tiles),
+        *run.walk_args(walk, tiles), walk.items.thin,
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, **run.consts, **opts)
+        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0, **run.consts, **opts)
     return out, lse
 
 
