@@ -12,7 +12,7 @@ K/V tile loads per pass come along. No GPU needed:
 Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole blocks for
 global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
 64-token layout blocks per kernel row (as a 128-row config would); "thinrows" is rows64 with
-lowering.THIN_ROWS (the forward's global query rows walked with 16-row tiles); "chosen" is
+lowering.THIN_ROWS (global query rows walked with 16-row tiles in the forward and dQ); "chosen" is
 what the Triton backend picks by default (128-row tiles where lowering.stacks_well says
 they pay, else 64).
 """
@@ -55,7 +55,7 @@ def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool = Fals
         kv_ptr, _, _, kv_fl = lowering.kv_rows(klay, 1, factor)
         dkdv = kv_fl.size * rows * bs
         full = float(((fl & 1) != 0).mean()) if fl.size else 0.0
-        dq = fwd + n_thin * (rows - lowering.NARROW) * bs  # dQ keeps whole row tiles
+        dq = fwd  # dQ walks the same items
         return {"fwd_pairs": fwd, "dq_pairs": dq, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
                 "kv_tile_loads_fwd": int(kb.size + nsub.size), "rows": rows}
     finally:

@@ -9,7 +9,9 @@ Three passes, one launch each, deterministic:
 2. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
-3. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index.
+3. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index,
+   with the forward's items (a thin-row item, THIN_ROWS, computes the 16 rows holding its
+   global queries and leaves zeros in its partial for the row's other positions).
 
 Rows are ROW_BLOCK positions (one layout block or several stacked, as in the forward;
 flag bit ``1 + j`` then says stacked layout block j is FULL on that entry). Both walks
@@ -136,15 +138,15 @@ def _attn_bwd_dq(
     kblock, entry_flags,                     # forward entries
     nblock, nflags,                          # narrow entries: 16-key sub-block, flags
     tables, head_dil, head_seg,
+    item_thin,                               # per item: its 16-row sub-block (thin-row items), else -1
     qk_scale, sm_scale,
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
-    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -160,37 +162,101 @@ def _attn_bwd_dq(
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     kv_bh = b * (H // GROUP) + kv_head
     kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
-    q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
-    do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
-    lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
-    delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
-    sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
+    dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
+    if THIN_ROWS:
+        thin = tl.load(item_thin + item)
+    else:
+        thin = -1  # no thin items: the branch below is resolved at compile time
+    if thin >= 0:
+        _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
+                         slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
+                         SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED,
+                         PERMUTED, USE_TMA, PRECISION, UPCAST)
+        _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
+                        M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
+    else:
+        q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM,
+                       HEAD_PAD)
+        do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM,
+                        HEAD_PAD)
+        lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
+        delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
+        sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
-    dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    # Thin global key columns first (16-wide tiles), then the entries.
-    for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-        dq = _dq_step(q, do, lse, delta, dq, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
-                      tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
-    # One flat loop over (entry, key sub-tile) pairs.
+        dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+        # Thin global key columns first (16-wide tiles), then the entries.
+        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+            dq = _dq_step(q, do, lse, delta, dq, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
+                          tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                          HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
+        dq = _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags,
+                         tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD,
+                         LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+        dq = dq * sm_scale
+
+        if slot < 0:
+            _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
+        else:
+            tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD), dq)
+            _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs,
+                            valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, tok_m,
+                sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr,
+                USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of entries start .. end - 1: one flat loop over (entry, key sub-tile) pairs."""
+    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         dq = _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                       tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
                       HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
-    dq = dq * sm_scale
+    return dq
 
-    dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
-    if slot < 0:
-        _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
-    else:
-        offset = tile * BLOCK_M
-        tl.store(_scratch_ptrs(ScratchQ, slot, b, B, offset, BLOCK_M, ROW_BLOCK, HEAD_PAD), dq)
-        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
-        if last:
-            dq = _sum_partials(ScratchQ, s0, s1, b, B, offset, BLOCK_M, ROW_BLOCK, HEAD_PAD)
-            _store_rows(dq_ptrs, dq.to(dQ.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
+
+@triton.jit
+def _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
+                     b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+                     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                     ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
+                     STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """A thin-row item's dQ partial for this program's tile (as the forward's _thin_partial):
+    the NARROW rows of sub-block ``thin``, zero for the tile's other rows."""
+    r = tl.arange(0, BLOCK_M)
+    local = thin * NARROW - tile * BLOCK_M  # the sub-block's first row within this tile
+    others = (r < local) | (r >= local + NARROW)
+    tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
+             tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
+    if (local >= 0) & (local < BLOCK_M):
+        t_first = m_first + local
+        tok_t, valid_t = _tokens(t_first, NARROW, dil, seg, SEQ_LEN, PERMUTED)
+        q = _load_rows(_row_ptrs(Q, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
+        do = _load_rows(_row_ptrs(dOut, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM,
+                        HEAD_PAD)
+        lse = tl.load(Lse + q_row0 + tok_t, mask=valid_t, other=float("inf"))
+        delta = tl.load(Delta + q_row0 + tok_t, mask=valid_t, other=0.0)
+        dq = _dq_entries(q, do, lse, delta, tl.zeros([NARROW, HEAD_PAD], tl.float32), K, V, Kd, Vd, kv_row0, kv_bh,
+                         start, end, kblock, entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg,
+                         tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED,
+                         USE_TMA, PRECISION, UPCAST)
+        tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD),
+                 dq * sm_scale)
+
+
+@triton.jit
+def _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
+                    M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, ROW_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_PAD: tl.constexpr):
+    """After a split row's dQ partial is written: the last of its items sums them and stores dQ."""
+    last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, M_TILES, b, B, merge_start, merge_end)
+    if last:
+        dq = _sum_partials(ScratchQ, s0, s1, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD)
+        _store_rows(dq_ptrs, dq.to(dq_ptrs.dtype.element_ty), valid_m, HEAD_DIM, HEAD_PAD)
 
 
 @triton.jit

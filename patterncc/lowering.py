@@ -31,8 +31,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   transpose in the forward: a key block that only a global term's query rows touch (the
   far blocks of a global query row) costs a whole 64-row tile for a few queries; such
   entries become items of their own that walk them with 16-row tiles (the 16-row sub-blocks
-  holding global queries) and write a partial merged with the row's other items. Only
-  unstacked forward rows; dQ and dK/dV keep whole tiles.
+  holding global queries) and write a partial merged with the row's other items; dQ walks
+  the same items. Only unstacked rows; dK/dV keeps whole query tiles.
 * **Work items** (:func:`make_items`): runs of at most ``split`` entries of one row. A row
   longer than ``split`` (a global row touching every block, a global key column in the
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
@@ -806,16 +806,13 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
     walks = {}
     for name in ("fwd", "dq"):
         factor = getattr(tiles, name)
-        regular, narrow = _stacked(klay, factor)
-        # thin-row runs: forward only (the dQ kernel owns whole 64-row tiles)
-        *regular, segments = thin_rows(klay, *regular) if name == "fwd" and factor == 1 else (*regular, None)
-        key = (factor, segments is not None)
-        if key not in walks:
-            walks[key] = walk(factor, *regular, narrow=narrow, segments=segments)
-        walks[name] = walks[key]
+        if factor not in walks:
+            regular, narrow = _stacked(klay, factor)
+            *regular, segments = thin_rows(klay, *regular) if factor == 1 else (*regular, None)
+            walks[factor] = walk(factor, *regular, narrow=narrow, segments=segments)
     kv_ptr, kv_qb, kv_qh, kv_flags = _kv(klay, group, tiles.kv)
     return KernelPlan(
-        fwd=walks["fwd"], dq=walks["dq"], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
+        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )

@@ -419,8 +419,8 @@ def test_thin_rows_switched_off_or_not_applicable_change_nothing(monkeypatch):
 
 def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
     """A row with thin-row runs is a split row: its regular piece first (it walks the narrow
-    entries), then its thin pieces, all merged through one contiguous run of slots; the dQ
-    walk keeps whole rows."""
+    entries), then its thin pieces, all merged through one contiguous run of slots; dQ walks
+    the same items."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
     lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
     plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
@@ -434,7 +434,7 @@ def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
         assert thin[mine[0]] == -1 and (thin[mine[1:]] >= 0).all()
         slots = it.slot.numpy()[mine]
         assert slots.tolist() == list(range(slots[0], slots[0] + mine.size))
-    assert plan.dq.items.n_thin == 0 and plan.dq is not plan.fwd
+    assert plan.dq is plan.fwd and plan.kv.items.n_thin == 0
     monkeypatch.setattr(lowering, "THIN_ROWS", False)
     off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
-    assert off.fwd.items.n_thin == 0 and off.dq is off.fwd
+    assert off.fwd.items.n_thin == 0 and off is not plan

@@ -395,7 +395,8 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.gen.kernel("_attn_bwd_dq")[(walk.items.n_items * tiles, run.b)](
             q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk),
-            *run.walk_args(walk, tiles), scale * LOG2E, scale,
+            *run.walk_args(walk, tiles), walk.items.thin, scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma, **c, **opts)
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
+            THIN_ROWS=walk.items.n_thin > 0, **c, **opts)
     return dq, dk, dv

@@ -100,7 +100,7 @@ def test_residue_order_through_strided_tma_boxes(src, d, monkeypatch):
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
 def test_thin_query_rows_match_reference(src, d, monkeypatch):
     """lowering.THIN_ROWS (an A/B switch, off by default): a global query row's far blocks
-    walked with 16-row tiles (mma of 16 rows), merged with the row's other items; GQA, two
+    walked with 16-row tiles in the forward and dQ, merged with the row's other items; GQA, two
     batches, odd length."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
