@@ -163,10 +163,7 @@ def _attn_bwd_dq(
     kv_bh = b * (H // GROUP) + kv_head
     kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
-    if THIN_ROWS:
-        thin = tl.load(item_thin + item)
-    else:
-        thin = -1  # no thin items: the branch below is resolved at compile time
+    thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
         _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                          slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,

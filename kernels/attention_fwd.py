@@ -69,10 +69,7 @@ def _attn_fwd(
     kv_bh = b * (H // GROUP) + kv_head
     kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
     out_ptrs = _row_ptrs(Out, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
-    if THIN_ROWS:
-        thin = tl.load(item_thin + item)
-    else:
-        thin = -1  # no thin items: the branch below is resolved at compile time
+    thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
         _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                       slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,

@@ -43,6 +43,16 @@ def _work_item(item_row, item_start, item_end, item_slot, item):
 
 
 @triton.jit
+def _thin_item(item_thin, item, THIN_ROWS: tl.constexpr):
+    """The 16-row sub-block a thin-row item walks (forward, dQ), else -1; always -1 without
+    THIN_ROWS, so the caller's thin branch folds away at compile time."""
+    if THIN_ROWS:
+        return tl.load(item_thin + item)
+    else:
+        return -1
+
+
+@triton.jit
 def _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED: tl.constexpr):
     """(dil, seg) of one head: its residue factor and class length (1, SEQ_LEN in token order)."""
     if PERMUTED:

@@ -262,9 +262,13 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                 (1, 2 * block, False, 4, None, True), (2, 2 * block, False, 4, None, True),
                 (0, block, True, 4, None, True), (1, block, True, 4, None, True),
                 (0, max(block, 128), True, 8, 128, True))
-    for permuted, rows, tma, warps, cap, fold in variants:
+    # and thin-row items (lowering.THIN_ROWS: 16-row tiles in the forward and dQ), token order
+    # with TMA and residue order by pointers
+    variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True),
+                                                  (1, block, False, 4, None, True, True)]
+    for permuted, rows, tma, warps, cap, fold, thin in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
-                                       fold_scale=fold)
+                                       fold_scale=fold, thin_rows=thin)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

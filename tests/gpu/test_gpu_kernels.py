@@ -34,6 +34,16 @@ def _inputs(b, h, hkv, t, d, dtype, seed=0):
     return mk(h), mk(hkv), mk(hkv)
 
 
+def _assert_matches_reference(op, q, k, v, t, h, scale=None):
+    """op's output and gradients against the float64 reference with op's token mask."""
+    out = op(q, k, v, scale=scale)
+    ref = reference_attention(q, k, v, op.mask(t, h).cuda(), scale)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(REFERENCE))
 @pytest.mark.parametrize("t,d,h,hkv", [(128, 64, 4, 4), (1000, 128, 4, 2), (4096, 64, 2, 1), (777, 80, 2, 2)])
@@ -62,12 +72,7 @@ def test_any_scale_matches_reference(name, scale):
     op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
     t, h = 1000, 2
     q, k, v = _inputs(1, h, h, t, 64, torch.bfloat16)
-    out = op(q, k, v, scale=scale)
-    ref = reference_attention(q, k, v, op.mask(t, h).cuda(), scale)
-    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
-        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+    _assert_matches_reference(op, q, k, v, t, h, scale)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -88,12 +93,7 @@ def test_residue_order_through_strided_tma_boxes(src, d, monkeypatch):
     for kind in ("fwd", "dq", "dkdv"):
         bm, bn, _ = run.tiles(kind)
         assert run.walked(kind, (k, v), bm if kind == "dkdv" else bn)[1], kind
-    out = op(q, k, v)
-    ref = reference_attention(q, k, v, op.mask(t, h).cuda())
-    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
-        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+    _assert_matches_reference(op, q, k, v, t, h)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -109,12 +109,7 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
     assert triton_backend.launch_for(q, k, op.layout(t, h)).plan.fwd.items.n_thin > 0
-    out = op(q, k, v)
-    ref = reference_attention(q, k, v, op.mask(t, h).cuda())
-    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
-        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+    _assert_matches_reference(op, q, k, v, t, h)
 
 
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "causal_window", "dilated", "card"])
