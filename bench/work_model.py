@@ -12,7 +12,7 @@ K/V tile loads per pass come along. No GPU needed:
 Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole blocks for
 global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
 64-token layout blocks per kernel row (as a 128-row config would); "thinrows" is rows64 with
-lowering.THIN_ROWS (global query rows walked with 16-row tiles in the forward and dQ); "chosen" is
+lowering.THIN_ROWS (global query rows walked with 16-row tiles: forward, dQ, dK/dV); "chosen" is
 what the Triton backend picks by default (128-row tiles where lowering.stacks_well says
 they pay, else 64).
 """
@@ -52,8 +52,12 @@ def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool = Fals
                 _, start, end, sub = segments
                 n_thin = int((end - start)[sub >= 0].sum())
         fwd = (kb.size - n_thin) * rows * bs + n_thin * lowering.NARROW * bs + nsub.size * rows * lowering.NARROW
-        kv_ptr, _, _, kv_fl = lowering.kv_rows(klay, 1, factor)
-        dkdv = kv_fl.size * rows * bs
+        kv = lowering.kv_rows(klay, 1, factor)
+        kv_ptr, kv_thin = kv[0], None
+        if thin_rows and factor == 1:
+            kv_ptr, *_, kv_thin = lowering.thin_query_entries(klay, *kv)
+        n_kv_thin = 0 if kv_thin is None else int(kv_thin[-1] - kv_thin[0])
+        dkdv = int(kv_ptr[-1]) * rows * bs + n_kv_thin * lowering.NARROW * bs
         full = float(((fl & 1) != 0).mean()) if fl.size else 0.0
         dq = fwd  # dQ walks the same items
         return {"fwd_pairs": fwd, "dq_pairs": dq, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),

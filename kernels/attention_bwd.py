@@ -12,6 +12,8 @@ Three passes, one launch each, deterministic:
 3. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index,
    with the forward's items (a thin-row item, THIN_ROWS, computes the 16 rows holding its
    global queries and leaves zeros in its partial for the row's other positions).
+   With THIN_ROWS, dK/dV walks such a row's far blocks the other way round: the global
+   queries of a query block as a 16-query tile, in a loop before the regular entries.
 
 Rows are ROW_BLOCK positions (one layout block or several stacked, as in the forward;
 flag bit ``1 + j`` then says stacked layout block j is FULL on that entry). Both walks
@@ -50,13 +52,15 @@ def _attn_bwd_dkdv(
     ScratchK, ScratchV, Count,               # split columns: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items over kv rows kv_head * NR + key row
     merge_start, merge_end,
-    qblock, qhead, entry_flags,              # kv index entries: query block, query head, flags
+    item_nstart, item_nend,                  # per item: its thin query entries (THIN_ROWS), after the regular ones
+    qblock, qhead, entry_flags,              # kv index entries: query block (thin: 16-query sub-block), head, flags
     tables, head_dil, head_seg,
     qk_scale, sm_scale,
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -79,34 +83,20 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
+    if THIN_ROWS:
+        # A few global queries of a far query block: a 16-query tile, not a whole block.
+        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
+                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
+                                tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
+                                PRECISION, UPCAST)
     # One flat loop over (entry, query sub-tile) pairs.
     for it in range(start * M_TILES, end * M_TILES):
         e = it // M_TILES
-        qb = tl.load(qblock + e)
-        head = tl.load(qhead + e)
-        flags = tl.load(entry_flags + e)
-        q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
-        m_first = qb * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
-        tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
-        q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
-                         HEAD_PAD, PERMUTED, USE_TMA)
-        do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
-                          HEAD_PAD, PERMUTED, USE_TMA)
-        lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
-        delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
-        # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
-        # the products below then need no register transposes of p or dS.
-        qkT = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
-        pT = tl.math.exp2(qkT - lse[None, :])
-        if (flags & 1) == 0:
-            allowed = token_mask_t(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-            if STACKED:
-                allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
-            pT = tl.where(allowed, pT, 0.0)
-        dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
-        dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), PRECISION, UPCAST)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(q.dtype), q, dk, PRECISION, UPCAST)
+        m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
+        dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
+                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
+                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
     dk = dk * sm_scale
 
     dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -124,6 +114,36 @@ def _attn_bwd_dkdv(
             dv = _sum_partials(ScratchV, s0, s1, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD)
             _store_rows(dk_ptrs, dk.to(dK.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
             _store_rows(dv_ptrs, dv.to(dV.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, tok_n, sub_col, dil, seg,
+               tables, qk_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+               STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
+    q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
+    tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
+                     HEAD_PAD, PERMUTED, USE_TMA)
+    do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
+                      HEAD_PAD, PERMUTED, USE_TMA)
+    lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
+    delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
+    # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
+    # the products below then need no register transposes of p or dS.
+    qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
+    pT = tl.math.exp2(qkT - lse[None, :])
+    if (flags & 1) == 0:
+        allowed = token_mask_t(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if STACKED:
+            allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
+        pT = tl.where(allowed, pT, 0.0)
+    dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
+    dpT = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _mma(dsT.to(q.dtype), q, dk, PRECISION, UPCAST)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])

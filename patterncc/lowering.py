@@ -32,7 +32,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   far blocks of a global query row) costs a whole 64-row tile for a few queries; such
   entries become items of their own that walk them with 16-row tiles (the 16-row sub-blocks
   holding global queries) and write a partial merged with the row's other items; dQ walks
-  the same items. Only unstacked rows; dK/dV keeps whole query tiles.
+  the same items, and dK/dV walks those blocks' global queries as 16-query sub-tiles
+  (:func:`thin_query_entries`). Only unstacked rows.
 * **Work items** (:func:`make_items`): runs of at most ``split`` entries of one row. A row
   longer than ``split`` (a global row touching every block, a global key column in the
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
@@ -384,6 +385,47 @@ def thin_rows(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags:
     return new_ptr, kblock[entry], fl.astype(np.int32), segments
 
 
+def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarray, qhead: np.ndarray,
+                       flags: np.ndarray) -> tuple:
+    """The dK/dV walk's ROW entries (``THIN_ROWS``) as 16-query sub-blocks (the transpose of
+    :func:`thin_rows`: there the global queries own a thin row, here they are walked).
+
+    Returns (indptr, query block, query head, flags, thin_ptr): the other entries first, as
+    before, then per kv row its thin entries, whose "query block" is the 16-query sub-block
+    (in 16-position units) holding global queries of that query head, FULL when all 16
+    are global queries, else the exact predicate decides (random bits kept). ``thin_ptr``
+    [rows + 1] indexes them (offset past the regular entries); None when nothing moves.
+    """
+    thin = (flags & ROW) != 0 if THIN_ROWS else np.zeros(flags.size, bool)
+    if not thin.any():
+        return indptr, qblock, qhead, flags, None
+    n_rows = indptr.size - 1
+    row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+    reg_ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row[~thin], minlength=n_rows), out=reg_ptr[1:])
+    rows, subs, heads, fls = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for c in np.unique(klay.head_class[qhead[thin]]):
+        sel = np.flatnonzero(thin)[klay.head_class[qhead[thin]] == c]
+        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
+        sub_block = sub * NARROW // klay.block
+        first = np.searchsorted(sub_block, qblock[sel], "left")
+        n = np.searchsorted(sub_block, qblock[sel], "right") - first
+        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        entry = np.repeat(sel, n)
+        keep = flags[entry] & ~(ROW | COLUMN | TAIL | 1)
+        rows.append(row[entry])
+        subs.append(sub[pick])
+        heads.append(qhead[entry])
+        fls.append(np.where(count[pick] == NARROW, 1, keep))
+    rows, subs, heads, fls = (np.concatenate(x) for x in (rows, subs, heads, fls))
+    order = np.lexsort((subs, heads, rows))
+    thin_ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=thin_ptr[1:])
+    thin_ptr += reg_ptr[-1]
+    return (reg_ptr, np.concatenate([qblock[~thin], subs[order]]), np.concatenate([qhead[~thin], heads[order]]),
+            np.concatenate([flags[~thin], fls[order]]).astype(np.int32), thin_ptr)
+
+
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
     """Key blocks holding positions past the sequence (the tail block, if T % block)."""
     return np.array([t // bs] if t % bs else [], np.int64)
@@ -683,6 +725,8 @@ class Walk:
     head: torch.Tensor | None  # [nnz] query head of each entry (dK/dV only)
     narrow_block: torch.Tensor  # [n] 16-key sub-block of each narrow entry (forward, dQ)
     narrow_flags: torch.Tensor  # [n]
+    # (dK/dV: its narrow entries are thin-row query sub-blocks, stored after the regular
+    # entries in block / head / flags; items' narrow_start / narrow_end index them there)
     row_block: int
     rows_per_head: int
     n_narrow: int
@@ -794,14 +838,15 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
     klay = kernel_layout(layout, pred, group)
     t = lambda a: _dev(a, device)  # noqa: E731
 
-    def walk(factor, indptr, block, flags, head=None, narrow=None, segments=None):
+    def walk(factor, indptr, block, flags, head=None, narrow=None, segments=None, thin=None):
         row_block = factor * klay.block
         counts = np.diff(indptr)
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
-        n_ptr, n_block, n_flags = narrow if narrow is not None else (None, np.zeros(0), np.zeros(0))
+        n_ptr, n_block, n_flags = narrow if narrow is not None else (thin, np.zeros(0), np.zeros(0))
+        n_narrow = int(n_block.size) if thin is None else int(thin[-1] - thin[0])
         return Walk(make_items(indptr, s, device, n_ptr, segments), t(block), t(flags & ~(COLUMN | ROW)),
                     None if head is None else t(head), t(n_block), t(n_flags), row_block,
-                    -(-klay.nblocks // factor), int(n_block.size))
+                    -(-klay.nblocks // factor), n_narrow)
 
     walks = {}
     for name in ("fwd", "dq"):
@@ -810,9 +855,11 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
             regular, narrow = _stacked(klay, factor)
             *regular, segments = thin_rows(klay, *regular) if factor == 1 else (*regular, None)
             walks[factor] = walk(factor, *regular, narrow=narrow, segments=segments)
-    kv_ptr, kv_qb, kv_qh, kv_flags = _kv(klay, group, tiles.kv)
+    kv = _kv(klay, group, tiles.kv)
+    *kv, kv_thin = thin_query_entries(klay, *kv) if tiles.kv == 1 else (*kv, None)
+    kv_ptr, kv_qb, kv_qh, kv_flags = kv
     return KernelPlan(
-        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh),
+        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh, thin=kv_thin),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )

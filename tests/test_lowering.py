@@ -438,3 +438,34 @@ def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
     monkeypatch.setattr(lowering, "THIN_ROWS", False)
     off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
     assert off.fwd.items.n_thin == 0 and off is not plan
+
+
+@pytest.mark.parametrize("src,t,bs,group", [
+    ("window(16) | global([0])", 300, 64, 1),
+    ("window(8) | global([100, 101, 250])", 400, 64, 2),
+    ("window(5) | global([0, 7]) | dilate(2)", 301, 64, 1),
+    ("window(20) | global([3]) | random(64, seed=3)", 500, 64, 2),
+    ("window(40) | global(0..20)", 250, 64, 1),
+])
+def test_thin_query_entries_walk_each_allowed_pair_once_in_dkdv(src, t, bs, group, monkeypatch):
+    """dK/dV with THIN_ROWS: per kv row, the regular entries cover whole query blocks and
+    the thin entries 16-query sub-blocks; together every allowed (query, key) pair of every
+    query head exactly once."""
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    lay, _, klay = _klay(src, t, 2 * group, bs, group)
+    ptr, qb, qh, fl, thin_ptr = lowering.thin_query_entries(klay, *lowering.kv_rows(klay, group, 1))
+    assert thin_ptr is not None and thin_ptr[-1] > thin_ptr[0] == ptr[-1]
+    nb, w = klay.nblocks, lowering.NARROW
+    for head in range(lay.num_heads):
+        mask, _, _ = _kernel_mask(lay, klay, head)
+        cover = np.zeros((nb * bs, nb * bs), np.int8)
+        for r in range(ptr.size - 1):
+            k0 = (r % nb) * bs
+            for s, e, width in ((ptr[r], ptr[r + 1], bs), (thin_ptr[r], thin_ptr[r + 1], w)):
+                for b, h in zip(qb[s:e], qh[s:e]):
+                    if h == head:
+                        cover[b * width:(b + 1) * width, k0:k0 + bs] += 1
+        cover = cover[:klay.seq_len, :klay.seq_len]
+        assert (cover[mask] == 1).all(), "an allowed pair is walked twice or never"
+        assert cover.max() <= 1
+    assert not (fl & lowering.ROW).any()  # all ROW entries moved to thin ones

@@ -245,7 +245,7 @@ THIN_ROW_CASES = [
     ("window(16) | global([0]) | random(64, seed=3)", 500, 2, 2, 32, 1, 64, 3),
     ("window(20) | global([3])", 333, 2, 2, 16, 1, 128, None),
 ]
-# forward and dQ configs: the default 64-row tile, TMA key tiles, two 32-row tiles per row
+# forward / dQ configs (dK/dV: transposed): the default 64-row tile, TMA walked tiles, 32-row tiles
 THIN_ROW_CONFIGS = {"default": None, "tma": (64, 32, 4, 2, True), "rows32": (32, 64)}
 
 
@@ -253,19 +253,21 @@ THIN_ROW_CONFIGS = {"default": None, "tma": (64, 32, 4, 2, True), "rows32": (32,
 @pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", THIN_ROW_CASES, ids=[c[0][:40] for c in THIN_ROW_CASES])
 def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config, monkeypatch):
     """THIN_ROWS: a global query row's far blocks walked with 16-row tiles in the forward and
-    dQ, their partials merged with the row's other items; outputs poisoned, so rows a thin
-    partial leaves to the merge must still be written."""
+    dQ, their partials merged with the row's other items, and as 16-query tiles in dK/dV;
+    outputs poisoned, so rows a thin partial leaves to the merge must still be written."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
     if THIN_ROW_CONFIGS[config]:
+        width = tuning.width_class(lowering.head_pad(d))
         for kind in ("fwd", "dq"):
-            monkeypatch.setitem(triton_backend.CONFIGS, (kind, tuning.width_class(lowering.head_pad(d))),
-                                triton_backend.KernelConfig(*THIN_ROW_CONFIGS[config]))
+            monkeypatch.setitem(triton_backend.CONFIGS, (kind, width), triton_backend.KernelConfig(*THIN_ROW_CONFIGS[config]))
+        bm, bn, *rest = THIN_ROW_CONFIGS[config]  # dK/dV: the walked (query) tile is BLOCK_M
+        monkeypatch.setitem(triton_backend.CONFIGS, ("dkdv", width), triton_backend.KernelConfig(bn, bm, *rest))
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
     q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
     run = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split)
     assert run.plan.fwd.items.n_thin > 0, "the case has no thin-row item: it tests nothing new"
-    assert run.plan.dq is run.plan.fwd
+    assert run.plan.dq is run.plan.fwd and run.plan.kv.n_narrow > 0
     assert run.tiles("fwd")[0] == run.tiles("dq")[0] == (32 if config == "rows32" else 64)
 
 

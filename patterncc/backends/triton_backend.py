@@ -274,8 +274,8 @@ class _Launch:
         it = walk.items
         if walk.head is None:  # forward, dQ: entries and the narrow entries of thin columns
             entries = (it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block, walk.narrow_flags)
-        else:
-            entries = (walk.block, walk.head, walk.flags)
+        else:  # dK/dV: its thin query entries sit in its entry arrays, after the regular ones
+            entries = (it.narrow_start, it.narrow_end, walk.block, walk.head, walk.flags)
         return (it.row, it.start, it.end, it.slot, it.merge, it.merge_start, it.merge_end, *entries,
                 self.plan.tables, self.plan.dil, self.plan.seg)
 
@@ -385,7 +385,8 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
             q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk), run.scratch(walk),
             *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma, **c, **opts)
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
+            THIN_ROWS=walk.n_narrow > 0, **c, **opts)
 
     if need_q:
         dq = _empty(q.shape, q)
