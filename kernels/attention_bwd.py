@@ -244,9 +244,7 @@ def _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row
                      UPCAST: tl.constexpr):
     """A thin-row item's dQ partial for this program's tile (as the forward's _thin_partial):
     the NARROW rows of sub-block ``thin``, zero for the tile's other rows."""
-    r = tl.arange(0, BLOCK_M)
-    local = thin * NARROW - tile * BLOCK_M  # the sub-block's first row within this tile
-    others = (r < local) | (r >= local + NARROW)
+    local, others = _thin_rows_in_tile(thin, tile, BLOCK_M, NARROW)
     tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
              tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
     if (local >= 0) & (local < BLOCK_M):

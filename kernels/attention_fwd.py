@@ -151,9 +151,8 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
     sub-block ``thin`` against its entries (only global queries attend them, so a 64-row
     tile would compute 48 or more masked rows), and empty (m = -inf, l = 0, acc = 0) for the
     tile's other rows, which the merge then ignores."""
+    local, others = _thin_rows_in_tile(thin, tile, BLOCK_M, NARROW)
     r = tl.arange(0, BLOCK_M)
-    local = thin * NARROW - tile * BLOCK_M  # the sub-block's first row within this tile
-    others = (r < local) | (r >= local + NARROW)
     s_row = (slot * B + b).to(tl.int64) * ROW_BLOCK + tile * BLOCK_M
     tl.store(ScratchM + s_row + r, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=others)
     tl.store(ScratchL + s_row + r, tl.zeros([BLOCK_M], tl.float32), mask=others)

@@ -53,6 +53,16 @@ def _thin_item(item_thin, item, THIN_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _thin_rows_in_tile(thin, tile, BLOCK_M: tl.constexpr, NARROW: tl.constexpr):
+    """Where a thin-row item's NARROW rows (sub-block ``thin`` of its row) fall in this
+    program's tile: their first row within the tile (it may lie outside the tile), and the
+    tile's other rows, whose partial the item leaves empty."""
+    local = thin * NARROW - tile * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    return local, (r < local) | (r >= local + NARROW)
+
+
+@triton.jit
 def _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED: tl.constexpr):
     """(dil, seg) of one head: its residue factor and class length (1, SEQ_LEN in token order)."""
     if PERMUTED:

@@ -82,7 +82,7 @@ SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
-THIN_ROWS = False  # forward: walk global query rows' far blocks with 16-row tiles (A/B; unmeasured)
+THIN_ROWS = False  # walk global query rows' far blocks with 16-row / 16-query tiles (A/B; unmeasured)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
@@ -298,6 +298,25 @@ def _mark_columns(flags, indptr, kblock, kernel_patterns, columns, head_class, n
     return flags
 
 
+def _global_sub_blocks(klay: KernelLayout, sel: np.ndarray, blocks: np.ndarray, heads: np.ndarray) -> tuple:
+    """Entries ``sel`` expanded into the 16-position sub-blocks of their global side's block
+    (``blocks``, of head ``heads``, one per entry of sel) that hold global positions of the
+    head. Returns, per sub-block: (its entry, the sub-block in 16-position units, whether all
+    16 positions are global)."""
+    entry, subs, full = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, bool)]
+    for c in np.unique(klay.head_class[heads]):
+        mine = np.flatnonzero(klay.head_class[heads] == c)
+        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
+        sub_block = sub * NARROW // klay.block
+        first = np.searchsorted(sub_block, blocks[mine], "left")
+        n = np.searchsorted(sub_block, blocks[mine], "right") - first
+        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+        entry.append(np.repeat(sel[mine], n))
+        subs.append(sub[pick])
+        full.append(count[pick] == NARROW)
+    return tuple(np.concatenate(x) for x in (entry, subs, full))
+
+
 def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags: np.ndarray,
                    stacked: bool) -> tuple:
     """Split a walk's entries into the regular ones and the narrow ones of thin columns.
@@ -313,20 +332,10 @@ def narrow_entries(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, f
     reg_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(row[~col], minlength=n_rows), out=reg_ptr[1:])
     regular = (reg_ptr, kblock[~col], (flags[~col] & ~COLUMN).astype(np.int32))
-    head = row[col] // (n_rows // klay.num_heads)
-    rows, subs, nflags = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
-    for c in np.unique(klay.head_class[head]) if head.size else ():
-        sel = np.flatnonzero(col)[klay.head_class[head] == c]
-        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
-        sub_block = sub * NARROW // klay.block
-        first = np.searchsorted(sub_block, kblock[sel], "left")
-        n = np.searchsorted(sub_block, kblock[sel], "right") - first
-        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-        keep = np.zeros(sel.size, np.int64) if stacked else flags[sel] & ~(COLUMN | ROW | TAIL | 1)
-        rows.append(np.repeat(row[sel], n))
-        subs.append(sub[pick])
-        nflags.append(np.where(count[pick] == NARROW, 1, np.repeat(keep, n)).astype(np.int32))
-    rows, subs, nflags = (np.concatenate(x) for x in (rows, subs, nflags))
+    sel = np.flatnonzero(col)
+    entry, subs, full = _global_sub_blocks(klay, sel, kblock[sel], row[sel] // (n_rows // klay.num_heads))
+    keep = 0 if stacked else flags[entry] & ~(COLUMN | ROW | TAIL | 1)
+    rows, nflags = row[entry], np.where(full, 1, keep).astype(np.int32)
     order = np.argsort(rows * (klay.seq_len // NARROW + 1) + subs, kind="stable")
     n_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=n_ptr[1:])
@@ -348,22 +357,12 @@ def thin_rows(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags:
         return indptr, kblock, flags, None
     n_rows, nb = indptr.size - 1, klay.nblocks
     row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
-    head = row // nb
-    entries, subs, fls = [np.flatnonzero(~thin)], [np.full(int((~thin).sum()), -1, np.int64)], [flags[~thin]]
-    for c in np.unique(klay.head_class[head[thin]]):
-        sel = np.flatnonzero(thin)[klay.head_class[head[thin]] == c]
-        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
-        sub_block = sub * NARROW // klay.block
-        qb = row[sel] % nb
-        first = np.searchsorted(sub_block, qb, "left")
-        n = np.searchsorted(sub_block, qb, "right") - first
-        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-        entry = np.repeat(sel, n)
-        keep = flags[entry] & ~(ROW | COLUMN | 1)
-        entries.append(entry)
-        subs.append(sub[pick] - (row[entry] % nb) * (klay.block // NARROW))
-        fls.append(np.where(count[pick] == NARROW, keep | 1, keep))
-    entry, sub, fl = (np.concatenate(x) for x in (entries, subs, fls))
+    sel, other = np.flatnonzero(thin), np.flatnonzero(~thin)
+    moved, sub, full = _global_sub_blocks(klay, sel, row[sel] % nb, row[sel] // nb)
+    keep = flags[moved] & ~(ROW | COLUMN | 1)
+    entry = np.concatenate([other, moved])
+    sub = np.concatenate([np.full(other.size, -1, np.int64), sub - (row[moved] % nb) * (klay.block // NARROW)])
+    fl = np.concatenate([flags[other], np.where(full, keep | 1, keep)])
     order = np.lexsort((entry, sub, row[entry]))
     entry, sub, fl = entry[order], sub[order], fl[order]
     new_row = row[entry]
@@ -403,21 +402,10 @@ def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarra
     row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
     reg_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(row[~thin], minlength=n_rows), out=reg_ptr[1:])
-    rows, subs, heads, fls = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for c in np.unique(klay.head_class[qhead[thin]]):
-        sel = np.flatnonzero(thin)[klay.head_class[qhead[thin]] == c]
-        sub, count = np.unique(klay.columns[c] // NARROW, return_counts=True)
-        sub_block = sub * NARROW // klay.block
-        first = np.searchsorted(sub_block, qblock[sel], "left")
-        n = np.searchsorted(sub_block, qblock[sel], "right") - first
-        pick = np.repeat(first, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
-        entry = np.repeat(sel, n)
-        keep = flags[entry] & ~(ROW | COLUMN | TAIL | 1)
-        rows.append(row[entry])
-        subs.append(sub[pick])
-        heads.append(qhead[entry])
-        fls.append(np.where(count[pick] == NARROW, 1, keep))
-    rows, subs, heads, fls = (np.concatenate(x) for x in (rows, subs, heads, fls))
+    sel = np.flatnonzero(thin)
+    entry, subs, full = _global_sub_blocks(klay, sel, qblock[sel], qhead[sel])
+    rows, heads = row[entry], qhead[entry]
+    fls = np.where(full, 1, flags[entry] & ~(ROW | COLUMN | TAIL | 1))
     order = np.lexsort((subs, heads, rows))
     thin_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=thin_ptr[1:])
