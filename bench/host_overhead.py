@@ -18,6 +18,7 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py --profile  # ... with a cProfile of each forward+backward
     python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
     python bench/host_overhead.py --breakdown  # on a GPU: host time per launch, per pass
+    python bench/host_overhead.py --breakdown --profile  # and where the backward's host time goes
 
 ``--breakdown`` records the kernel launches of one forward+backward and replays each alone
 behind a sleep kernel (its host cost: Triton's launch path and the driver), and times the
@@ -109,8 +110,8 @@ def gpu_main() -> None:
             _host_profile(fwdbwd, name)
 
 
-def _host_profile(fn, name: str, n: int = 200) -> None:
-    """The host functions one forward+backward spends its time in (cProfile, by own time)."""
+def _host_profile(fn, name: str, n: int = 200, sort=("tottime",)) -> None:
+    """The host functions ``fn`` spends its time in (cProfile, by own time, then by ``sort``)."""
     import cProfile
     import pstats
     fn()
@@ -120,8 +121,9 @@ def _host_profile(fn, name: str, n: int = 200) -> None:
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"== host profile of {n} forward+backward calls, {name}", flush=True)
-    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
+    print(f"== host profile of {n} calls, {name}", flush=True)
+    for key in sort:
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(18)
 
 
 class _Recorder:
@@ -175,6 +177,8 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
                                     "host_us": round(host_ms(fn, 50, ahead=True) * 1e3, 1),
                                     "host_us_no_ahead": round(host_ms(fn, 50) * 1e3, 1)})
         print(json.dumps(row), flush=True)
+        if PROFILE:
+            _host_profile(bwd, f"{name} (backward only)", sort=("tottime", "cumulative"))
 
 
 if __name__ == "__main__":
