@@ -139,6 +139,20 @@ class _Recorder:
         return launch
 
 
+def _op_profile(fn, name: str, n: int = 50) -> None:
+    """The torch operators and CUDA runtime calls ``fn`` issues (torch.profiler, by self CPU time):
+    what cProfile's C++ frames hide (autograd nodes, the caching allocator, cudaMalloc, events)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    print(f"== operators of {n} calls, {name}", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+
+
 def breakdown_main(patterns=("longformer", "causal_window")) -> None:
     from bench_attention import host_ms
     from patterncc import codegen
@@ -179,6 +193,7 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
         print(json.dumps(row), flush=True)
         if PROFILE:
             _host_profile(bwd, f"{name} (backward only)", sort=("tottime", "cumulative"))
+            _op_profile(bwd, f"{name} (backward only)")
 
 
 if __name__ == "__main__":
