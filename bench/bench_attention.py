@@ -18,8 +18,8 @@ off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are 
 lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launched
 first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded into exp2's
 FFMA: lowering.FOLD_SCALE) or ``rtma`` (residue-order tiles through strided TMA boxes:
-lowering.RESIDUE_TMA) turned off, or ``thinrows`` (global query rows' far blocks walked
-with 16-row tiles: lowering.THIN_ROWS) turned on, timed in the same run.
+lowering.RESIDUE_TMA) or ``thinrows`` (global query rows' far blocks walked with 16-row
+tiles: lowering.THIN_ROWS) turned off, timed in the same run.
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -52,7 +52,7 @@ from patterncc.backends import triton_backend  # noqa: E402
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
-             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": True}}
+             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -60,7 +60,7 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "thinrows": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
-          "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows on"}
+          "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -159,7 +159,7 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
     calls: list = []
     real = codegen.Generated.kernel
-    codegen.Generated.kernel = lambda self, name: _Recorder(name, real(self, name), calls)
+    recording = lambda self, name: _Recorder(name, real(self, name), calls)  # noqa: E731
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     do = torch.randn_like(q)
@@ -169,11 +169,14 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
         out = op(qg, kg, vg)
         out.backward(do, retain_graph=True)
         torch.cuda.synchronize()
-        calls.clear()
+        # Record one forward+backward's launches only: kept arguments (the gradients) would make
+        # autograd copy every later gradient instead of taking it, and hold memory.
+        codegen.Generated.kernel = recording
         out = op(qg, kg, vg)
         out.backward(do, retain_graph=True)
+        codegen.Generated.kernel = real
         torch.cuda.synchronize()
-        recorded = list(calls)  # one forward+backward's launches (the timings below add more)
+        recorded, calls[:] = list(calls), []
 
         def bwd():
             qg.grad = kg.grad = vg.grad = None  # no accumulation kernels in the timing

@@ -14,7 +14,7 @@ global columns); "rows64" adds residue order and thin columns; "rows128" also st
 64-token layout blocks per kernel row (as a 128-row config would); "thinrows" is rows64 with
 lowering.THIN_ROWS (global query rows walked with 16-row tiles: forward, dQ, dK/dV); "chosen" is
 what the Triton backend picks by default (128-row tiles where lowering.stacks_well says
-they pay, else 64).
+they pay, else 64; thin query rows where rows are unstacked).
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
-VARIANTS = {"old": (1, False, False), "rows64": (1, True, True), "rows128": (2, True, True),
-            "thinrows": (1, True, True, True)}
+VARIANTS = {"old": (1, False, False, False), "rows64": (1, True, True, False),
+            "rows128": (2, True, True, False), "thinrows": (1, True, True, True)}
 
 
-def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool = False) -> dict:
+def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool) -> dict:
     lowering.RESIDUE_ORDER, lowering.THIN_COLUMNS, lowering.THIN_ROWS = residue, thin, thin_rows
     try:
         pred = codegen.analyse(layout.pattern)
@@ -63,8 +63,7 @@ def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool = Fals
         return {"fwd_pairs": fwd, "dq_pairs": dq, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
                 "kv_tile_loads_fwd": int(kb.size + nsub.size), "rows": rows}
     finally:
-        lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = True
-        lowering.THIN_ROWS = False
+        lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = lowering.THIN_ROWS = True
 
 
 def main():
@@ -78,7 +77,7 @@ def main():
             lay = patterncc.compile(src).layout(t, h)
             useful = float(lay.pairs_per_head().sum())
             tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
-            for variant, args in {**VARIANTS, "chosen": (2 if tall else 1, True, True)}.items():
+            for variant, args in {**VARIANTS, "chosen": (2 if tall else 1, True, True, True)}.items():
                 c = count(lay, *args)
                 # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)
                 bound_fwd = useful / c["fwd_pairs"]

@@ -27,7 +27,7 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
   that hold global keys, in a loop of their own with 16-wide tiles, evaluating the
   ordinary (exact) predicate there. dK/dV keeps the whole block (it owns whole key tiles).
-* **Thin global query rows** (:func:`thin_rows`; ``THIN_ROWS``, an A/B switch). The
+* **Thin global query rows** (:func:`thin_rows`; ``THIN_ROWS``). The
   transpose in the forward: a key block that only a global term's query rows touch (the
   far blocks of a global query row) costs a whole 64-row tile for a few queries; such
   entries become items of their own that walk them with 16-row tiles (the 16-row sub-blocks
@@ -82,7 +82,7 @@ SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
-THIN_ROWS = False  # walk global query rows' far blocks with 16-row / 16-query tiles (A/B; unmeasured)
+THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query tiles (False: for A/B runs)
 SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)

@@ -209,7 +209,8 @@ def test_entry_flags_mark_full_and_random_draws():
         assert (((flags[s:e] >> 1) & 1) == hit).all()
 
 
-def test_plan_is_cached_and_items_cover_every_entry_once():
+def test_plan_is_cached_and_items_cover_every_entry_once(monkeypatch):
+    monkeypatch.setattr(lowering, "THIN_ROWS", False)  # thin-row items: the thin coverage tests below
     layout = get_layout(patterncc.parse("window(16) | global([0])"), 300, 2, 16)
     pred = codegen.analyse(layout.pattern)
     plan = lowering.plan_for(layout, pred, "cpu", group=2, split=8)
@@ -409,7 +410,8 @@ def test_thin_rows_walk_each_allowed_pair_exactly_once(src, t, bs, monkeypatch):
 def test_thin_rows_switched_off_or_not_applicable_change_nothing(monkeypatch):
     lay, _, klay = _klay("window(16) | global([0])", 300, 2, 64)
     regular, _ = lowering.narrow_entries(klay, *lowering.stacked_rows(klay, 1), stacked=False)
-    assert lowering.thin_rows(klay, *regular)[3] is None  # THIN_ROWS off
+    monkeypatch.setattr(lowering, "THIN_ROWS", False)
+    assert lowering.thin_rows(klay, *regular)[3] is None
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
     for src in ("block(64, width=1) | global(0..128) | random(192, seed=1)", "window(16)"):
         _, _, other = _klay(src, 300, 2, 64)  # global rows that fill their blocks; no global at all
