@@ -8,7 +8,7 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows python bench/bench_attention.py  # A/B rows
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -19,7 +19,9 @@ lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launc
 first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded into exp2's
 FFMA: lowering.FOLD_SCALE) or ``rtma`` (residue-order tiles through strided TMA boxes:
 lowering.RESIDUE_TMA) or ``thinrows`` (global query rows' far blocks walked with 16-row
-tiles: lowering.THIN_ROWS) turned off, timed in the same run.
+tiles: lowering.THIN_ROWS) turned off, or ``direct`` (repeated launches straight into the
+compiled kernels: triton_backend.DIRECT_LAUNCH, a host-time change) turned on, timed in the
+same run (with the variant's host time per forward).
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -52,7 +54,8 @@ from patterncc.backends import triton_backend  # noqa: E402
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
-             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False}}
+             "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
+             "direct": {"DIRECT_LAUNCH": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -60,7 +63,8 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "thinrows": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
-          "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off"}
+          "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
+          "direct": "direct launches on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -254,22 +258,25 @@ def kernel_stats(lay, q) -> dict:
 
 def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
     """The same pattern with one lowering turned off (see ABLATIONS), timed now."""
-    saved = {flag: getattr(lowering, flag) for flag in ABLATIONS[what]}
+    owner = {flag: lowering if hasattr(lowering, flag) else triton_backend for flag in ABLATIONS[what]}
+    saved = {flag: getattr(owner[flag], flag) for flag in ABLATIONS[what]}
     for flag, value in ABLATIONS[what].items():
-        setattr(lowering, flag, value)
+        setattr(owner[flag], flag, value)
     try:
         op(q, k, v)
         pf = bench(lambda: op(q, k, v))
+        pf_host = host_ms(lambda: op(q, k, v))
         pf_graph = bench_graph(lambda: op(q, k, v), f"{name} {what}")  # GPU time alone: 16K eager may be host-bound
         def pfb():
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
     finally:
         for flag, value in saved.items():
-            setattr(lowering, flag, value)
+            setattr(owner[flag], flag, value)
     return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],
+            "pcc_host_fwd_ms": pf_host, "with_host_fwd_ms": base["pcc_host_fwd_ms"],
             "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"], "pcc_fwd_graph_ms": pf_graph,
             "with_fwd_graph_ms": base["pcc_fwd_graph_ms"],
             "gain_fwd_graph": pf_graph / base["pcc_fwd_graph_ms"] if (pf_graph and base["pcc_fwd_graph_ms"]) else None}
@@ -312,12 +319,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
         lines += ["", "| T | pattern | D | variant | fwd default / variant | fwd graph default / variant "
-                  "| f+b default / variant |", "|---|---|---|---|---|---|---|"]
+                  "| f+b default / variant | host fwd default / variant |", "|---|---|---|---|---|---|---|---|"]
         for r in ablations:
             lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['ablation']} | {r['with_fwd_ms']:.3f} / "
                          f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {_f(r.get('with_fwd_graph_ms'))} / "
                          f"{_f(r.get('pcc_fwd_graph_ms'))} ({_f(r.get('gain_fwd_graph'), 2)}x) | "
-                         f"{r['with_fwdbwd_ms']:.3f} / {r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) |")
+                         f"{r['with_fwdbwd_ms']:.3f} / {r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) | "
+                         f"{_f(r.get('with_host_fwd_ms'))} / {_f(r.get('pcc_host_fwd_ms'))} |")
     return "\n".join(lines)
 
 

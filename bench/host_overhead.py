@@ -19,9 +19,11 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
     python bench/host_overhead.py --breakdown  # on a GPU: host time per launch, per pass
     python bench/host_overhead.py --breakdown --profile  # and where the backward's host time goes
+    python bench/host_overhead.py --direct   # any of the above with triton_backend.DIRECT_LAUNCH on
 
 ``--breakdown`` records the kernel launches of one forward+backward and replays each alone
-behind a sleep kernel (its host cost: Triton's launch path and the driver), and times the
+behind a sleep kernel (its host cost: Triton's launch path and the driver; ``host_us_direct``:
+the same launch straight into the compiled kernel, as DIRECT_LAUNCH does), and times the
 forward and the backward pass apart, and one ``torch.empty`` of an output's size.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import time
 STUB = "--stub" in sys.argv
 PROFILE = "--profile" in sys.argv
 BREAKDOWN = "--breakdown" in sys.argv
+DIRECT = "--direct" in sys.argv  # triton_backend.DIRECT_LAUNCH on
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import patterncc  # noqa: E402
+from patterncc.backends import triton_backend  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
 T, H, D = 16384, 16, 64
@@ -189,10 +193,13 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
                "launches": []}
         for kname, kernel, grid, args, kwargs in recorded:
             fn = (lambda kr=kernel, g=grid, a=args, kw=kwargs: kr[g](*a, **kw))
+            direct = triton_backend.DirectLaunches()  # the same launch, straight into the compiled kernel
+            fn_direct = (lambda n=kname, kr=kernel, g=grid, a=args, kw=kwargs: direct.launch(n, kr, g, a, kw))
             row["launches"].append({"kernel": kname, "args": len(args),
                                     "descriptors": sum(isinstance(a, TensorDescriptor) for a in args),
                                     "host_us": round(host_ms(fn, 50, ahead=True) * 1e3, 1),
-                                    "host_us_no_ahead": round(host_ms(fn, 50) * 1e3, 1)})
+                                    "host_us_no_ahead": round(host_ms(fn, 50) * 1e3, 1),
+                                    "host_us_direct": round(host_ms(fn_direct, 50, ahead=True) * 1e3, 1)})
         print(json.dumps(row), flush=True)
         if PROFILE:
             _host_profile(bwd, f"{name} (backward only)", sort=("tottime", "cumulative"))
@@ -200,4 +207,5 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
 
 
 if __name__ == "__main__":
+    triton_backend.DIRECT_LAUNCH = DIRECT
     breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()

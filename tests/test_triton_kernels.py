@@ -470,3 +470,93 @@ def test_a_register_cap_reaches_the_launch_options(monkeypatch):
     run.interp = False
     assert run._tile_shape("fwd")[2] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
     assert "maxnreg" not in run._tile_shape("dq")[2]
+
+
+# DIRECT_LAUNCH: repeated launches straight into the compiled kernel. Under the interpreter
+# there is no compiled kernel, so these tests drive DirectLaunches with stand-ins for a
+# JITFunction and the CompiledKernel it returns (tests/gpu runs the real ones).
+
+class _Compiled:
+    function = "cubin handle"
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+
+class _Jit:
+    def __init__(self, calls: list, compiles: bool = True):
+        self.calls, self.compiles = calls, compiles
+
+        def fn(x, y, n, s, X, Y=7):  # positional arguments, then constexprs (Y has a default)
+            pass
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _Compiled(self.calls) if self.compiles else None
+        return launch
+
+
+def test_direct_launches_reuse_the_compiled_kernel_only_while_its_specialisation_holds():
+    calls: list = []
+    jit, direct = _Jit(calls), triton_backend.DirectLaunches()
+    x, y = torch.zeros(8), torch.zeros(8)
+    unaligned = torch.zeros(9)[1:]
+    assert unaligned.data_ptr() % 16
+
+    def launch(grid=(3, 2), x=x, n=5, s=0.5, **kw):
+        direct.launch("_k", jit, grid, (x, y, n, s), {"X": 1, "num_warps": 4, **kw})
+        return calls[-1][0]
+    assert launch() == "jit"
+    assert launch() == "direct"
+    assert calls[-1] == ("direct", (3, 2, 1), (x, y, 5, 0.5, 1, 7))  # parameter order, defaults, 3-D grid
+    assert launch(s=0.25) == "direct"          # floats are not specialised
+    assert launch(x=torch.zeros(8)) == "direct"  # another aligned tensor
+    for changed in ({"x": unaligned}, {"n": 16}, {"n": 1}, {"X": 2}, {"num_warps": 8}, {"grid": (4, 2)}):
+        assert launch(**changed) == "jit", changed  # a new specialisation: compiled by the JIT
+        assert launch(**changed) == "direct", changed
+    assert launch() == "direct"  # the first one is still kept
+
+
+def test_direct_launches_keep_nothing_without_a_compiled_kernel_or_for_unknown_arguments():
+    for compiles, odd in ((False, 3), (True, object())):
+        calls: list = []
+        jit, direct = _Jit(calls, compiles=compiles), triton_backend.DirectLaunches()
+        for _ in range(3):
+            direct.launch("_k", jit, (1,), (torch.zeros(8), torch.zeros(8), odd, 1.0), {"X": 1})
+        assert [c[0] for c in calls] == ["jit"] * 3
+
+
+def test_direct_launches_key_tensor_descriptors_by_block_shape():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    calls: list = []
+    jit, direct = _Jit(calls), triton_backend.DirectLaunches()
+    base = torch.zeros(64, 16)  # (descriptors need aligned bases: Triton asserts it)
+
+    def launch(x, block):
+        desc = TensorDescriptor(x, [64, 16], [16, 1], block)
+        direct.launch("_k", jit, (1,), (desc, x, 3, 1.0), {"X": 1})
+        return calls[-1][0]
+    assert [launch(base, [16, 16]), launch(base, [16, 16])] == ["jit", "direct"]
+    assert [launch(base, [32, 16]), launch(base, [32, 16])] == ["jit", "direct"]
+
+
+def test_direct_launch_is_a_switch_and_off_under_the_interpreter(monkeypatch):
+    lay = get_layout(patterncc.parse("window(16)"), 64, 1, 32)
+    q = torch.randn(1, 1, 64, 16)
+    run = triton_backend._Launch(q, q, lay, None)  # a private one (launch_for's is shared)
+    calls: list = []
+    monkeypatch.setattr(run, "gen", type("Gen", (), {"kernel": lambda self, name: _Jit(calls)})())
+    args = (q, q, 3, 1.0)
+    for direct, interp, expect in ((False, False, ["jit", "jit"]), (True, True, ["jit", "jit"]),
+                                   (True, False, ["jit", "direct"])):
+        monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", direct)
+        monkeypatch.setattr(run, "interp", interp)
+        calls.clear()
+        run.launch("_k", (1,), *args, X=1)
+        run.launch("_k", (1,), *args, X=1)
+        assert [c[0] for c in calls] == expect, (direct, interp)

@@ -30,6 +30,10 @@ from . import tuning
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# After a kernel's first launch, launch it again straight through the compiled kernel Triton
+# returned while nothing it was specialised on has changed (see DirectLaunches). Off: every
+# launch goes through Triton's JIT dispatch. An A/B switch, not yet measured on a GPU.
+DIRECT_LAUNCH = False
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -153,6 +157,76 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------
 
 
+class DirectLaunches:
+    """Launches of generated kernels that skip Triton's JIT dispatch once it has compiled them.
+
+    Triton's ``kernel[grid](*args, **constexprs)`` binds and specialises every argument on
+    every launch (about 25 per kernel here), most of a launch's host time. Within one set of
+    launch constants (:class:`_Launch`), what a launch is specialised on can only change
+    with the arguments' values: the grid, the constexprs and launch options, the ints, and
+    whether each tensor (or descriptor's base) is 16-byte aligned (a caller's tensor may
+    start anywhere). Keyed on exactly those, a repeated launch calls the compiled kernel the
+    first one returned, with the arguments in the kernel's parameter order; anything new goes
+    through the JIT again. Under the interpreter (or when Triton returns no compiled kernel)
+    nothing is kept.
+    """
+
+    def __init__(self):
+        self._runners: dict = {}
+
+    def launch(self, name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """``kernel[grid](*args, **kwargs)``, through the compiled kernel when it may."""
+        spec = _specialised(args)
+        key = (name, grid, spec, *kwargs.values())
+        runner = self._runners.get(key)
+        if runner is not None:
+            runner(*args)
+            return
+        compiled = kernel[grid](*args, **kwargs)
+        runner = _compiled_runner(kernel, compiled, grid, len(args), kwargs)
+        if runner is not None and spec is not None:
+            self._runners[key] = runner
+
+
+def _specialised(args: tuple) -> tuple | None:
+    """What a launch of these arguments may be specialised on beyond the launch constants:
+    ints by value, tensors by 16-byte alignment, tensor descriptors by their base's alignment
+    and their block shape (floats are not specialised); None for an argument of another kind."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a.data_ptr() % 16 == 0)
+        elif isinstance(a, (int, str)) or a is None:  # bool is an int
+            out.append(a)
+        elif isinstance(a, float):
+            out.append(float)
+        elif isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
+            out.append((a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
+        else:
+            return None
+    return tuple(out)
+
+
+def _compiled_runner(kernel, compiled, grid: tuple, n_args: int, kwargs: dict):
+    """``compiled[grid]`` taking the positional arguments and appending the remaining
+    parameters (constexprs from ``kwargs``, else their defaults) in the kernel's order; None
+    when there is no compiled kernel to call (the interpreter)."""
+    fn = getattr(kernel, "fn", None)  # the Python function a JITFunction wraps
+    if fn is None or compiled is None or not hasattr(compiled, "__getitem__") or not hasattr(compiled, "function"):
+        return None
+    import inspect
+    tail = []
+    for param in list(inspect.signature(fn).parameters.values())[n_args:]:
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            tail.append(param.default)
+        else:
+            return None
+    run = compiled[grid if len(grid) == 3 else (*grid, *(1,) * (3 - len(grid)))]
+    return lambda *args: run(*args, *tail)
+
+
 def launch_for(q: torch.Tensor, k: torch.Tensor, layout: Layout, split: int | None = None,
                configs: dict | None = None) -> "_Launch":
     """The launch constants of a call, built once per (layout, shapes, dtype, device, split)
@@ -213,6 +287,15 @@ class _Launch:
         self.residue_dil = (lowering.residue_stride(klay)
                             if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
+        self.direct = DirectLaunches()
+
+    def launch(self, name: str, grid: tuple, *args, **kwargs) -> None:
+        """Launch the generated kernel ``name`` (DIRECT_LAUNCH: see DirectLaunches)."""
+        kernel = self.gen.kernel(name)
+        if DIRECT_LAUNCH and not self.interp:
+            self.direct.launch(name, kernel, grid, args, kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
         """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
@@ -344,7 +427,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     bm, bn, opts = run.tiles("fwd")
     tiles = walk.row_block // bm
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
-    run.gen.kernel("_attn_fwd")[(walk.items.n_items * tiles, run.b)](
+    run.launch("_attn_fwd", (walk.items.n_items * tiles, run.b),
         q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True),
         *run.walk_args(walk, tiles), walk.items.thin,
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
@@ -370,7 +453,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     bm, _, opts = run.tiles("dq")
     bm = min(bm, 64)
     m_blocks = math.ceil(run.t / bm)
-    run.gen.kernel("_attn_bwd_preprocess")[(run.b * run.h * m_blocks,)](
+    run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
         out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
     dk = dv = dq = None
@@ -381,7 +464,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         bm, bn, opts = run.tiles("dkdv")
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
-        run.gen.kernel("_attn_bwd_dkdv")[(walk.items.n_items * tiles, run.b)](
+        run.launch("_attn_bwd_dkdv", (walk.items.n_items * tiles, run.b),
             q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk), run.scratch(walk),
             *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
@@ -394,7 +477,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         bm, bn, opts = run.tiles("dq")
         tiles = walk.row_block // bm
         kv_tiles, tma = run.walked("dq", (k, v), bn)
-        run.gen.kernel("_attn_bwd_dq")[(walk.items.n_items * tiles, run.b)](
+        run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
             q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk),
             *run.walk_args(walk, tiles), walk.items.thin, scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,

@@ -99,7 +99,7 @@ def test_residue_order_through_strided_tma_boxes(src, d, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
 def test_thin_query_rows_match_reference(src, d, monkeypatch):
-    """lowering.THIN_ROWS (an A/B switch, off by default): a global query row's far blocks
+    """lowering.THIN_ROWS (on by default; forced here): a global query row's far blocks
     walked with 16-row tiles in the forward and dQ, merged with the row's other items; GQA, two
     batches, odd length."""
     from patterncc import lowering
@@ -110,6 +110,36 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
     assert triton_backend.launch_for(q, k, op.layout(t, h)).plan.fwd.items.n_thin > 0
     _assert_matches_reference(op, q, k, v, t, h)
+
+
+@pytest.mark.parametrize("name", ["longformer", "dilated", "causal_window"])
+def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
+    """triton_backend.DIRECT_LAUNCH (an A/B switch, off by default): repeated forward+backward
+    calls through the compiled kernels equal the JIT dispatch's bit for bit, after the first
+    call no launch goes through the JIT, and a caller's tensor at an address that is not
+    16-byte aligned (a new specialisation) goes through the JIT again and matches the
+    reference."""
+    from patterncc.backends import triton_backend
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 2000, 4
+    q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
+    g = torch.randn_like(q)
+
+    def step(q):
+        out = op(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), g))
+    jit = step(q)
+    monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", True)
+    for _ in range(3):  # the first call through the JIT, the others straight to the kernels
+        assert all(torch.equal(a, b) for a, b in zip(step(q), jit))
+    direct = triton_backend.launch_for(q, k, op.layout(t, h)).direct
+    assert len(direct._runners) == 4  # forward, Delta, dK/dV, dQ: one specialisation each
+    buf = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
+    unaligned = buf[1:].view(q.shape).copy_(q.detach()).requires_grad_()
+    assert unaligned.data_ptr() % 16
+    for _ in range(2):
+        _assert_matches_reference(op, unaligned, k, v, t, h)
+    assert len(direct._runners) > 4
 
 
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "causal_window", "dilated", "card"])
@@ -144,10 +174,13 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(static_out, op(*(x.detach() for x in fresh)))
 
 
-def test_cuda_graph_captures_forward_and_backward():
+@pytest.mark.parametrize("direct", [False, True])
+def test_cuda_graph_captures_forward_and_backward(direct, monkeypatch):
     """A training step (forward and backward) captured once replays to the eager op's output
     and gradients on new inputs (the recipe of torch.cuda.graph for whole networks: warm up
-    on a side stream, grads set to None before capture)."""
+    on a side stream, grads set to None before capture); also with direct launches."""
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", direct)
     op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
     q, k, v = (x.detach().clone().requires_grad_() for x in _inputs(1, 4, 2, 3000, 64, torch.bfloat16))
     do = torch.randn_like(q)
@@ -176,9 +209,13 @@ def test_cuda_graph_captures_forward_and_backward():
             assert torch.equal(got, want.grad)
 
 
-def test_calls_on_two_streams_may_overlap():
+@pytest.mark.parametrize("direct", [False, True])
+def test_calls_on_two_streams_may_overlap(direct, monkeypatch):
     """Split rows (the global query) merge through counters; each stream has its own, so the
-    same layout running on two streams at once gives what each call gives alone."""
+    same layout running on two streams at once gives what each call gives alone (also with
+    direct launches, which take the current stream as the JIT dispatch does)."""
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", direct)
     op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
     ins = [tuple(x.detach() for x in _inputs(2, 4, 4, 8192, 64, torch.bfloat16, seed=s)) for s in (1, 2)]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
