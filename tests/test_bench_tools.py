@@ -1,0 +1,39 @@
+"""The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+schedule_model = pytest.importorskip("schedule_model")
+
+
+def test_makespan_of_an_even_load_is_the_even_share():
+    cost = np.full(2 * 4 * 3, 5.0)  # 2 SMs x 4 slots, three rounds of equal items
+    assert schedule_model.makespan(cost, sms=2, per_sm=4, saturate=4) == pytest.approx(cost.sum() / 2)
+
+
+def test_a_lone_program_runs_at_its_share_of_an_sm():
+    assert schedule_model.makespan(np.array([6.0]), sms=1, per_sm=4, saturate=3) == pytest.approx(18.0)
+    assert schedule_model.makespan(np.array([6.0]), sms=1, per_sm=4, saturate=1) == pytest.approx(6.0)
+
+
+def test_a_long_item_last_in_the_grid_is_a_tail_and_first_it_is_not():
+    short, long_ = [1.0] * 64, [16.0]
+    late = schedule_model.makespan(np.array(short + long_), sms=2, per_sm=2, saturate=2)
+    early = schedule_model.makespan(np.array(long_ + short), sms=2, per_sm=2, saturate=2)
+    assert early < late
+    assert early == pytest.approx(80 / 2, rel=0.25)  # close to an even spread
+
+
+def test_the_split_first_order_shortens_bigbirds_modelled_tail(monkeypatch):
+    import patterncc
+    from patterncc import lowering
+    lay = patterncc.compile("block(64, width=1) | global(0..128) | random(192, seed=1)").layout(16384, 16)
+    default = schedule_model.model(lay)
+    monkeypatch.setattr(lowering, "SPLIT_FIRST", True)
+    first = schedule_model.model(lay)
+    assert first["items"] == default["items"] and first["tail"] < default["tail"]
