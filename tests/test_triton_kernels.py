@@ -516,7 +516,8 @@ def test_direct_launches_reuse_the_compiled_kernel_only_while_its_specialisation
     assert calls[-1] == ("direct", (3, 2, 1), (x, y, 5, 0.5, 1, 7))  # parameter order, defaults, 3-D grid
     assert launch(s=0.25) == "direct"          # floats are not specialised
     assert launch(x=torch.zeros(8)) == "direct"  # another aligned tensor
-    for changed in ({"x": unaligned}, {"n": 16}, {"n": 1}, {"X": 2}, {"num_warps": 8}, {"grid": (4, 2)}):
+    for changed in ({"x": unaligned}, {"x": torch.zeros(8, dtype=torch.float16)}, {"n": 16}, {"n": 1},
+                    {"X": 2}, {"num_warps": 8}, {"grid": (4, 2)}):
         assert launch(**changed) == "jit", changed  # a new specialisation: compiled by the JIT
         assert launch(**changed) == "direct", changed
     assert launch() == "direct"  # the first one is still kept

@@ -164,8 +164,8 @@ class DirectLaunches:
     every launch (about 25 per kernel here), most of a launch's host time. Within one set of
     launch constants (:class:`_Launch`), what a launch is specialised on can only change
     with the arguments' values: the grid, the constexprs and launch options, the ints, and
-    whether each tensor (or descriptor's base) is 16-byte aligned (a caller's tensor may
-    start anywhere). Keyed on exactly those, a repeated launch calls the compiled kernel the
+    each tensor's (or descriptor's base's) dtype and whether it is 16-byte aligned (a
+    caller's tensor may start anywhere). Keyed on exactly those, a repeated launch calls the compiled kernel the
     first one returned, with the arguments in the kernel's parameter order; anything new goes
     through the JIT again. Under the interpreter (or when Triton returns no compiled kernel)
     nothing is kept.
@@ -190,18 +190,19 @@ class DirectLaunches:
 
 def _specialised(args: tuple) -> tuple | None:
     """What a launch of these arguments may be specialised on beyond the launch constants:
-    ints by value, tensors by 16-byte alignment, tensor descriptors by their base's alignment
-    and their block shape (floats are not specialised); None for an argument of another kind."""
+    ints by value, tensors by dtype and 16-byte alignment, tensor descriptors by their base's
+    dtype, alignment and block shape (floats are not specialised); None for an argument of
+    another kind."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            out.append(a.data_ptr() % 16 == 0)
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
         elif isinstance(a, (int, str)) or a is None:  # bool is an int
             out.append(a)
         elif isinstance(a, float):
             out.append(float)
         elif isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
-            out.append((a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
+            out.append((a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
         else:
             return None
     return tuple(out)
