@@ -9,7 +9,7 @@ source bench/device_setup.sh
 if [ "${TESTS:-1}" != 0 ]; then
   # Tests run the default and the forced candidate configurations, not the autotuner.
   PATTERNCC_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-270} python3 -m pytest tests/gpu/test_gpu_kernels.py -q -x -p no:cacheprovider \
-    -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate or streams or scale or strided or thin or direct}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+    -k "${TEST_FILTER:-bfloat16 or long or graph or reproducible or candidate or streams or scale or strided or thin or direct or split}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 fi
 if [ "${TUNE:-1}" != 0 ]; then
   timeout ${TUNE_TIMEOUT:-290} python3 bench/tune.py 2>&1 | tee "$OUT/tune.log" | grep -E "==|Error|error" | head -40

@@ -112,6 +112,21 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
+def test_split_rows_first_match_reference(src, monkeypatch):
+    """lowering.SPLIT_FIRST (an A/B switch, off by default): the pieces of split rows launched
+    before all other items, in the forward, dQ and dK/dV; GQA, two batches, odd length."""
+    from patterncc import lowering
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(lowering, "SPLIT_FIRST", True)
+    op = patterncc.compile(src, block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
+    plan = triton_backend.launch_for(q, k, op.layout(t, h)).plan
+    assert plan.fwd.items.n_merge > 0 and plan.kv.items.n_merge > 0
+    _assert_matches_reference(op, q, k, v, t, h)
+
+
 @pytest.mark.parametrize("name", ["longformer", "dilated", "causal_window"])
 def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
     """triton_backend.DIRECT_LAUNCH (an A/B switch, off by default): repeated forward+backward
