@@ -8,6 +8,9 @@
 * backward: ``_attn_bwd_preprocess`` (Delta = rowsum(dO * O)), ``_attn_bwd_dkdv`` over the
   kv index, ``_attn_bwd_dq`` over the forward index: one launch each.
 
+With ``DIRECT_LAUNCH`` (an A/B switch, off) a kernel's repeated launches skip Triton's JIT
+dispatch (see :class:`DirectLaunches`).
+
 Launch configurations come from :mod:`patterncc.backends.tuning`; the row height of each
 walk (one layout block, 64 or 128 positions) from the layout (``lowering.row_class``). No host
 synchronisation (but the autotuner's first measurement), nothing of size T^2: the plan
@@ -19,6 +22,7 @@ run on CPU tensors under Triton's interpreter (slow; for tests).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 
@@ -165,10 +169,10 @@ class DirectLaunches:
     launch constants (:class:`_Launch`), what a launch is specialised on can only change
     with the arguments' values: the grid, the constexprs and launch options, the ints, and
     each tensor's (or descriptor's base's) dtype and whether it is 16-byte aligned (a
-    caller's tensor may start anywhere). Keyed on exactly those, a repeated launch calls the compiled kernel the
-    first one returned, with the arguments in the kernel's parameter order; anything new goes
-    through the JIT again. Under the interpreter (or when Triton returns no compiled kernel)
-    nothing is kept.
+    caller's tensor may start anywhere). Keyed on exactly those, a repeated launch calls the
+    compiled kernel the first one returned, with the arguments in the kernel's parameter
+    order; anything new goes through the JIT again. Under the interpreter (or when Triton
+    returns no compiled kernel) nothing is kept.
     """
 
     def __init__(self):
@@ -215,7 +219,6 @@ def _compiled_runner(kernel, compiled, grid: tuple, n_args: int, kwargs: dict):
     fn = getattr(kernel, "fn", None)  # the Python function a JITFunction wraps
     if fn is None or compiled is None or not hasattr(compiled, "__getitem__") or not hasattr(compiled, "function"):
         return None
-    import inspect
     tail = []
     for param in list(inspect.signature(fn).parameters.values())[n_args:]:
         if param.name in kwargs:
