@@ -8,7 +8,7 @@ Markdown table for ``bench/RESULTS.md``.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct python bench/bench_attention.py  # A/B rows
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -20,8 +20,10 @@ first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded int
 FFMA: lowering.FOLD_SCALE) or ``rtma`` (residue-order tiles through strided TMA boxes:
 lowering.RESIDUE_TMA) or ``thinrows`` (global query rows' far blocks walked with 16-row
 tiles: lowering.THIN_ROWS) turned off, or ``direct`` (repeated launches straight into the
-compiled kernels: triton_backend.DIRECT_LAUNCH, a host-time change) turned on, timed in the
-same run (with the variant's host time per forward).
+compiled kernels: triton_backend.DIRECT_LAUNCH, a host-time change) turned on, or
+``scratch`` (four times the split-row scratch budget, so shorter pieces:
+lowering.SCRATCH_FRACTION) given, timed in the same run (with the variant's host time per
+forward).
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -55,16 +57,16 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
-             "direct": {"DIRECT_LAUNCH": True}}
+             "direct": {"DIRECT_LAUNCH": True}, "scratch": {"SCRATCH_FRACTION": 0.2}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
-           "thinrows": lambda r: r["split_rows_fwd"]}
+           "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
-          "direct": "direct launches on"}
+          "direct": "direct launches on", "scratch": "4x split-row scratch"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
