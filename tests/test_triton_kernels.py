@@ -561,3 +561,26 @@ def test_direct_launch_is_a_switch_and_off_under_the_interpreter(monkeypatch):
         run.launch("_k", (1,), *args, X=1)
         run.launch("_k", (1,), *args, X=1)
         assert [c[0] for c in calls] == expect, (direct, interp)
+
+
+@pytest.mark.parametrize("src", ["window(16) | global([0])", "window(16) | dilate(2)", "window(8) & causal"])
+def test_every_launch_has_arguments_the_direct_path_can_key(src, monkeypatch):
+    """A numpy int or another unkeyable argument would silently keep DIRECT_LAUNCH on the JIT
+    path: every kernel's real arguments (forward and backward) must key."""
+    keyed: dict = {}
+    real = codegen.Generated.kernel
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                keyed[self.name] = triton_backend._specialised(args) is not None
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(codegen.Generated, "kernel", lambda self, name: Spy(name, real(self, name)))
+    op = patterncc.compile(src, block_size=32, backend="triton")
+    q, k, v = _inputs(1, 2, 2, 96, 16, torch.float32)
+    op(q, k, v).sum().backward()
+    assert keyed == dict.fromkeys(["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"], True)
