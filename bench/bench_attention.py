@@ -259,7 +259,8 @@ def kernel_stats(lay, q) -> dict:
 
 
 def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
-    """The same pattern with one lowering turned off (see ABLATIONS), timed now."""
+    """The same pattern with one switch of lowering or the Triton backend changed (see
+    ABLATIONS), timed now."""
     owner = {flag: lowering if hasattr(lowering, flag) else triton_backend for flag in ABLATIONS[what]}
     saved = {flag: getattr(owner[flag], flag) for flag in ABLATIONS[what]}
     for flag, value in ABLATIONS[what].items():

@@ -81,10 +81,6 @@ def stub_main() -> None:
 
     for name, src in PATTERNS.items():
         op = patterncc.compile(src, block_size=64, backend="triton")
-
-        def bwd():
-            qg.grad = kg.grad = vg.grad = None  # no accumulation kernels in the timing
-            out.backward(do, retain_graph=True)
         row = {"pattern": name,
                "fwd_us": _per_call_us(lambda: op(q, k, v), 2000),
                "fwd_grad_inputs_us": _per_call_us(lambda: op(qg, kg, vg), 2000),

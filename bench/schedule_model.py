@@ -53,7 +53,7 @@ def item_costs(items: lowering.WorkItems, block: int) -> np.ndarray:
     n = items.n_items
     start, end = items.start.cpu().numpy()[:n], items.end.cpu().numpy()[:n]
     narrow = items.narrow_end.cpu().numpy()[:n] - items.narrow_start.cpu().numpy()[:n]
-    thin = items.thin.cpu().numpy()[:n] >= 0 if items.thin is not None else np.zeros(n, bool)
+    thin = items.thin.cpu().numpy()[:n] >= 0
     entries = (end - start).astype(float)
     cost = np.where(thin, THIN_TILE, 1.0) * entries + narrow * lowering.NARROW / block + FIXED
     # A piece of a split row writes its partial, and the row's last piece (whichever finishes

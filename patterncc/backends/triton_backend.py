@@ -350,8 +350,8 @@ class _Launch:
         return tuple(out), True
 
     def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
-        """The work-item and entry arguments of one kernel (same order in all three): the
-        merge counters of this call's stream, then device tensors of the plan (built once)."""
+        """The work-item and entry arguments of one kernel: the merge counters of this call's
+        stream, then device tensors of the plan (built once; see _plan_args)."""
         rest = self._args.get(id(walk))
         if rest is None:
             rest = self._args[id(walk)] = self._plan_args(walk)
@@ -359,12 +359,13 @@ class _Launch:
 
     def _plan_args(self, walk: lowering.Walk) -> tuple:
         it = walk.items
-        if walk.head is None:  # forward, dQ: entries and the narrow entries of thin columns
-            entries = (it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block, walk.narrow_flags)
-        else:  # dK/dV: its thin query entries sit in its entry arrays, after the regular ones
-            entries = (it.narrow_start, it.narrow_end, walk.block, walk.head, walk.flags)
-        return (it.row, it.start, it.end, it.slot, it.merge, it.merge_start, it.merge_end, *entries,
-                self.plan.tables, self.plan.dil, self.plan.seg)
+        common = (it.row, it.start, it.end, it.slot, it.merge, it.merge_start, it.merge_end)
+        tables = (self.plan.tables, self.plan.dil, self.plan.seg)
+        if walk.head is None:  # forward, dQ: narrow entries of thin columns, then each item's thin rows
+            return (*common, it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block,
+                    walk.narrow_flags, *tables, it.thin)
+        # dK/dV: its thin query entries sit in its entry arrays, after the regular ones
+        return (*common, it.narrow_start, it.narrow_end, walk.block, walk.head, walk.flags, *tables)
 
 
 def _tma_capable(device: torch.device, interp: bool) -> bool:
@@ -433,7 +434,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
     run.launch("_attn_fwd", (walk.items.n_items * tiles, run.b),
         q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True),
-        *run.walk_args(walk, tiles), walk.items.thin,
+        *run.walk_args(walk, tiles),
         scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
         FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0, **run.consts, **opts)
@@ -483,7 +484,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
             q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk),
-            *run.walk_args(walk, tiles), walk.items.thin, scale * LOG2E, scale,
+            *run.walk_args(walk, tiles), scale * LOG2E, scale,
             run.t, walk.rows_per_head, run.b, run.h, run.group,
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
             THIN_ROWS=walk.items.n_thin > 0, **c, **opts)
