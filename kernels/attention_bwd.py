@@ -168,20 +168,10 @@ def _attn_bwd_dq(
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    item = pid // M_TILES
-    tile = pid % M_TILES
-    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
-    head = row // NR
-    kv_head = head // GROUP
-    dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)
-
-    m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
+    b, item, tile, start, end, slot, head, dil, seg, m_first, q_row0, kv_bh, kv_row0 = _query_item(
+        item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_M,
+        PERMUTED)
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
-    q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
-    kv_bh = b * (H // GROUP) + kv_head
-    kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:

@@ -43,6 +43,28 @@ def _work_item(item_row, item_start, item_end, item_slot, item):
 
 
 @triton.jit
+def _query_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP,
+                ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PERMUTED: tl.constexpr):
+    """Who this program is in a pass over query rows (forward, dQ): its batch, work item and
+    BLOCK_M tile of the item's row; the item's entries and scratch slot; the row's head and
+    its kernel order; the tile's first (kernel-order) position; and the int64 offsets of the
+    head's query rows and of its kv head's key rows."""
+    M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    item = pid // M_TILES
+    tile = pid % M_TILES
+    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
+    head = row // NR
+    dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)
+    m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
+    q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
+    kv_bh = b * (H // GROUP) + head // GROUP
+    kv_row0 = kv_bh.to(tl.int64) * SEQ_LEN
+    return b, item, tile, start, end, slot, head, dil, seg, m_first, q_row0, kv_bh, kv_row0
+
+
+@triton.jit
 def _thin_item(item_thin, item, THIN_ROWS: tl.constexpr):
     """The 16-row sub-block a thin-row item walks (forward, dQ), else -1; always -1 without
     THIN_ROWS, so the caller's thin branch folds away at compile time."""
