@@ -15,12 +15,12 @@ narrow thin-column tiles) and the launch configurations used. ABLATE adds rows f
 same pattern with ``residue`` (residue order of dilated heads), ``tokens`` (division-free
 residue tokens, order mode 1) or ``thin`` (narrow tiles of thin global columns) turned
 off, or ``stack`` (128-row tiles whatever their extra pairs and however K/V are loaded:
-lowering.STACK_WASTE, TALL_ONLY_GATHERED) or ``split`` (split rows' pieces launched
-first: lowering.SPLIT_FIRST) forced, or ``fold`` (the forward's scale folded into exp2's
+lowering.STACK_WASTE, TALL_ONLY_GATHERED) forced, or ``split`` (split rows' pieces launched
+first: lowering.SPLIT_FIRST) or ``fold`` (the forward's scale folded into exp2's
 FFMA: lowering.FOLD_SCALE) or ``rtma`` (residue-order tiles through strided TMA boxes:
 lowering.RESIDUE_TMA) or ``thinrows`` (global query rows' far blocks walked with 16-row
-tiles: lowering.THIN_ROWS) turned off, or ``direct`` (repeated launches straight into the
-compiled kernels: triton_backend.DIRECT_LAUNCH, a host-time change) turned on, or
+tiles: lowering.THIN_ROWS) or ``direct`` (repeated launches straight into the compiled
+kernels: triton_backend.DIRECT_LAUNCH, a host-time change) turned off, or
 ``scratch`` (four times the split-row scratch budget, so shorter pieces:
 lowering.SCRATCH_FRACTION) given, timed in the same run (with the variant's host time per
 forward).
@@ -55,18 +55,18 @@ from patterncc.backends import triton_backend  # noqa: E402
 # A/B variants: switches of patterncc.lowering and the values they take.
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
              "tokens": {"FAST_RESIDUE_TOKENS": False},
-             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": True},
+             "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": False},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
-             "direct": {"DIRECT_LAUNCH": True}, "scratch": {"SCRATCH_FRACTION": 0.2}}
+             "direct": {"DIRECT_LAUNCH": False}, "scratch": {"SCRATCH_FRACTION": 0.2}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
-          "tokens": "general residue tokens", "split": "split rows first",
+          "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
-          "direct": "direct launches on", "scratch": "4x split-row scratch"}
+          "direct": "direct launches off", "scratch": "4x split-row scratch"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -9,8 +9,9 @@
 # job, and an A/B variant must not tune on first use inside the timed run). The `stack` A/B
 # (ABLATE=...,stack) is left out by default: with it the 16K run did not fit (RESULTS.md).
 # Other rows: fold (scale fold off), rtma (residue-order TMA boxes off; dilated patterns only),
-# thinrows (thin global query rows off; patterns with split rows), direct (direct launches on:
-# host time, so run it at TS=16384), scratch (4x split-row scratch: shorter pieces).
+# thinrows (thin global query rows off; patterns with split rows), split (split rows' pieces
+# first off), direct (direct launches off: host time, so run it at TS=16384), scratch (4x
+# split-row scratch: shorter pieces).
 # JSON, logs and the Markdown table land under $OUT.
 set -u
 source bench/device_setup.sh

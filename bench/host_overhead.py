@@ -19,7 +19,7 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py --stub     # anywhere (sets TRITON_INTERPRET=1)
     python bench/host_overhead.py --breakdown  # on a GPU: host time per launch, per pass
     python bench/host_overhead.py --breakdown --profile  # and where the backward's host time goes
-    python bench/host_overhead.py --direct   # any of the above with triton_backend.DIRECT_LAUNCH on
+    python bench/host_overhead.py --jit      # any of the above with triton_backend.DIRECT_LAUNCH off
 
 ``--breakdown`` records the kernel launches of one forward+backward and replays each alone
 behind a sleep kernel (its host cost: Triton's launch path and the driver; ``host_us_direct``:
@@ -36,7 +36,7 @@ import time
 STUB = "--stub" in sys.argv
 PROFILE = "--profile" in sys.argv
 BREAKDOWN = "--breakdown" in sys.argv
-DIRECT = "--direct" in sys.argv  # triton_backend.DIRECT_LAUNCH on
+JIT = "--jit" in sys.argv  # triton_backend.DIRECT_LAUNCH off (every launch through the JIT)
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -203,5 +203,6 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
 
 
 if __name__ == "__main__":
-    triton_backend.DIRECT_LAUNCH = DIRECT
+    if JIT:
+        triton_backend.DIRECT_LAUNCH = False
     breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()

@@ -39,8 +39,9 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   backward) becomes several items writing partials to scratch slots, merged in-kernel by
   the last one to finish; every row, even an empty one, has an item so every output row is
   written. ``split`` is about twice the mean row, raised where needed to keep the scratch
-  within ``SCRATCH_FRACTION`` of the output's bytes. Items run in row order (neighbouring
-  rows share K/V blocks in L2); ``SPLIT_FIRST`` launches split rows' pieces first (A/B).
+  within ``SCRATCH_FRACTION`` of the output's bytes. With ``SPLIT_FIRST`` (on) the pieces of
+  split rows launch first, so a long piece never starts in the grid's last wave; the other
+  items keep row order (neighbouring rows share K/V blocks in L2).
 
 Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
@@ -83,7 +84,7 @@ RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, 
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query tiles (False: for A/B runs)
-SPLIT_FIRST = False  # launch the pieces of split rows before all other items (True: for A/B runs)
+SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 

@@ -14,6 +14,10 @@ Every buffer the kernels write (out, LSE, Delta, dq, dk, dv) is allocated full o
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -561,6 +565,16 @@ def test_direct_launch_is_a_switch_and_off_under_the_interpreter(monkeypatch):
         run.launch("_k", (1,), *args, X=1)
         run.launch("_k", (1,), *args, X=1)
         assert [c[0] for c in calls] == expect, (direct, interp)
+
+
+@pytest.mark.parametrize("env, expect", [(None, True), ("1", True), ("0", False)])
+def test_direct_launch_is_on_unless_the_environment_turns_it_off(env, expect):
+    environ = {k: v for k, v in os.environ.items() if k != "PATTERNCC_DIRECT_LAUNCH"}
+    if env is not None:
+        environ["PATTERNCC_DIRECT_LAUNCH"] = env
+    code = "from patterncc.backends import triton_backend as t; print(t.DIRECT_LAUNCH)"
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expect)
 
 
 @pytest.mark.parametrize("src", ["window(16) | global([0])", "window(16) | dilate(2)", "window(8) & causal"])

@@ -8,8 +8,8 @@
 * backward: ``_attn_bwd_preprocess`` (Delta = rowsum(dO * O)), ``_attn_bwd_dkdv`` over the
   kv index, ``_attn_bwd_dq`` over the forward index: one launch each.
 
-With ``DIRECT_LAUNCH`` (an A/B switch, off) a kernel's repeated launches skip Triton's JIT
-dispatch (see :class:`DirectLaunches`).
+With ``DIRECT_LAUNCH`` (on; ``PATTERNCC_DIRECT_LAUNCH=0`` turns it off) a kernel's repeated
+launches skip Triton's JIT dispatch (see :class:`DirectLaunches`).
 
 Launch configurations come from :mod:`patterncc.backends.tuning`; the row height of each
 walk (one layout block, 64 or 128 positions) from the layout (``lowering.row_class``). No host
@@ -35,9 +35,10 @@ from . import tuning
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # After a kernel's first launch, launch it again straight through the compiled kernel Triton
-# returned while nothing it was specialised on has changed (see DirectLaunches). Off: every
-# launch goes through Triton's JIT dispatch. An A/B switch, not yet measured on a GPU.
-DIRECT_LAUNCH = False
+# returned while nothing it was specialised on has changed (see DirectLaunches): about a
+# quarter less host time per launch (measured, bench/RESULTS.md). Off (the environment's
+# PATTERNCC_DIRECT_LAUNCH=0, or False here): every launch goes through Triton's JIT dispatch.
+DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.

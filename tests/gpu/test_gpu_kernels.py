@@ -112,13 +112,15 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
-def test_split_rows_first_match_reference(src, monkeypatch):
-    """lowering.SPLIT_FIRST (an A/B switch, off by default): the pieces of split rows launched
-    before all other items, in the forward, dQ and dK/dV; GQA, two batches, odd length."""
+def test_split_rows_first_match_reference(src, first, monkeypatch):
+    """lowering.SPLIT_FIRST (on by default) and off: the pieces of split rows launched before
+    all other items, or in row order, in the forward, dQ and dK/dV; GQA, two batches, odd
+    length."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
-    monkeypatch.setattr(lowering, "SPLIT_FIRST", True)
+    monkeypatch.setattr(lowering, "SPLIT_FIRST", first)
     op = patterncc.compile(src, block_size=64, backend="triton")
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
@@ -129,7 +131,7 @@ def test_split_rows_first_match_reference(src, monkeypatch):
 
 @pytest.mark.parametrize("name", ["longformer", "dilated", "causal_window"])
 def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
-    """triton_backend.DIRECT_LAUNCH (an A/B switch, off by default): repeated forward+backward
+    """triton_backend.DIRECT_LAUNCH (on by default): repeated forward+backward
     calls through the compiled kernels equal the JIT dispatch's bit for bit, after the first
     call no launch goes through the JIT, and a caller's tensor at an address that is not
     16-byte aligned (a new specialisation) goes through the JIT again and matches the
@@ -143,11 +145,13 @@ def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
     def step(q):
         out = op(q, k, v)
         return (out, *torch.autograd.grad(out, (q, k, v), g))
+    monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", False)
     jit = step(q)
     monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", True)
+    direct = triton_backend.launch_for(q, k, op.layout(t, h)).direct
+    direct._runners.clear()  # (the launch constants are shared: an earlier test may have kept some)
     for _ in range(3):  # the first call through the JIT, the others straight to the kernels
         assert all(torch.equal(a, b) for a, b in zip(step(q), jit))
-    direct = triton_backend.launch_for(q, k, op.layout(t, h)).direct
     assert len(direct._runners) == 4  # forward, Delta, dK/dV, dQ: one specialisation each
     buf = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
     unaligned = buf[1:].view(q.shape).copy_(q.detach()).requires_grad_()
