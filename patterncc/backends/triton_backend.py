@@ -35,8 +35,8 @@ from . import tuning
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # After a kernel's first launch, launch it again straight through the compiled kernel Triton
-# returned while nothing it was specialised on has changed (see DirectLaunches): about a
-# quarter less host time per launch (measured, bench/RESULTS.md). Off (the environment's
+# returned while nothing it was specialised on has changed (see DirectLaunches): a quarter
+# to a third less host time per launch (measured, bench/RESULTS.md). Off (the environment's
 # PATTERNCC_DIRECT_LAUNCH=0, or False here): every launch goes through Triton's JIT dispatch.
 DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
 
