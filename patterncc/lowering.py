@@ -40,8 +40,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   the last one to finish; every row, even an empty one, has an item so every output row is
   written. ``split`` is about twice the mean row, raised where needed to keep the scratch
   within ``SCRATCH_FRACTION`` of the output's bytes. With ``SPLIT_FIRST`` (on) the pieces of
-  split rows launch first, so a long piece never starts in the grid's last wave; the other
-  items keep row order (neighbouring rows share K/V blocks in L2).
+  split rows launch first, so the long pieces start in the grid's first waves rather than
+  its last; the other items keep row order (neighbouring rows share K/V blocks in L2).
 
 Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
