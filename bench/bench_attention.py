@@ -3,8 +3,10 @@
 One run times, per (T, pattern, head dim): dense scaled_dot_product_attention with the
 flash backend and with the cuDNN backend, FlexAttention on the same pattern, and
 patterncc's Triton op, forward and forward+backward (bf16, B=1, H=16), median of
-triton.testing.do_bench. It writes ``bench/results/<date>-<device>.json`` and prints a
-Markdown table for ``bench/RESULTS.md``.
+triton.testing.do_bench. It writes ``bench/results/<date>-<device>.json`` (``$OUT`` instead
+of bench/results, ``-$TAG`` before .json if set; rewritten after every row, so a run cut
+short by a time limit keeps what it measured) and prints a Markdown table for
+``bench/RESULTS.md``. Unknown PATTERNS or ABLATE names stop it before it starts.
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
@@ -156,10 +158,19 @@ def main() -> None:
     B, H = 1, 16
     Ts = [int(x) for x in os.environ.get("TS", "4096,16384,65536").split(",")]
     Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
-    names = os.environ.get("PATTERNS", ",".join(PATTERNS)).split(",")
+    names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
-    ablate = [a for a in os.environ.get("ABLATE", "").split(",") if a]
+    ablate = checked_names([a for a in os.environ.get("ABLATE", "").split(",") if a], ABLATIONS, "ABLATE")
+    meta = versions()
+    path = results_path(meta)
     rows = []
+
+    def record(row: dict) -> None:
+        """Keep a row, print it, and rewrite the JSON file: a run cut short keeps what it measured."""
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path.write_text(json.dumps({"meta": meta, "setup": {"B": B, "H": H, "dtype": "bfloat16", "block_size": 64},
+                                    "rows": rows}, indent=1))
     done, total = 0, len(Ds) * len(Ts) * len(names)
     for D in Ds:
         for T in Ts:
@@ -226,24 +237,32 @@ def main() -> None:
                          eff_fwd_graph=df * density / pf_graph if (df and pf_graph) else None,
                          speedup_vs_flex_fwd_graph=flex_graph / pf_graph if (flex_graph and pf_graph) else None)
                 r.update(kernel_stats(lay, q))
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                record(r)
                 del out
                 for a in ablate:
                     if not APPLIES.get(a, lambda r: True)(r):
                         continue  # that switch changes nothing for this pattern
-                    rows.append(ablation_row(a, name, op, lay, q, k, v, do, r))
-                    print(json.dumps(rows[-1]), flush=True)
-    meta = versions()
+                    record(ablation_row(a, name, op, lay, q, k, v, do, r))
+    print(f"\nwrote {path}")
+    print(markdown(meta, rows))
+
+
+def checked_names(names: list, known: dict, what: str) -> list:
+    """``names`` if each is a key of ``known``; else exit at once saying which are not and
+    what there is (before minutes of compiling, not after)."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"{what}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def results_path(meta: dict) -> Path:
+    """Where a run's JSON goes: $OUT (else bench/results) / <date>-<device>[-$TAG].json."""
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = meta["device"].replace(" ", "-")
     tag = os.environ.get("TAG")
-    path = out_dir / f"{meta['date']}-{device}{'-' + tag if tag else ''}.json"
-    path.write_text(json.dumps({"meta": meta, "setup": {"B": B, "H": H, "dtype": "bfloat16", "block_size": 64},
-                                "rows": rows}, indent=1))
-    print(f"\nwrote {path}")
-    print(markdown(meta, rows))
+    return out_dir / f"{meta['date']}-{device}{'-' + tag if tag else ''}.json"
 
 
 def kernel_stats(lay, q) -> dict:

@@ -12,7 +12,8 @@
 # thinrows (thin global query rows off; patterns with split rows), split (split rows' pieces
 # first off), direct (direct launches off: host time, so run it at TS=16384), scratch (4x
 # split-row scratch: shorter pieces).
-# JSON, logs and the Markdown table land under $OUT.
+# JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
+# table land under $OUT. Pattern names: longformer, bigbird, causal_window, dilated.
 set -u
 source bench/device_setup.sh
 export PATTERNCC_AUTOTUNE=${PATTERNCC_AUTOTUNE-0}

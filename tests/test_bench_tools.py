@@ -1,4 +1,5 @@
-"""The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py)."""
+"""The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py) and
+the benchmark's checks that need no GPU (bench/bench_attention.py)."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_attention  # noqa: E402
 import schedule_model  # noqa: E402
 
 
@@ -38,3 +40,19 @@ def test_the_split_first_order_shortens_bigbirds_modelled_tail(monkeypatch):
     monkeypatch.setattr(lowering, "SPLIT_FIRST", True)
     first = schedule_model.model(lay)
     assert first["items"] == rows["items"] and first["tail"] < rows["tail"]
+
+
+def test_the_benchmark_refuses_unknown_pattern_and_ablation_names_before_it_starts():
+    known = bench_attention.checked_names(["causal_window", "bigbird"], bench_attention.PATTERNS, "PATTERNS")
+    assert known == ["causal_window", "bigbird"]
+    with pytest.raises(SystemExit, match="PATTERNS: unknown causal; choose from longformer, bigbird"):
+        bench_attention.checked_names(["causal", "bigbird"], bench_attention.PATTERNS, "PATTERNS")
+    with pytest.raises(SystemExit, match="ABLATE: unknown splitt"):
+        bench_attention.checked_names(["split", "splitt"], bench_attention.ABLATIONS, "ABLATE")
+
+
+def test_the_benchmark_writes_its_json_under_out_with_the_tag(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("TAG", "16k")
+    path = bench_attention.results_path({"date": "2026-12-02", "device": "NVIDIA H200"})
+    assert path == tmp_path / "out" / "2026-12-02-NVIDIA-H200-16k.json" and path.parent.is_dir()
