@@ -13,8 +13,10 @@ Variants: "old" is the lowering of 2026-11-24 (64-row tiles, token order, whole 
 global columns); "rows64" adds residue order and thin columns; "rows128" also stacks two
 64-token layout blocks per kernel row (as a 128-row config would); "thinrows" is rows64 with
 lowering.THIN_ROWS (global query rows walked with 16-row tiles: forward, dQ, dK/dV); "chosen" is
-what the Triton backend picks by default (128-row tiles where lowering.stacks_well says
-they pay, else 64; thin query rows where rows are unstacked).
+what the Triton backend picks by default for D=64 bf16 on the tuning table's GPU: the row
+class from lowering.row_class (tall where stacking pays), the row height from that class's
+forward config (the H200 table's are 64-row tiles for both classes, so every reference
+pattern runs 64-row tiles), thin query rows where rows are unstacked.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
+import torch  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
+from patterncc.backends import tuning  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
 VARIANTS = {"old": (1, False, False, False), "rows64": (1, True, True, False),
@@ -66,6 +70,16 @@ def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool) -> di
         lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = lowering.THIN_ROWS = True
 
 
+def chosen_factor(layout, head_dim: int = 64) -> int:
+    """Layout blocks per forward kernel row as the Triton backend would pick them (bf16, the
+    tuning table's first GPU): the row class, then that class's configured tile height."""
+    pred = codegen.analyse(layout.pattern)
+    tall = lowering.row_class(layout, pred, 1, "fwd")
+    gpu = next(iter(tuning.TUNED))
+    cfg = tuning.config_for("fwd", lowering.head_pad(head_dim), torch.bfloat16, gpu, tall)
+    return lowering.row_height(layout, pred, tall, tuning.owned_rows("fwd", cfg)) // layout.block_size
+
+
 def main():
     ts = [int(x) for x in os.environ.get("TS", "16384,65536").split(",")]
     h = 16
@@ -76,8 +90,8 @@ def main():
         for name, src in PATTERNS.items():
             lay = patterncc.compile(src).layout(t, h)
             useful = float(lay.pairs_per_head().sum())
-            tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, "fwd")
-            for variant, args in {**VARIANTS, "chosen": (2 if tall else 1, True, True, True)}.items():
+            factor = chosen_factor(lay)
+            for variant, args in {**VARIANTS, "chosen": (factor, True, True, True)}.items():
                 c = count(lay, *args)
                 # forward: 1 unit per pair; backward ~2.5 units (dQ and dK/dV recompute the scores)
                 bound_fwd = useful / c["fwd_pairs"]
