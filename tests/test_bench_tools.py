@@ -56,3 +56,23 @@ def test_the_benchmark_writes_its_json_under_out_with_the_tag(tmp_path, monkeypa
     monkeypatch.setenv("TAG", "16k")
     path = bench_attention.results_path({"date": "2026-12-02", "device": "NVIDIA H200"})
     assert path == tmp_path / "out" / "2026-12-02-NVIDIA-H200-16k.json" and path.parent.is_dir()
+
+
+@pytest.mark.parametrize("forced", [None, (128, 64, 8, 2)])
+@pytest.mark.parametrize("name", list(bench_attention.PATTERNS))
+def test_the_work_models_chosen_rows_are_the_backends(name, forced, monkeypatch):
+    """The table's configs (64-row tiles) and a forced 128-row forward config, which the
+    dilated window (tall class) takes and the others cap at 64 rows."""
+    import torch
+    import patterncc
+    import work_model
+    from patterncc.backends import triton_backend, tuning
+    monkeypatch.setattr(triton_backend, "device_name", lambda x: next(iter(tuning.TUNED)))
+    if forced:
+        monkeypatch.setitem(tuning.CONFIGS, ("fwd", tuning.width_class(64)), tuning.KernelConfig(*forced))
+    lay = patterncc.compile(bench_attention.PATTERNS[name]).layout(2048, 2)
+    q = torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16)
+    run = triton_backend._Launch(q, q, lay, None)
+    factor = work_model.chosen_factor(lay)
+    assert factor == run.rows["fwd"] // lay.block_size
+    assert factor == (2 if forced and name == "dilated" else 1)
