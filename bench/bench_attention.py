@@ -37,6 +37,7 @@ third session), and these columns tell a kernel change from host noise.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -277,14 +278,25 @@ def kernel_stats(lay, q) -> dict:
             "rows": run.rows}
 
 
+@contextlib.contextmanager
+def switched(switches: dict):
+    """Module switches of patterncc.lowering or the Triton backend set to the given values
+    for the ``with`` block, then put back as they were (an A/B variant, a model's variant)."""
+    owner = {flag: lowering if hasattr(lowering, flag) else triton_backend for flag in switches}
+    saved = {flag: getattr(owner[flag], flag) for flag in switches}
+    try:
+        for flag, value in switches.items():
+            setattr(owner[flag], flag, value)
+        yield
+    finally:
+        for flag, value in saved.items():
+            setattr(owner[flag], flag, value)
+
+
 def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict:
     """The same pattern with one switch of lowering or the Triton backend changed (see
     ABLATIONS), timed now."""
-    owner = {flag: lowering if hasattr(lowering, flag) else triton_backend for flag in ABLATIONS[what]}
-    saved = {flag: getattr(owner[flag], flag) for flag in ABLATIONS[what]}
-    for flag, value in ABLATIONS[what].items():
-        setattr(owner[flag], flag, value)
-    try:
+    with switched(ABLATIONS[what]):
         op(q, k, v)
         pf = bench(lambda: op(q, k, v))
         pf_host = host_ms(lambda: op(q, k, v))
@@ -292,9 +304,6 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
         def pfb():
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
-    finally:
-        for flag, value in saved.items():
-            setattr(owner[flag], flag, value)
     return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
-from bench_attention import PATTERNS  # noqa: E402
+from bench_attention import PATTERNS, switched  # noqa: E402
 
 SMS, PER_SM = 132, 4        # H200 SMs; programs per SM of the D=64 forward (registers, shared memory)
 SATURATE = 3                # programs that reach an SM's full throughput (calibrated: see below)
@@ -113,14 +113,8 @@ def main() -> None:
         for name in names:
             lay = patterncc.compile(PATTERNS[name]).layout(t, 16)
             for variant, switches in VARIANTS.items():
-                saved = {k: getattr(lowering, k) for k in switches}
-                try:
-                    for k, v in switches.items():
-                        setattr(lowering, k, v)
+                with switched(switches):
                     r = model(lay)
-                finally:
-                    for k, v in saved.items():
-                        setattr(lowering, k, v)
                 print(f"| {t} | {name} | {variant} | {r['items']} | {r['split']} | {r['longest']} | "
                       f"{r['even']} | {r['tail']:.3f} | {r['kv_tail']:.3f} |")
 

@@ -32,15 +32,14 @@ import patterncc  # noqa: E402
 import torch  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
 from patterncc.backends import tuning  # noqa: E402
-from bench_attention import PATTERNS  # noqa: E402
+from bench_attention import PATTERNS, switched  # noqa: E402
 
 VARIANTS = {"old": (1, False, False, False), "rows64": (1, True, True, False),
             "rows128": (2, True, True, False), "thinrows": (1, True, True, True)}
 
 
 def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool) -> dict:
-    lowering.RESIDUE_ORDER, lowering.THIN_COLUMNS, lowering.THIN_ROWS = residue, thin, thin_rows
-    try:
+    with switched({"RESIDUE_ORDER": residue, "THIN_COLUMNS": thin, "THIN_ROWS": thin_rows}):
         pred = codegen.analyse(layout.pattern)
         if not lowering.can_stack(pred):
             factor = 1
@@ -66,8 +65,6 @@ def count(layout, factor: int, residue: bool, thin: bool, thin_rows: bool) -> di
         dq = fwd  # dQ walks the same items
         return {"fwd_pairs": fwd, "dq_pairs": dq, "dkdv_pairs": dkdv, "full_tiles": round(full, 3),
                 "kv_tile_loads_fwd": int(kb.size + nsub.size), "rows": rows}
-    finally:
-        lowering.RESIDUE_ORDER = lowering.THIN_COLUMNS = lowering.THIN_ROWS = True
 
 
 def chosen_factor(layout, head_dim: int = 64) -> int:

@@ -76,3 +76,15 @@ def test_the_work_models_chosen_rows_are_the_backends(name, forced, monkeypatch)
     factor = work_model.chosen_factor(lay)
     assert factor == run.rows["fwd"] // lay.block_size
     assert factor == (2 if forced and name == "dilated" else 1)
+
+
+def test_switched_sets_lowering_and_backend_switches_and_puts_back_what_they_were(monkeypatch):
+    from patterncc import lowering
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(lowering, "THIN_ROWS", False)  # not the default: it must come back as it was
+    direct = triton_backend.DIRECT_LAUNCH
+    with pytest.raises(RuntimeError):
+        with bench_attention.switched({"THIN_ROWS": True, "DIRECT_LAUNCH": not direct}):
+            assert lowering.THIN_ROWS is True and triton_backend.DIRECT_LAUNCH is (not direct)
+            raise RuntimeError  # put back on the way out of a failing block too
+    assert lowering.THIN_ROWS is False and triton_backend.DIRECT_LAUNCH is direct
