@@ -20,6 +20,7 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py --breakdown  # on a GPU: host time per launch, per pass
     python bench/host_overhead.py --breakdown --profile  # and where the backward's host time goes
     python bench/host_overhead.py --jit      # any of the above with triton_backend.DIRECT_LAUNCH off
+    python bench/host_overhead.py --split-ab  # on a GPU: host and GPU time, split rows first on / off
 
 ``--breakdown`` records the kernel launches of one forward+backward and replays each alone
 behind a sleep kernel (its host cost: Triton's launch path and the driver; ``host_us_direct``:
@@ -37,6 +38,7 @@ STUB = "--stub" in sys.argv
 PROFILE = "--profile" in sys.argv
 BREAKDOWN = "--breakdown" in sys.argv
 JIT = "--jit" in sys.argv  # triton_backend.DIRECT_LAUNCH off (every launch through the JIT)
+SPLIT_AB = "--split-ab" in sys.argv
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -170,11 +172,13 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
         out.backward(do, retain_graph=True)
         torch.cuda.synchronize()
         # Record one forward+backward's launches only: kept arguments (the gradients) would make
-        # autograd copy every later gradient instead of taking it, and hold memory.
+        # autograd copy every later gradient instead of taking it, and hold memory. Through the
+        # JIT: a direct launch of a known key never calls kernel[grid], so it would record nothing.
         codegen.Generated.kernel = recording
+        direct, triton_backend.DIRECT_LAUNCH = triton_backend.DIRECT_LAUNCH, False
         out = op(qg, kg, vg)
         out.backward(do, retain_graph=True)
-        codegen.Generated.kernel = real
+        codegen.Generated.kernel, triton_backend.DIRECT_LAUNCH = real, direct
         torch.cuda.synchronize()
         recorded, calls[:] = list(calls), []
 
@@ -202,7 +206,35 @@ def breakdown_main(patterns=("longformer", "causal_window")) -> None:
             _op_profile(bwd, f"{name} (backward only)")
 
 
+def split_ab_main(patterns=("bigbird", "longformer"), rounds: int = 3) -> None:
+    """lowering.SPLIT_FIRST on and off, alternated ``rounds`` times in one process: the host
+    time of a forward call issued behind a sleep kernel (``host_ahead_ms``: what issuing costs)
+    and back to back (``host_ms``: what bench_attention.py reports), do_bench and CUDA-graph
+    times. The eighth-session bench measured split-first's host time 0.1-0.17 ms above row
+    order's (BigBird, 16K and 64K), though item order is no host work: this tells a real host
+    cost from the order the bench measured them in."""
+    from bench_attention import bench, bench_graph, host_ms
+    from patterncc import lowering
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name in patterns:
+        for r in range(rounds):
+            for first in (True, False):
+                lowering.SPLIT_FIRST = first
+                op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+                op(q, k, v)
+                print(json.dumps({"pattern": name, "round": r, "split_first": first,
+                                  "host_ahead_ms": round(host_ms(lambda: op(q, k, v), 200, ahead=True), 4),
+                                  "host_ms": round(host_ms(lambda: op(q, k, v), 50), 4),
+                                  "do_bench_ms": round(bench(lambda: op(q, k, v)), 4),
+                                  "cudagraph_ms": round(bench_graph(lambda: op(q, k, v), name) or 0, 4),
+                                  "host_after_graph_ms": round(host_ms(lambda: op(q, k, v), 50), 4)}), flush=True)
+    lowering.SPLIT_FIRST = True
+
+
 if __name__ == "__main__":
     if JIT:
         triton_backend.DIRECT_LAUNCH = False
-    breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()
+    if SPLIT_AB:
+        split_ab_main()
+    else:
+        breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()
