@@ -33,7 +33,10 @@ attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time inste
 Each row also has the forward's GPU time alone (``pcc_fwd_graph_ms``, ``flex_fwd_graph_ms``:
 replayed from a CUDA graph under no_grad) and patterncc's host time per call
 (``pcc_host_fwd_ms``): at short sequences the eager op can wait on Python (bench/RESULTS.md,
-third session), and these columns tell a kernel change from host noise.
+third session), and these columns tell a kernel change from host noise. The forward+backward's
+GPU time is ``pcc_fwdbwd_kernel_ms`` / ``flex_fwdbwd_kernel_ms``: its kernels' durations
+summed (torch.profiler, gradients set to None before each step, L2 not flushed), so the gap
+to the do_bench time is what the host adds.
 """
 from __future__ import annotations
 
@@ -124,6 +127,32 @@ def bench_graph(fn, what: str):
         return None
 
 
+def kernel_ms(fn, grads: list, n: int = 10):
+    """The summed duration of the GPU kernels (and copies) of one ``fn()`` call, from
+    torch.profiler over ``n`` calls: GPU busy time without the host's gaps, for steps a
+    CUDA graph cannot easily hold (forward+backward). ``grads`` are set to None before
+    each call (no accumulation kernels). None if the profiler gives no device events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        for x in grads:
+            x.grad = None
+        fn()
+    step()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - a profiler failure only loses this column
+        print(f"kernel_ms failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return us / n / 1e3 if us else None
+
+
 def host_ms(fn, n: int = 50, ahead: bool = False) -> float:
     """Host time per call of ``fn`` issued back to back (no synchronisation between calls):
     a time near do_bench's means the call is host-bound. ``ahead``: a sleep kernel keeps the
@@ -205,7 +234,8 @@ def main() -> None:
                 def pfb():
                     op(q, k, v).backward(do)
                 pfb_ms = bench(pfb, [q, k, v])
-                flex_f = flex_fb = flex_graph = None
+                pfb_kernel = kernel_ms(pfb, [q, k, v])
+                flex_f = flex_fb = flex_graph = flex_fb_kernel = None
                 if not skip_flex:
                     try:
                         mm = flex_mask_mod(name, op, T, H, dev)
@@ -217,6 +247,7 @@ def main() -> None:
                         def ffb():
                             flex(q, k, v, block_mask=bm).backward(do)
                         flex_fb = bench(ffb, [q, k, v])
+                        flex_fb_kernel = kernel_ms(ffb, [q, k, v])
                     except Exception as e:
                         print(f"flex {name} T={T} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 df, dfb = dense["flash"]
@@ -236,7 +267,11 @@ def main() -> None:
                          pcc_first_call_s=round(first_call, 3),
                          pcc_host_fwd_ms=pf_host, pcc_fwd_graph_ms=pf_graph, flex_fwd_graph_ms=flex_graph,
                          eff_fwd_graph=df * density / pf_graph if (df and pf_graph) else None,
-                         speedup_vs_flex_fwd_graph=flex_graph / pf_graph if (flex_graph and pf_graph) else None)
+                         speedup_vs_flex_fwd_graph=flex_graph / pf_graph if (flex_graph and pf_graph) else None,
+                         pcc_fwdbwd_kernel_ms=pfb_kernel, flex_fwdbwd_kernel_ms=flex_fb_kernel,
+                         eff_fwdbwd_kernel=dfb * density / pfb_kernel if (dfb and pfb_kernel) else None,
+                         speedup_vs_flex_fwdbwd_kernel=(flex_fb_kernel / pfb_kernel
+                                                        if (flex_fb_kernel and pfb_kernel) else None))
                 r.update(kernel_stats(lay, q))
                 record(r)
                 del out
@@ -347,6 +382,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {_f(r['pcc_host_fwd_ms'])} | {_f(r['pcc_fwd_ms'])} | "
                          f"{_f(r['pcc_fwd_graph_ms'])} | {_f(r['flex_fwd_graph_ms'])} | {_f(r['eff_fwd_graph'], 2)} | "
                          f"{_f(r['speedup_vs_flex_fwd_graph'], 2)}x |")
+    kernels = [r for r in rows if "ablation" not in r and r.get("pcc_fwdbwd_kernel_ms")]
+    if kernels:
+        lines += ["", "Forward+backward GPU time (kernel durations summed, torch.profiler) against do_bench's:",
+                  "", "| T | pattern | D | pcc f+b | pcc kernels | flex f+b | flex kernels | eff kernels | vs flex kernels |",
+                  "|" + "---|" * 9]
+        for r in kernels:
+            lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {_f(r['pcc_fwdbwd_ms'])} | "
+                         f"{_f(r['pcc_fwdbwd_kernel_ms'])} | {_f(r['flex_fwdbwd_ms'])} | {_f(r.get('flex_fwdbwd_kernel_ms'))} | "
+                         f"{_f(r['eff_fwdbwd_kernel'], 2)} | {_f(r.get('speedup_vs_flex_fwdbwd_kernel'), 2)}x |")
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
         lines += ["", "| T | pattern | D | variant | fwd default / variant | fwd graph default / variant "

@@ -21,6 +21,7 @@ host-side change come from running it on both commits.
     python bench/host_overhead.py --breakdown --profile  # and where the backward's host time goes
     python bench/host_overhead.py --jit      # any of the above with triton_backend.DIRECT_LAUNCH off
     python bench/host_overhead.py --split-ab  # on a GPU: host and GPU time, split rows first on / off
+    python bench/host_overhead.py --phases   # on a GPU: where one forward+backward's host time goes
 
 ``--breakdown`` records the kernel launches of one forward+backward and replays each alone
 behind a sleep kernel (its host cost: Triton's launch path and the driver; ``host_us_direct``:
@@ -39,6 +40,7 @@ PROFILE = "--profile" in sys.argv
 BREAKDOWN = "--breakdown" in sys.argv
 JIT = "--jit" in sys.argv  # triton_backend.DIRECT_LAUNCH off (every launch through the JIT)
 SPLIT_AB = "--split-ab" in sys.argv
+PHASES = "--phases" in sys.argv
 if STUB:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -231,10 +233,115 @@ def split_ab_main(patterns=("bigbird", "longformer"), rounds: int = 3) -> None:
     lowering.SPLIT_FIRST = True
 
 
+class _Phases:
+    """Inclusive host time per named function, through wrappers put in place of module or
+    class attributes (perf_counter_ns: ~0.1 us per call, unlike cProfile's per-call cost)."""
+
+    def __init__(self):
+        self.ns: dict = {}
+        self.calls: dict = {}
+        self._undo: list = []
+
+    def wrap(self, owner, attr: str, label: str | None = None) -> None:
+        real = getattr(owner, attr)
+        label = label or attr
+        ns, calls, clock = self.ns, self.calls, time.perf_counter_ns
+
+        def timed(*args, **kwargs):
+            t0 = clock()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                ns[label] = ns.get(label, 0) + clock() - t0
+                calls[label] = calls.get(label, 0) + 1
+        own = vars(owner) if isinstance(owner, type) else getattr(owner, "__dict__", {})
+        self._undo.append((owner, attr, attr in own, own.get(attr)))
+        setattr(owner, attr, timed)
+
+    def undo(self) -> None:
+        for owner, attr, had, real in reversed(self._undo):
+            setattr(owner, attr, real) if had else delattr(owner, attr)
+        self._undo.clear()
+
+    def per_call_us(self, n: int) -> dict:
+        return {k: {"us": round(v / n / 1e3, 1), "calls": self.calls[k] / n} for k, v in
+                sorted(self.ns.items(), key=lambda kv: -kv[1])}
+
+
+def phases_main(patterns=("causal_window", "longformer"), n: int = 50) -> None:
+    """Where the host time of one eager forward+backward goes (T=16K, D=64, direct launches
+    as configured), per call: the whole step, the op call (forward) and ``backward()``
+    (autograd included), patterncc's backend functions, and inside each direct launch the
+    key (``_specialised``), Triton's runner and its launcher (``CompiledKernel.run``:
+    descriptor encoding, argument packing, the driver call). Issued behind a sleep kernel so
+    the host never waits on the GPU; inclusive times, so nested entries overlap."""
+    from bench_attention import host_ms
+    from patterncc.backends import triton_backend as tb
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    for name in patterns:
+        op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+        step_out = {}
+
+        def fwd():
+            step_out["out"] = op(q, k, v)
+
+        def bwd():
+            step_out["out"].backward(do)
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            fwd()
+            bwd()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        plain_ms = host_ms(step, n, ahead=True)
+        ph = _Phases()
+        real_runner = tb._compiled_runner
+
+        def timed_runner(kernel, compiled, grid, n_args, kwargs):
+            # time the launcher (descriptors, argument packing, driver) inside the runner
+            if compiled is not None and hasattr(compiled, "run") and not getattr(compiled, "_phased", False):
+                ph.wrap(compiled, "run", "triton CompiledKernel.run (launcher)")
+                compiled._phased = True
+            return real_runner(kernel, compiled, grid, n_args, kwargs)
+        tb._compiled_runner = timed_runner
+        ph.wrap(tb, "forward", "forward()")
+        ph.wrap(tb, "backward", "backward()")
+        ph.wrap(tb, "_tuned_launch")
+        ph.wrap(tb, "_empty", "_empty (torch.empty)")
+        ph.wrap(tb, "_specialised", "_specialised (direct-launch key)")
+        ph.wrap(tb.DirectLaunches, "launch", "DirectLaunches.launch (key + runner)")
+        ph.wrap(tb._Launch, "walked", "_Launch.walked (descriptors)")
+        ph.wrap(tb._Launch, "walk_args")
+        ph.wrap(tb._Launch, "scratch")
+        ph.wrap(tb._SparseAttention, "apply", "autograd Function.apply (forward)")
+        # new runners (and their timed launchers) for this op: drop the kept ones
+        for lay_run in list(op.layout(T, H)._memo.values()):
+            if isinstance(lay_run, tb._Launch):
+                lay_run.direct = tb.DirectLaunches()
+        step()
+        torch.cuda.synchronize()
+        ph.ns.clear(), ph.calls.clear()
+        fwd_ms = host_ms(fwd, n, ahead=True)  # noqa: F841 (fills the phases of the forward alone)
+        fwd_phases = ph.per_call_us(n + 1)
+        ph.ns.clear(), ph.calls.clear()
+        t_step = host_ms(step, n, ahead=True)
+        row = {"pattern": name, "step_us_unwrapped": round(plain_ms * 1e3, 1),
+               "step_us_wrapped": round(t_step * 1e3, 1), "fwd_only_us_wrapped": round(fwd_ms * 1e3, 1),
+               "step_phases": ph.per_call_us(n + 1), "fwd_phases": fwd_phases}
+        ph.undo()
+        tb._compiled_runner = real_runner
+        print(json.dumps(row), flush=True)
+
+
 if __name__ == "__main__":
     if JIT:
         triton_backend.DIRECT_LAUNCH = False
     if SPLIT_AB:
         split_ab_main()
+    elif PHASES:
+        phases_main()
     else:
         breakdown_main() if BREAKDOWN else stub_main() if STUB else gpu_main()

@@ -88,3 +88,15 @@ def test_switched_sets_lowering_and_backend_switches_and_puts_back_what_they_wer
             assert lowering.THIN_ROWS is True and triton_backend.DIRECT_LAUNCH is (not direct)
             raise RuntimeError  # put back on the way out of a failing block too
     assert lowering.THIN_ROWS is False and triton_backend.DIRECT_LAUNCH is direct
+
+
+def test_the_markdown_has_the_forward_backward_kernel_time_table_only_when_measured():
+    keys = ("density dense_fwd_ms flex_fwd_ms pcc_fwd_ms eff_fwd flex_eff_fwd speedup_vs_flex_fwd dense_fwdbwd_ms "
+            "flex_fwdbwd_ms pcc_fwdbwd_ms eff_fwdbwd flex_eff_fwdbwd speedup_vs_flex_fwdbwd eff_cudnn_fwd").split()
+    row = dict(dict.fromkeys(keys, 1.0), T=16384, pattern="causal_window", D=64, pcc_fwdbwd_ms=1.2)
+    meta = {"device": "GPU", "torch": "t", "triton": "tr", "cuda": "c", "date": "d"}
+    assert "kernel durations" not in bench_attention.markdown(meta, [row])
+    row.update(pcc_fwdbwd_kernel_ms=0.8, flex_fwdbwd_kernel_ms=1.0, eff_fwdbwd_kernel=0.9,
+               speedup_vs_flex_fwdbwd_kernel=1.25)
+    table = bench_attention.markdown(meta, [row])
+    assert "| 16384 | causal_window | 64 | 1.200 | 0.800 | 1.000 | 1.000 | 0.90 | 1.25x |" in table

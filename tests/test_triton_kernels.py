@@ -536,6 +536,28 @@ def test_direct_launches_keep_nothing_without_a_compiled_kernel_or_for_unknown_a
         assert [c[0] for c in calls] == ["jit"] * 3
 
 
+def test_direct_launches_leave_the_fixed_plan_arguments_out_of_the_key():
+    """The plan's tensors (``fixed``) are the same kinds on every launch: another object
+    there launches directly, a changed argument outside the range compiles anew, and a
+    fixed argument that cannot be keyed keeps the launch on the JIT path."""
+    calls: list = []
+    jit, direct = _Jit(calls), triton_backend.DirectLaunches()
+    x, plan = torch.zeros(8), torch.zeros(8)
+    unaligned = torch.zeros(9)[1:]
+
+    def launch(x=x, y=plan, n=5, fixed=(1, 2)):
+        direct.launch("_k", jit, (1,), (x, y, n, 0.5), {"X": 1}, fixed)
+        return calls[-1][0]
+    assert [launch(), launch(y=torch.zeros(8))] == ["jit", "direct"]
+    assert calls[-1][2][1] is not plan  # the runner gets this launch's object
+    assert launch(y=unaligned) == "direct"  # not keyed (the caller promises it cannot change)
+    assert [launch(x=unaligned), launch(x=unaligned)] == ["jit", "direct"]
+    assert [launch(n=16), launch(n=16)] == ["jit", "direct"]
+    calls.clear()
+    direct = triton_backend.DirectLaunches()
+    assert [launch(y=object()), launch(y=object())] == ["jit", "jit"]
+
+
 def test_direct_launches_key_tensor_descriptors_by_block_shape():
     TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
     calls: list = []
@@ -562,8 +584,8 @@ def test_direct_launch_is_a_switch_and_off_under_the_interpreter(monkeypatch):
         monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", direct)
         monkeypatch.setattr(run, "interp", interp)
         calls.clear()
-        run.launch("_k", (1,), *args, X=1)
-        run.launch("_k", (1,), *args, X=1)
+        run.launch("_k", (1,), args, X=1)
+        run.launch("_k", (1,), args, X=1)
         assert [c[0] for c in calls] == expect, (direct, interp)
 
 

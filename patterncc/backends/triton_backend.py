@@ -174,14 +174,22 @@ class DirectLaunches:
     compiled kernel the first one returned, with the arguments in the kernel's parameter
     order; anything new goes through the JIT again. Under the interpreter (or when Triton
     returns no compiled kernel) nothing is kept.
+
+    The plan's device tensors and merge counters (``fixed``) are built once per launch
+    constants and never change dtype or alignment, so they are left out of the key: keying
+    costs ~0.25 us per argument, and they are most of a kernel's ~30 arguments.
     """
 
     def __init__(self):
         self._runners: dict = {}
 
-    def launch(self, name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
-        """``kernel[grid](*args, **kwargs)``, through the compiled kernel when it may."""
-        spec = _specialised(args)
+    def launch(self, name: str, kernel, grid: tuple, args: tuple, kwargs: dict,
+               fixed: tuple[int, int] = (0, 0)) -> None:
+        """``kernel[grid](*args, **kwargs)``, through the compiled kernel when it may.
+        ``args[fixed[0]:fixed[1]]`` must be the same kinds of argument (dtype, alignment, int
+        value) on every launch of ``name`` through this instance: they are not keyed."""
+        lo, hi = fixed
+        spec = _specialised(args[:lo] + args[hi:] if hi else args)
         key = (name, grid, spec, *kwargs.values())
         runner = self._runners.get(key)
         if runner is not None:
@@ -189,25 +197,36 @@ class DirectLaunches:
             return
         compiled = kernel[grid](*args, **kwargs)
         runner = _compiled_runner(kernel, compiled, grid, len(args), kwargs)
-        if runner is not None and spec is not None:
+        if runner is not None and spec is not None and (not hi or _specialised(args[lo:hi]) is not None):
             self._runners[key] = runner
+
+
+_KEYED_BY_VALUE = frozenset((int, bool, str, type(None)))
 
 
 def _specialised(args: tuple) -> tuple | None:
     """What a launch of these arguments may be specialised on beyond the launch constants:
     ints by value, tensors by dtype and 16-byte alignment, tensor descriptors by their base's
     dtype, alignment and block shape (floats are not specialised); None for an argument of
-    another kind."""
+    another kind. (Exact types first: this runs on every launch.)"""
     out = []
+    add = out.append
     for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, (int, str)) or a is None:  # bool is an int
-            out.append(a)
+        kind = type(a)
+        if kind is torch.Tensor:
+            add((a.dtype, a.data_ptr() % 16 == 0))
+        elif kind in _KEYED_BY_VALUE:
+            add(a)
+        elif kind is float:
+            add(float)
+        elif isinstance(a, torch.Tensor):
+            add((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, (int, str)):  # bool is an int
+            add(a)
         elif isinstance(a, float):
-            out.append(float)
+            add(float)
         elif isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
-            out.append((a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
+            add((a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
         else:
             return None
     return tuple(out)
@@ -294,11 +313,13 @@ class _Launch:
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
 
-    def launch(self, name: str, grid: tuple, *args, **kwargs) -> None:
-        """Launch the generated kernel ``name`` (DIRECT_LAUNCH: see DirectLaunches)."""
+    def launch(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
+        """Launch the generated kernel ``name`` on ``(*head, *plan, *tail)``, where ``plan``
+        is walk_args' (DIRECT_LAUNCH: see DirectLaunches; the plan is not keyed)."""
         kernel = self.gen.kernel(name)
+        args = (*head, *plan, *tail)
         if DIRECT_LAUNCH and not self.interp:
-            self.direct.launch(name, kernel, grid, args, kwargs)
+            self.direct.launch(name, kernel, grid, args, kwargs, (len(head), len(head) + len(plan)))
         else:
             kernel[grid](*args, **kwargs)
 
@@ -341,12 +362,12 @@ class _Launch:
         out = []
         for x in tensors:
             bh = x.shape[0] * x.shape[1]
+            # the base is only a pointer and a dtype to a descriptor: no view of x is needed
             if d == 1:
-                out.append(TensorDescriptor(x.view(bh, self.t, self.d), [bh, self.t, self.d],
-                                            [self.t * self.d, self.d, 1], [1, block, self.d_pad]))
+                out.append(TensorDescriptor(x, [bh, self.t, self.d], [self.t * self.d, self.d, 1],
+                                            [1, block, self.d_pad]))
             else:
-                shape = [bh, self.t // d, d, self.d]
-                out.append(TensorDescriptor(x.view(shape), shape, [self.t * self.d, d * self.d, self.d, 1],
+                out.append(TensorDescriptor(x, [bh, self.t // d, d, self.d], [self.t * self.d, d * self.d, self.d, 1],
                                             [1, block, 1, self.d_pad]))
         return tuple(out), True
 
@@ -434,9 +455,9 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     tiles = walk.row_block // bm
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
     run.launch("_attn_fwd", (walk.items.n_items * tiles, run.b),
-        q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True),
-        *run.walk_args(walk, tiles),
-        scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group,
+        (q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True)),
+        run.walk_args(walk, tiles),
+        (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
         FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0, **run.consts, **opts)
     return out, lse
@@ -460,7 +481,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     bm = min(bm, 64)
     m_blocks = math.ceil(run.t / bm)
     run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
-        out, do, delta, run.t, m_blocks, HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
+        (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
     dk = dv = dq = None
     if need_kv:
@@ -471,9 +492,9 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
         run.launch("_attn_bwd_dkdv", (walk.items.n_items * tiles, run.b),
-            q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk), run.scratch(walk),
-            *run.walk_args(walk, tiles), scale * LOG2E, scale,
-            run.t, walk.rows_per_head, run.b, run.h, run.group,
+            (q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk), run.scratch(walk)),
+            run.walk_args(walk, tiles),
+            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
             THIN_ROWS=walk.n_narrow > 0, **c, **opts)
 
@@ -484,9 +505,9 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bm
         kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
-            q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk),
-            *run.walk_args(walk, tiles), scale * LOG2E, scale,
-            run.t, walk.rows_per_head, run.b, run.h, run.group,
+            (q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk)),
+            run.walk_args(walk, tiles),
+            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
             THIN_ROWS=walk.items.n_thin > 0, **c, **opts)
     return dq, dk, dv
