@@ -63,7 +63,8 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "tokens": {"FAST_RESIDUE_TOKENS": False},
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": False},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
-             "direct": {"DIRECT_LAUNCH": False}, "scratch": {"SCRATCH_FRACTION": 0.2}}
+             "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
+             "scratch": {"SCRATCH_FRACTION": 0.2}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -72,7 +73,8 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
-          "direct": "direct launches off", "scratch": "4x split-row scratch"}
+          "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
+          "scratch": "4x split-row scratch"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

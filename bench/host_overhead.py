@@ -269,71 +269,83 @@ class _Phases:
 
 
 def phases_main(patterns=("causal_window", "longformer"), n: int = 50) -> None:
+    """phases_one with triton_backend.POINTER_ARGS on and off, alternated twice."""
+    for r in range(2):
+        for pointers in (True, False):
+            triton_backend.POINTER_ARGS = pointers
+            for name in patterns:
+                print(json.dumps({"round": r, "pointer_args": pointers, **phases_one(name, n)}), flush=True)
+    triton_backend.POINTER_ARGS = True
+
+
+def phases_one(name: str, n: int = 50) -> dict:
     """Where the host time of one eager forward+backward goes (T=16K, D=64, direct launches
     as configured), per call: the whole step, the op call (forward) and ``backward()``
     (autograd included), patterncc's backend functions, and inside each direct launch the
-    key (``_specialised``), Triton's runner and its launcher (``CompiledKernel.run``:
-    descriptor encoding, argument packing, the driver call). Issued behind a sleep kernel so
-    the host never waits on the GPU; inclusive times, so nested entries overlap."""
+    key (``_specialised``) and Triton's runner (descriptor encoding, argument packing, the
+    driver call). Issued behind a sleep kernel so the host never waits on the GPU; inclusive
+    times, so nested entries overlap."""
     from bench_attention import host_ms
     from patterncc.backends import triton_backend as tb
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
-    for name in patterns:
-        op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
-        step_out = {}
+    op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+    step_out = {}
 
-        def fwd():
-            step_out["out"] = op(q, k, v)
+    def fwd():
+        step_out["out"] = op(q, k, v)
 
-        def bwd():
-            step_out["out"].backward(do)
+    def bwd():
+        step_out["out"].backward(do)
 
-        def step():
-            q.grad = k.grad = v.grad = None
-            fwd()
-            bwd()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        plain_ms = host_ms(step, n, ahead=True)
-        ph = _Phases()
-        real_runner = tb._compiled_runner
-
-        def timed_runner(kernel, compiled, grid, n_args, kwargs):
-            # time the launcher (descriptors, argument packing, driver) inside the runner
-            if compiled is not None and hasattr(compiled, "run") and not getattr(compiled, "_phased", False):
-                ph.wrap(compiled, "run", "triton CompiledKernel.run (launcher)")
-                compiled._phased = True
-            return real_runner(kernel, compiled, grid, n_args, kwargs)
-        tb._compiled_runner = timed_runner
-        ph.wrap(tb, "forward", "forward()")
-        ph.wrap(tb, "backward", "backward()")
-        ph.wrap(tb, "_tuned_launch")
-        ph.wrap(tb, "_empty", "_empty (torch.empty)")
-        ph.wrap(tb, "_specialised", "_specialised (direct-launch key)")
-        ph.wrap(tb.DirectLaunches, "launch", "DirectLaunches.launch (key + runner)")
-        ph.wrap(tb._Launch, "walked", "_Launch.walked (descriptors)")
-        ph.wrap(tb._Launch, "walk_args")
-        ph.wrap(tb._Launch, "scratch")
-        ph.wrap(tb._SparseAttention, "apply", "autograd Function.apply (forward)")
-        # new runners (and their timed launchers) for this op: drop the kept ones
-        for lay_run in list(op.layout(T, H)._memo.values()):
-            if isinstance(lay_run, tb._Launch):
-                lay_run.direct = tb.DirectLaunches()
+    def step():
+        q.grad = k.grad = v.grad = None
+        fwd()
+        bwd()
+    for _ in range(3):
         step()
-        torch.cuda.synchronize()
-        ph.ns.clear(), ph.calls.clear()
-        fwd_ms = host_ms(fwd, n, ahead=True)  # noqa: F841 (fills the phases of the forward alone)
-        fwd_phases = ph.per_call_us(n + 1)
-        ph.ns.clear(), ph.calls.clear()
-        t_step = host_ms(step, n, ahead=True)
-        row = {"pattern": name, "step_us_unwrapped": round(plain_ms * 1e3, 1),
-               "step_us_wrapped": round(t_step * 1e3, 1), "fwd_only_us_wrapped": round(fwd_ms * 1e3, 1),
-               "step_phases": ph.per_call_us(n + 1), "fwd_phases": fwd_phases}
-        ph.undo()
-        tb._compiled_runner = real_runner
-        print(json.dumps(row), flush=True)
+    torch.cuda.synchronize()
+    plain_ms = host_ms(step, n, ahead=True)
+    ph = _Phases()
+    real_runner = tb._compiled_runner
+
+    def timed_runner(kernel, compiled, grid, n_args, kwargs):
+        # what a direct launch calls: Triton's runner (stream lookup, descriptor
+        # encoding, argument packing, the driver call)
+        run = real_runner(kernel, compiled, grid, n_args, kwargs)
+        if run is None:
+            return None
+        holder = type("Runner", (), {"run": staticmethod(run)})
+        ph.wrap(holder, "run", "Triton runner (launcher + driver)")
+        return holder.run
+    tb._compiled_runner = timed_runner
+    ph.wrap(tb, "forward", "forward()")
+    ph.wrap(tb, "backward", "backward()")
+    ph.wrap(tb, "_tuned_launch")
+    ph.wrap(tb, "_empty", "_empty (torch.empty)")
+    ph.wrap(tb, "_specialised", "_specialised (direct-launch key)")
+    ph.wrap(tb.DirectLaunches, "launch", "DirectLaunches.launch (key + runner)")
+    ph.wrap(tb._Launch, "walked", "_Launch.walked (descriptors)")
+    ph.wrap(tb._Launch, "walk_args")
+    ph.wrap(tb._Launch, "scratch")
+    ph.wrap(tb._SparseAttention, "apply", "autograd Function.apply (forward)")
+    # new runners (and their timed launchers) for this op: drop the kept ones
+    for lay_run in list(op.layout(T, H)._memo.values()):
+        if isinstance(lay_run, tb._Launch):
+            lay_run.direct = tb.DirectLaunches()
+    step()
+    torch.cuda.synchronize()
+    ph.ns.clear(), ph.calls.clear()
+    fwd_ms = host_ms(fwd, n, ahead=True)  # noqa: F841 (fills the phases of the forward alone)
+    fwd_phases = ph.per_call_us(n + 1)
+    ph.ns.clear(), ph.calls.clear()
+    t_step = host_ms(step, n, ahead=True)
+    row = {"pattern": name, "step_us_unwrapped": round(plain_ms * 1e3, 1),
+           "step_us_wrapped": round(t_step * 1e3, 1), "fwd_only_us_wrapped": round(fwd_ms * 1e3, 1),
+           "step_phases": ph.per_call_us(n + 1), "fwd_phases": fwd_phases}
+    ph.undo()
+    tb._compiled_runner = real_runner
+    return row
 
 
 if __name__ == "__main__":

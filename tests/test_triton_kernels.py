@@ -517,7 +517,8 @@ def test_direct_launches_reuse_the_compiled_kernel_only_while_its_specialisation
         return calls[-1][0]
     assert launch() == "jit"
     assert launch() == "direct"
-    assert calls[-1] == ("direct", (3, 2, 1), (x, y, 5, 0.5, 1, 7))  # parameter order, defaults, 3-D grid
+    # parameter order, defaults, 3-D grid; tensors as their addresses (POINTER_ARGS)
+    assert calls[-1] == ("direct", (3, 2, 1), (x.data_ptr(), y.data_ptr(), 5, 0.5, 1, 7))
     assert launch(s=0.25) == "direct"          # floats are not specialised
     assert launch(x=torch.zeros(8)) == "direct"  # another aligned tensor
     for changed in ({"x": unaligned}, {"x": torch.zeros(8, dtype=torch.float16)}, {"n": 16}, {"n": 1},
@@ -548,14 +549,38 @@ def test_direct_launches_leave_the_fixed_plan_arguments_out_of_the_key():
     def launch(x=x, y=plan, n=5, fixed=(1, 2)):
         direct.launch("_k", jit, (1,), (x, y, n, 0.5), {"X": 1}, fixed)
         return calls[-1][0]
-    assert [launch(), launch(y=torch.zeros(8))] == ["jit", "direct"]
-    assert calls[-1][2][1] is not plan  # the runner gets this launch's object
+    other = torch.zeros(8)
+    assert [launch(), launch(y=other)] == ["jit", "direct"]
+    assert calls[-1][2][0] == x.data_ptr() and calls[-1][2][1] is other  # this launch's (no addresses given)
     assert launch(y=unaligned) == "direct"  # not keyed (the caller promises it cannot change)
     assert [launch(x=unaligned), launch(x=unaligned)] == ["jit", "direct"]
     assert [launch(n=16), launch(n=16)] == ["jit", "direct"]
     calls.clear()
     direct = triton_backend.DirectLaunches()
     assert [launch(y=object()), launch(y=object())] == ["jit", "jit"]
+
+
+def test_direct_launches_pass_addresses_given_for_the_fixed_arguments_or_tensors_without_pointer_args(monkeypatch):
+    calls: list = []
+    jit, direct = _Jit(calls), triton_backend.DirectLaunches()
+    x, y = torch.zeros(8), torch.zeros(8)
+    for _ in range(2):
+        direct.launch("_k", jit, (1,), (x, y, 5, 0.5), {"X": 1}, (1, 2), (1234,))
+    assert calls[-1] == ("direct", (1, 1, 1), (x.data_ptr(), 1234, 5, 0.5, 1, 7))
+    monkeypatch.setattr(triton_backend, "POINTER_ARGS", False)
+    direct.launch("_k", jit, (1,), (x, y, 5, 0.5), {"X": 1}, (1, 2), (1234,))
+    assert calls[-1][0] == "direct" and calls[-1][2][:2] == (x, y)
+
+
+def test_walk_args_give_the_plan_tensors_and_their_addresses_once_per_counters():
+    lay = get_layout(patterncc.parse("window(16) | global([0])"), 256, 2, 32)
+    q = torch.randn(1, 2, 256, 16)
+    run = triton_backend._Launch(q, q, lay, None)
+    walk = run.plan.fwd
+    tensors, pointers = run.walk_args(walk, 1)
+    assert tensors[0] is walk.counters(1, 1) and all(isinstance(t, torch.Tensor) for t in tensors)
+    assert pointers == tuple(t.data_ptr() for t in tensors)
+    assert run.walk_args(walk, 1)[0] is tensors  # built once
 
 
 def test_direct_launches_key_tensor_descriptors_by_block_shape():

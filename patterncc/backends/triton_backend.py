@@ -39,6 +39,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # to a third less host time per launch (measured, bench/RESULTS.md). Off (the environment's
 # PATTERNCC_DIRECT_LAUNCH=0, or False here): every launch goes through Triton's JIT dispatch.
 DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
+# A direct launch passes tensors as their addresses (ints): Triton's launcher takes an int
+# pointer as it is, where for a tensor it calls data_ptr() and asks the driver whether the
+# address is device memory (cuPointerGetAttribute), per pointer argument and launch. The
+# plan's addresses are read once. False: tensors are passed as tensors (an A/B switch).
+POINTER_ARGS = True
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -184,16 +189,22 @@ class DirectLaunches:
         self._runners: dict = {}
 
     def launch(self, name: str, kernel, grid: tuple, args: tuple, kwargs: dict,
-               fixed: tuple[int, int] = (0, 0)) -> None:
+               fixed: tuple[int, int] = (0, 0), fixed_pointers: tuple | None = None) -> None:
         """``kernel[grid](*args, **kwargs)``, through the compiled kernel when it may.
         ``args[fixed[0]:fixed[1]]`` must be the same kinds of argument (dtype, alignment, int
-        value) on every launch of ``name`` through this instance: they are not keyed."""
+        value) on every launch of ``name`` through this instance: they are not keyed.
+        ``fixed_pointers``: those arguments with each tensor replaced by its address, what a
+        direct launch passes (with POINTER_ARGS; the other tensors' addresses it reads)."""
         lo, hi = fixed
-        spec = _specialised(args[:lo] + args[hi:] if hi else args)
+        pointers = [] if POINTER_ARGS else None
+        spec = _specialised(args[:lo] + args[hi:] if hi else args, pointers)
         key = (name, grid, spec, *kwargs.values())
         runner = self._runners.get(key)
         if runner is not None:
-            runner(*args)
+            if pointers is None:
+                runner(*args)
+            else:
+                runner(*pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
             return
         compiled = kernel[grid](*args, **kwargs)
         runner = _compiled_runner(kernel, compiled, grid, len(args), kwargs)
@@ -204,31 +215,32 @@ class DirectLaunches:
 _KEYED_BY_VALUE = frozenset((int, bool, str, type(None)))
 
 
-def _specialised(args: tuple) -> tuple | None:
+def _specialised(args: tuple, pointers: list | None = None) -> tuple | None:
     """What a launch of these arguments may be specialised on beyond the launch constants:
     ints by value, tensors by dtype and 16-byte alignment, tensor descriptors by their base's
     dtype, alignment and block shape (floats are not specialised); None for an argument of
-    another kind. (Exact types first: this runs on every launch.)"""
+    another kind. ``pointers``, if given, gets the arguments with tensors as their addresses.
+    (Exact types first: this runs on every launch.)"""
     out = []
     add = out.append
     for a in args:
         kind = type(a)
-        if kind is torch.Tensor:
-            add((a.dtype, a.data_ptr() % 16 == 0))
-        elif kind in _KEYED_BY_VALUE:
+        if kind is torch.Tensor or (kind not in _KEYED_BY_VALUE and isinstance(a, torch.Tensor)):
+            ptr = a.data_ptr()
+            add((a.dtype, ptr % 16 == 0))
+            if pointers is not None:
+                pointers.append(ptr)
+            continue
+        if kind in _KEYED_BY_VALUE or (kind is not float and isinstance(a, (int, str))):  # bool is an int
             add(a)
-        elif kind is float:
-            add(float)
-        elif isinstance(a, torch.Tensor):
-            add((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, (int, str)):  # bool is an int
-            add(a)
-        elif isinstance(a, float):
+        elif kind is float or isinstance(a, float):
             add(float)
         elif isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
             add((a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape)))
         else:
             return None
+        if pointers is not None:
+            pointers.append(a)
     return tuple(out)
 
 
@@ -314,14 +326,16 @@ class _Launch:
         self.direct = DirectLaunches()
 
     def launch(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
-        """Launch the generated kernel ``name`` on ``(*head, *plan, *tail)``, where ``plan``
-        is walk_args' (DIRECT_LAUNCH: see DirectLaunches; the plan is not keyed)."""
+        """Launch the generated kernel ``name`` on ``(*head, *plan tensors, *tail)``, where
+        ``plan`` is walk_args' (tensors, addresses) (DIRECT_LAUNCH: see DirectLaunches; the
+        plan is not keyed, and a direct launch passes its addresses)."""
         kernel = self.gen.kernel(name)
-        args = (*head, *plan, *tail)
         if DIRECT_LAUNCH and not self.interp:
-            self.direct.launch(name, kernel, grid, args, kwargs, (len(head), len(head) + len(plan)))
+            tensors, pointers = plan or ((), ())
+            self.direct.launch(name, kernel, grid, (*head, *tensors, *tail), kwargs,
+                               (len(head), len(head) + len(tensors)), pointers)
         else:
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*head, *(plan[0] if plan else ()), *tail, **kwargs)
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
         """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
@@ -371,13 +385,17 @@ class _Launch:
                                             [1, block, 1, self.d_pad]))
         return tuple(out), True
 
-    def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple:
-        """The work-item and entry arguments of one kernel: the merge counters of this call's
-        stream, then device tensors of the plan (built once; see _plan_args)."""
-        rest = self._args.get(id(walk))
-        if rest is None:
-            rest = self._args[id(walk)] = self._plan_args(walk)
-        return (walk.counters(self.b, tiles), *rest)
+    def walk_args(self, walk: lowering.Walk, tiles: int) -> tuple[tuple, tuple]:
+        """The work-item and entry arguments of one kernel -- the merge counters of this
+        call's stream, then device tensors of the plan (see _plan_args) -- and the same as
+        addresses (what a direct launch passes), both built once per counters."""
+        counters = walk.counters(self.b, tiles)
+        key = (id(walk), id(counters))  # (both live as long as this object: ids stay theirs)
+        got = self._args.get(key)
+        if got is None:
+            tensors = (counters, *self._plan_args(walk))
+            got = self._args[key] = (tensors, tuple(x.data_ptr() for x in tensors))
+        return got
 
     def _plan_args(self, walk: lowering.Walk) -> tuple:
         it = walk.items
