@@ -129,11 +129,12 @@ def bench_graph(fn, what: str):
         return None
 
 
-def kernel_ms(fn, grads: list, n: int = 10):
+def kernel_ms(fn, grads: list, n: int = 10, by_name: dict | None = None):
     """The summed duration of the GPU kernels (and copies) of one ``fn()`` call, from
     torch.profiler over ``n`` calls: GPU busy time without the host's gaps, for steps a
     CUDA graph cannot easily hold (forward+backward). ``grads`` are set to None before
-    each call (no accumulation kernels). None if the profiler gives no device events."""
+    each call (no accumulation kernels). None if the profiler gives no device events.
+    ``by_name`` gets ms per call per kernel name (the name's first 48 characters)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -148,7 +149,11 @@ def kernel_ms(fn, grads: list, n: int = 10):
             for _ in range(n):
                 step()
             torch.cuda.synchronize()
-        us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        us = sum(e.time_range.elapsed_us() for e in events)
+        if by_name is not None:
+            for e in events:
+                by_name[e.name[:48]] = by_name.get(e.name[:48], 0.0) + e.time_range.elapsed_us() / n / 1e3
     except Exception as e:  # noqa: BLE001 - a profiler failure only loses this column
         print(f"kernel_ms failed: {type(e).__name__}: {e}", file=sys.stderr)
         return None
@@ -236,7 +241,8 @@ def main() -> None:
                 def pfb():
                     op(q, k, v).backward(do)
                 pfb_ms = bench(pfb, [q, k, v])
-                pfb_kernel = kernel_ms(pfb, [q, k, v])
+                pfb_kernels: dict = {}
+                pfb_kernel = kernel_ms(pfb, [q, k, v], by_name=pfb_kernels)
                 flex_f = flex_fb = flex_graph = flex_fb_kernel = None
                 if not skip_flex:
                     try:
@@ -271,6 +277,7 @@ def main() -> None:
                          eff_fwd_graph=df * density / pf_graph if (df and pf_graph) else None,
                          speedup_vs_flex_fwd_graph=flex_graph / pf_graph if (flex_graph and pf_graph) else None,
                          pcc_fwdbwd_kernel_ms=pfb_kernel, flex_fwdbwd_kernel_ms=flex_fb_kernel,
+                         pcc_fwdbwd_kernels={n: round(ms, 4) for n, ms in pfb_kernels.items()},
                          eff_fwdbwd_kernel=dfb * density / pfb_kernel if (dfb and pfb_kernel) else None,
                          speedup_vs_flex_fwdbwd_kernel=(flex_fb_kernel / pfb_kernel
                                                         if (flex_fb_kernel and pfb_kernel) else None))

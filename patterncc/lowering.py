@@ -735,8 +735,15 @@ class Walk:
 
 
 def _stream_id(device: torch.device) -> int:
-    """The current stream of ``device`` as a number (0 off CUDA)."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    """The current stream of ``device`` as a number (0 off CUDA): the raw stream handle,
+    read without building a torch.cuda.Stream (what Inductor's generated code calls; this
+    runs on every launch of a walk with split rows)."""
+    if device.type != "cuda":
+        return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return raw(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @dataclass(frozen=True)

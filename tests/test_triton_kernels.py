@@ -427,8 +427,12 @@ def test_scratch_is_new_per_call_where_rows_split_and_a_shared_dummy_elsewhere(s
     run = triton_backend.launch_for(q, k, layout, split=split)
     walk = run.plan.fwd
     assert (walk.items.n_slots > 0) == split_rows
-    a, b = run.scratch(walk), run.scratch(walk)
-    assert (a is not b) if split_rows else (a is b is run.no_scratch)
+    (a, m), (b, _) = run.scratch(walk, run.d_pad, 1), run.scratch(walk, run.d_pad, 1)
+    assert (a is not b) if split_rows else (a is b is m is run.no_scratch)
+    if split_rows:  # one allocation, split into the per-width buffers, each 16-byte aligned
+        lead = (walk.items.n_slots, 1, walk.row_block)
+        assert a.shape == (*lead, run.d_pad) and m.shape == lead and a.is_contiguous() and m.is_contiguous()
+        assert m.data_ptr() == a.data_ptr() + a.numel() * 4 and m.data_ptr() % 16 == 0
 
 
 def test_inference_calls_skip_autograd_and_match_the_recorded_path():

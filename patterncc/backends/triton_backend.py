@@ -350,14 +350,21 @@ class _Launch:
             return min(self.lb, c.block_m), min(rows, c.block_n), opts
         return min(rows, c.block_m), min(self.lb, c.block_n), opts
 
-    def scratch(self, walk: lowering.Walk, rows_only=False) -> torch.Tensor:
-        """fp32 partials of split rows, [slots, B, ROW_BLOCK(, HEAD_PAD)]: new per call (two
-        calls in flight must not share them); a shared dummy where no row is split."""
+    def scratch(self, walk: lowering.Walk, *widths: int) -> tuple[torch.Tensor, ...]:
+        """fp32 partials of split rows, one [slots, B, ROW_BLOCK, width] buffer per width
+        (width 1: [slots, B, ROW_BLOCK]), views of one allocation: new per call (two calls in
+        flight must not share them); a shared dummy per width where no row is split."""
         slots = walk.items.n_slots
         if slots == 0:
-            return self.no_scratch
-        shape = (slots, self.b, walk.row_block) if rows_only else (slots, self.b, walk.row_block, self.d_pad)
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
+            return (self.no_scratch,) * len(widths)
+        lead = (slots, self.b, walk.row_block)
+        size = slots * self.b * walk.row_block
+        flat = torch.empty(size * sum(widths), dtype=torch.float32, device=self.device)
+        out, at = [], 0
+        for w in widths:  # (each starts at a multiple of 16 rows of 4 bytes: 16-byte aligned)
+            out.append(flat[at:at + size * w].view(*lead, w) if w > 1 else flat[at:at + size].view(lead))
+            at += size * w
+        return tuple(out)
 
     def walked(self, kind: str, tensors: tuple, block: int) -> tuple[tuple, bool]:
         """The walked tensors of kernel ``kind`` as TMA descriptors, and True -- when its
@@ -473,7 +480,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     tiles = walk.row_block // bm
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
     run.launch("_attn_fwd", (walk.items.n_items * tiles, run.b),
-        (q, k, v, out, lse, *kv_tiles, run.scratch(walk), run.scratch(walk, True), run.scratch(walk, True)),
+        (q, k, v, out, lse, *kv_tiles, *run.scratch(walk, run.d_pad, 1, 1)),
         run.walk_args(walk, tiles),
         (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
@@ -510,7 +517,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
         run.launch("_attn_bwd_dkdv", (walk.items.n_items * tiles, run.b),
-            (q, k, v, do, lse, delta, *q_tiles, dk, dv, run.scratch(walk), run.scratch(walk)),
+            (q, k, v, do, lse, delta, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
             run.walk_args(walk, tiles),
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
@@ -523,7 +530,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bm
         kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
-            (q, k, v, do, lse, delta, *kv_tiles, dq, run.scratch(walk)),
+            (q, k, v, do, lse, delta, *kv_tiles, dq, *run.scratch(walk, run.d_pad)),
             run.walk_args(walk, tiles),
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,

@@ -250,6 +250,16 @@ def test_calls_on_two_streams_may_overlap(direct, monkeypatch):
             assert all(torch.equal(a, b) for a, b in zip(outs, alone))
 
 
+def test_the_merge_counters_stream_key_is_the_current_streams_handle():
+    from patterncc import lowering
+    dev = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    assert lowering._stream_id(dev) == torch.cuda.current_stream().cuda_stream
+    with torch.cuda.stream(stream):
+        assert lowering._stream_id(dev) == stream.cuda_stream == lowering._stream_id(torch.device("cuda", 0))
+    assert lowering._stream_id(dev) != stream.cuda_stream
+
+
 def test_inductor_compile_fullgraph_with_backward():
     op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
     q, k, v = _inputs(1, 4, 4, 2048, 64, torch.bfloat16)
