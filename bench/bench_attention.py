@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -110,7 +111,11 @@ def flex_mask_mod(name: str, op, T: int, H: int, dev: str):
 
 
 def bench(fn, grad_to_none=None):
+    """do_bench's median, after a full garbage collection: a first call that compiled leaves
+    many young objects, and a collection of them inside the timed calls is host time the
+    op does not have in steady state (it showed as the first-measured row's host time)."""
     from triton.testing import do_bench
+    gc.collect()
     return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grad_to_none)
 
 
@@ -122,6 +127,7 @@ def bench_graph(fn, what: str):
     def run():
         with torch.no_grad():
             fn()
+    gc.collect()
     try:
         return do_bench_cudagraph(run, rep=100, return_mode="median")
     except Exception as e:  # noqa: BLE001 - a capture failure only loses this column
@@ -166,6 +172,7 @@ def host_ms(fn, n: int = 50, ahead: bool = False) -> float:
     GPU busy meanwhile, so the host never waits on it or on a full launch queue (keep n
     calls of a few launches far below its ~1000 entries): what issuing a call costs."""
     fn()
+    gc.collect()  # (as bench: no collection of a compile's garbage inside the timing)
     torch.cuda.synchronize()
     if ahead:
         torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
