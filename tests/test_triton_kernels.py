@@ -649,3 +649,68 @@ def test_every_launch_has_arguments_the_direct_path_can_key(src, monkeypatch):
     q, k, v = _inputs(1, 2, 2, 96, 16, torch.float32)
     op(q, k, v).sum().backward()
     assert keyed == dict.fromkeys(["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"], True)
+
+
+# ATOMIC_DQ: dQ added by the dK/dV pass (fp32 atomics), no dQ launch. Every CASES pattern
+# with the default tiles, and the stacked / TMA tiles and thin query rows on a few.
+ATOMIC_CASES = [(c, "default") for c in CASES] + [
+    (c, tiles) for c in (CASES[3], CASES[14], CASES[20], CASES[23], CASES[29]) for tiles in ("stacked", "tma")]
+
+
+@pytest.mark.parametrize("case,tile_set", ATOMIC_CASES, ids=[f"{c[0][:40]}-T{c[1]}-{t}" for c, t in ATOMIC_CASES])
+def test_atomic_dq_matches_reference(case, tile_set, monkeypatch):
+    src, t, h, hkv, d, b, bs, split = case
+    for key, cfg in TILES[tile_set].items():
+        monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
+    if tile_set == "tma":
+        monkeypatch.setattr(lowering, "RESIDUE_TMA", True)
+    if tile_set == "stacked":
+        monkeypatch.setattr(lowering, "STACK_WASTE", 1e9)
+        monkeypatch.setattr(lowering, "TALL_ONLY_GATHERED", False)
+    monkeypatch.setattr(triton_backend, "ATOMIC_DQ", True)
+    launched = _launched_kernels(monkeypatch)
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    assert "_attn_bwd_dq" not in launched and "_attn_bwd_dkdv" in launched
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", THIN_ROW_CASES[:2], ids=[c[0][:40] for c in THIN_ROW_CASES[:2]])
+def test_atomic_dq_with_thin_query_rows_matches_reference(src, t, h, hkv, d, b, bs, split, monkeypatch):
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    monkeypatch.setattr(triton_backend, "ATOMIC_DQ", True)
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+
+
+def _launched_kernels(monkeypatch) -> list:
+    launched: list = []
+    real = codegen.Generated.kernel
+
+    def kernel(self, name):
+        launched.append(name)
+        return real(self, name)
+    monkeypatch.setattr(codegen.Generated, "kernel", kernel)
+    return launched
+
+
+@pytest.mark.parametrize("deterministic,need_kv,atomic", [(False, True, True), (True, True, False),
+                                                          (False, False, False)])
+def test_atomic_dq_only_without_deterministic_algorithms_and_with_dkdv_needed(deterministic, need_kv, atomic,
+                                                                              monkeypatch):
+    monkeypatch.setattr(triton_backend, "ATOMIC_DQ", True)
+    launched = _launched_kernels(monkeypatch)
+    layout = get_layout(patterncc.parse("window(8) | global([0])"), 100, 2, 32)
+    q, k, v = _inputs(1, 2, 2, 100, 16, torch.float32)
+    k.requires_grad_(need_kv), v.requires_grad_(need_kv)
+    out = triton_backend.attention(q, k, v, layout, 0.25)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        dq, = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert ("_attn_bwd_dq" not in launched) == atomic
+    mask = torch.from_numpy(layout.mask())
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, = torch.autograd.grad(reference_attention(*ref_in, mask, 0.25), ref_in[:1], torch.ones_like(out).double())
+    assert rel_err(dq, ref) < FP32_TOL
