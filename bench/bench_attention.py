@@ -380,6 +380,15 @@ def _f(x, nd=3):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _subtable(title: str, columns: list[str], rows: list[dict], cells) -> list[str]:
+    """Markdown lines of a titled table (none without rows): each row's T, pattern and D,
+    then ``cells(row)``."""
+    if not rows:
+        return []
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join([str(r["T"]), r["pattern"], str(r["D"]), *cells(r)]) + " |" for r in rows]
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}",
              "", "| T | pattern | D | density | dense fwd | flex fwd | pcc fwd | eff fwd | flex eff fwd | vs flex fwd "
@@ -393,24 +402,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{_f(r['flex_eff_fwd'], 2)} | {_f(r['speedup_vs_flex_fwd'], 2)}x | {_f(r['dense_fwdbwd_ms'])} | "
                      f"{_f(r['flex_fwdbwd_ms'])} | {_f(r['pcc_fwdbwd_ms'])} | {_f(r['eff_fwdbwd'], 2)} | "
                      f"{_f(r['flex_eff_fwdbwd'], 2)} | {_f(r['speedup_vs_flex_fwdbwd'], 2)}x | {_f(r['eff_cudnn_fwd'], 2)} |")
-    graphs = [r for r in rows if "ablation" not in r and r.get("pcc_fwd_graph_ms")]
-    if graphs:
-        lines += ["", "Forward GPU time alone (CUDA-graph replay, no_grad) and patterncc's host time per call:",
-                  "", "| T | pattern | D | pcc host | pcc fwd | pcc graph | flex graph | eff graph | vs flex graph |",
-                  "|" + "---|" * 9]
-        for r in graphs:
-            lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {_f(r['pcc_host_fwd_ms'])} | {_f(r['pcc_fwd_ms'])} | "
-                         f"{_f(r['pcc_fwd_graph_ms'])} | {_f(r['flex_fwd_graph_ms'])} | {_f(r['eff_fwd_graph'], 2)} | "
-                         f"{_f(r['speedup_vs_flex_fwd_graph'], 2)}x |")
-    kernels = [r for r in rows if "ablation" not in r and r.get("pcc_fwdbwd_kernel_ms")]
-    if kernels:
-        lines += ["", "Forward+backward GPU time (kernel durations summed, torch.profiler) against do_bench's:",
-                  "", "| T | pattern | D | pcc f+b | pcc kernels | flex f+b | flex kernels | eff kernels | vs flex kernels |",
-                  "|" + "---|" * 9]
-        for r in kernels:
-            lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {_f(r['pcc_fwdbwd_ms'])} | "
-                         f"{_f(r['pcc_fwdbwd_kernel_ms'])} | {_f(r['flex_fwdbwd_ms'])} | {_f(r.get('flex_fwdbwd_kernel_ms'))} | "
-                         f"{_f(r['eff_fwdbwd_kernel'], 2)} | {_f(r.get('speedup_vs_flex_fwdbwd_kernel'), 2)}x |")
+    base = [r for r in rows if "ablation" not in r]
+    lines += _subtable(
+        "Forward GPU time alone (CUDA-graph replay, no_grad) and patterncc's host time per call:",
+        ["T", "pattern", "D", "pcc host", "pcc fwd", "pcc graph", "flex graph", "eff graph", "vs flex graph"],
+        [r for r in base if r.get("pcc_fwd_graph_ms")],
+        lambda r: [_f(r["pcc_host_fwd_ms"]), _f(r["pcc_fwd_ms"]), _f(r["pcc_fwd_graph_ms"]),
+                   _f(r["flex_fwd_graph_ms"]), _f(r["eff_fwd_graph"], 2), f"{_f(r['speedup_vs_flex_fwd_graph'], 2)}x"])
+    lines += _subtable(
+        "Forward+backward GPU time (kernel durations summed, torch.profiler) against do_bench's:",
+        ["T", "pattern", "D", "pcc f+b", "pcc kernels", "flex f+b", "flex kernels", "eff kernels", "vs flex kernels"],
+        [r for r in base if r.get("pcc_fwdbwd_kernel_ms")],
+        lambda r: [_f(r["pcc_fwdbwd_ms"]), _f(r["pcc_fwdbwd_kernel_ms"]), _f(r["flex_fwdbwd_ms"]),
+                   _f(r.get("flex_fwdbwd_kernel_ms")), _f(r["eff_fwdbwd_kernel"], 2),
+                   f"{_f(r.get('speedup_vs_flex_fwdbwd_kernel'), 2)}x"])
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
         lines += ["", "| T | pattern | D | variant | fwd default / variant | fwd graph default / variant "
