@@ -100,3 +100,17 @@ def test_the_markdown_has_the_forward_backward_kernel_time_table_only_when_measu
                speedup_vs_flex_fwdbwd_kernel=1.25)
     table = bench_attention.markdown(meta, [row])
     assert "| 16384 | causal_window | 64 | 1.200 | 0.800 | 1.000 | 1.000 | 0.90 | 1.25x |" in table
+
+
+def test_settle_runs_the_step_untimed_for_its_time_and_leaves_no_gradients(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    x = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def step():
+        assert x.grad is None  # reset before each step: no accumulation
+        calls.append(1)
+        (x * 2).sum().backward()
+    bench_attention.settle(step, [x], seconds=0.05)
+    assert len(calls) > 1 and x.grad is None
