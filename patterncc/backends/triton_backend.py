@@ -503,10 +503,12 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     args = (do, q, k, v, out, lse, layout, scale, split)
-    kinds = ("dkdv",) * need_kv + ("dq",) * need_q
+    atomic_dq = ATOMIC_DQ and need_q and need_kv and not torch.are_deterministic_algorithms_enabled()
+    # (with atomic dQ the dK/dV kernel is tuned as it runs, dQ included, and dQ's is not needed)
+    kinds = ("dkdv",) * need_kv + ("dq",) * (need_q and not atomic_dq)
     run = _tuned_launch(launch_for(q, k, layout, split, configs), kinds, q, k, layout, split, configs,
-                        lambda kind, cfg: backward(*args, need_q=kind == "dq", need_kv=kind == "dkdv",
-                                                   configs={kind: cfg}))
+                        lambda kind, cfg: backward(*args, need_q=kind == "dq" or atomic_dq,
+                                                   need_kv=kind == "dkdv", configs={kind: cfg}))
     plan, c = run.plan, run.consts
 
     delta = _empty(lse.shape, lse)
@@ -517,7 +519,6 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
     dk = dv = dq = dq_acc = None
-    atomic_dq = ATOMIC_DQ and need_q and need_kv and not torch.are_deterministic_algorithms_enabled()
     if need_kv:
         dk = _empty(k.shape, k)
         dv = _empty(v.shape, v)
