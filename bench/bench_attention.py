@@ -115,17 +115,26 @@ def flex_mask_mod(name: str, op, T: int, H: int, dev: str):
     raise KeyError(name)
 
 
+def _fresh_grads(fn, grads: list):
+    """``fn`` with ``grads`` set to None before each call (as do_bench's grad_to_none: no
+    accumulation kernels in what is measured)."""
+    def step():
+        for x in grads:
+            x.grad = None
+        fn()
+    return step
+
+
 def settle(fn, grads: list, seconds: float = 0.5) -> None:
     """Run ``fn`` (a forward+backward step) untimed for ``seconds`` before a pattern's first
     timing, gradients reset each time: its backward kernels compiled, and the first timed
     row no longer slower than the same call timed later (tenth session: BigBird's 16K
     forward 0.29-0.31 ms when timed first after its compile, 0.15-0.16 ms later in the
     same run)."""
+    step = _fresh_grads(fn, grads)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for x in grads:
-            x.grad = None
-        fn()
+        step()
     torch.cuda.synchronize()
     for x in grads:
         x.grad = None
@@ -164,11 +173,7 @@ def kernel_ms(fn, grads: list, n: int = 10, by_name: dict | None = None):
     ``by_name`` gets ms per call per kernel name (the name's first 48 characters)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        for x in grads:
-            x.grad = None
-        fn()
+    step = _fresh_grads(fn, grads)
     step()
     torch.cuda.synchronize()
     try:

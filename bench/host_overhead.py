@@ -260,7 +260,10 @@ class _Phases:
 
     def undo(self) -> None:
         for owner, attr, had, real in reversed(self._undo):
-            setattr(owner, attr, real) if had else delattr(owner, attr)
+            if had:
+                setattr(owner, attr, real)
+            else:
+                delattr(owner, attr)
         self._undo.clear()
 
     def per_call_us(self, n: int) -> dict:
@@ -286,7 +289,7 @@ def phases_one(name: str, n: int = 50) -> dict:
     driver call). Issued behind a sleep kernel so the host never waits on the GPU; inclusive
     times, so nested entries overlap."""
     from bench_attention import host_ms
-    from patterncc.backends import triton_backend as tb
+    tb = triton_backend
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
@@ -336,7 +339,7 @@ def phases_one(name: str, n: int = 50) -> dict:
     step()
     torch.cuda.synchronize()
     ph.ns.clear(), ph.calls.clear()
-    fwd_ms = host_ms(fwd, n, ahead=True)  # noqa: F841 (fills the phases of the forward alone)
+    fwd_ms = host_ms(fwd, n, ahead=True)  # (and the phases of the forward alone)
     fwd_phases = ph.per_call_us(n + 1)
     ph.ns.clear(), ph.calls.clear()
     t_step = host_ms(step, n, ahead=True)

@@ -150,17 +150,13 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, dQacc, m_first, head,
         pT = tl.where(allowed, pT, 0.0)
     dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
     dpT = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST)
-    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-    dk = _mma(dsT, q, dk, PRECISION, UPCAST)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _mma(dsT.to(q.dtype), q, dk, PRECISION, UPCAST)
     if ATOMIC_DQ:
         # Every (query, key) pair is visited once over this pass, so the adds sum to dQ.
-        dq = _mma(tl.trans(dsT), k, tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), PRECISION, UPCAST) * sm_scale
-        dq_ptrs = _row_ptrs(dQacc, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
-        if HEAD_DIM == HEAD_PAD:
-            tl.atomic_add(dq_ptrs, dq, mask=valid_m[:, None], sem="relaxed")
-        else:
-            cols = tl.arange(0, HEAD_PAD)
-            tl.atomic_add(dq_ptrs, dq, mask=valid_m[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
+        dq = _mma(tl.trans(dsT.to(k.dtype)), k, tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), PRECISION, UPCAST)
+        _add_rows(_row_ptrs(dQacc, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), dq * sm_scale, valid_m,
+                  HEAD_DIM, HEAD_PAD)
     return dk, dv
 
 

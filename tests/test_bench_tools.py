@@ -103,8 +103,11 @@ def test_the_markdown_has_the_forward_backward_kernel_time_table_only_when_measu
 
 
 def test_settle_runs_the_step_untimed_for_its_time_and_leaves_no_gradients(monkeypatch):
+    import itertools
     import torch
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    clock = itertools.count()  # each reading a second later: a deterministic number of steps
+    monkeypatch.setattr(bench_attention.time, "perf_counter", lambda: next(clock))
     x = torch.ones(3, requires_grad=True)
     calls = []
 
@@ -112,5 +115,5 @@ def test_settle_runs_the_step_untimed_for_its_time_and_leaves_no_gradients(monke
         assert x.grad is None  # reset before each step: no accumulation
         calls.append(1)
         (x * 2).sum().backward()
-    bench_attention.settle(step, [x], seconds=0.05)
-    assert len(calls) > 1 and x.grad is None
+    bench_attention.settle(step, [x], seconds=3.5)
+    assert len(calls) == 3 and x.grad is None  # readings 1, 2, 3 run a step; 4 ends it
