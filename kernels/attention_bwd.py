@@ -252,9 +252,8 @@ def _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row
     tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
              tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
     if (local >= 0) & (local < BLOCK_M):
-        t_first = m_first + local
-        tok_t, valid_t = _tokens(t_first, NARROW, dil, seg, SEQ_LEN, PERMUTED)
-        q = _load_rows(_row_ptrs(Q, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
+        t_first, tok_t, valid_t, q = _thin_query_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW, HEAD_DIM,
+                                                      HEAD_PAD, PERMUTED)
         do = _load_rows(_row_ptrs(dOut, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM,
                         HEAD_PAD)
         lse = tl.load(Lse + q_row0 + tok_t, mask=valid_t, other=float("inf"))

@@ -85,6 +85,17 @@ def _thin_rows_in_tile(thin, tile, BLOCK_M: tl.constexpr, NARROW: tl.constexpr):
 
 
 @triton.jit
+def _thin_query_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEAD_PAD: tl.constexpr, PERMUTED: tl.constexpr):
+    """The NARROW query rows a thin-row item walks (``local`` rows into its tile): their
+    first position, tokens, which exist, and their Q tile (forward, dQ)."""
+    t_first = m_first + local
+    tok_t, valid_t = _tokens(t_first, NARROW, dil, seg, SEQ_LEN, PERMUTED)
+    q = _load_rows(_row_ptrs(Q, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
+    return t_first, tok_t, valid_t, q
+
+
+@triton.jit
 def _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED: tl.constexpr):
     """(dil, seg) of one head: its residue factor and class length (1, SEQ_LEN in token order)."""
     if PERMUTED:
