@@ -10,8 +10,8 @@ an equal node). A primitive keeps its whole meaning in one place:
 * ``estimate(ctx)`` -- an upper bound on its number of candidate blocks, so an
   intersection enumerates only its cheapest term;
 * ``triton(names)`` -- the predicate as a Triton expression (used by codegen);
-* ``residue(d, seq_len)`` -- the same pattern in *residue order* (tokens permuted by
-  t mod d, see :func:`residue_position`), or None when it has no such form; the lowering
+* ``residue(d, seq_len, align)`` -- the same pattern in *residue order* (tokens permuted
+  by t mod d, classes ``align``-aligned, see :func:`residue_position`), or None when it has no such form; the lowering
   runs dilated windows in that order, where their blocks are FULL.
 
 Head selection (``heads=``) and dilation are resolved by ``specialize(head)``, which
@@ -129,34 +129,43 @@ def _heads_arg(heads: tuple[int, ...] | None) -> str:
     return "" if heads is None else f"heads=[{', '.join(map(str, heads))}]"
 
 
-def _within_classes(node: "Pattern", d: int, seq_len: int) -> "Pattern | None":
+def _within_classes(node: "Pattern", d: int, seq_len: int, align: int = 1) -> "Pattern | None":
     """Residue form of a node that keeps classes apart: same class (block(L) in residue
     order) and its within-class form; None if it does not keep classes apart."""
     if not node.keeps_classes(d):
         return None
-    return intersect([Block(residue_length(seq_len, d)), node.residue_within(d, seq_len)])
+    return intersect([Block(residue_length(seq_len, d, align)), node.residue_within(d, seq_len, align)])
 
 
-def residue_length(seq_len: int, d: int) -> int:
-    """Tokens per residue class in residue order: L = ceil(T / d)."""
-    return -(-seq_len // d)
+def residue_length(seq_len: int, d: int, align: int = 1) -> int:
+    """Positions per residue class in residue order: L = ceil(T / d), rounded up to a
+    multiple of ``align`` (the lowering aligns classes to the layout block, so that no
+    block holds two classes and a tile is one strided box whatever T is).
+
+    >>> residue_length(16448, 2), residue_length(16448, 2, align=64)
+    (8224, 8256)
+    """
+    length = -(-seq_len // d)
+    return -(-length // align) * align
 
 
-def residue_position(t: np.ndarray, seq_len: int, d: int) -> np.ndarray:
+def residue_position(t: np.ndarray, seq_len: int, d: int, align: int = 1) -> np.ndarray:
     """Position of token ``t`` in residue order: class ``t mod d`` first, then ``t // d``.
 
-    Class c occupies positions c*L .. c*L + L - 1 (L = ceil(T / d)); classes with fewer
-    than L tokens leave their last position empty. Inverse: :func:`residue_token`.
+    Class c occupies positions c*L .. c*L + L - 1 (L = :func:`residue_length`); a class
+    with fewer than L tokens leaves its last positions empty. Inverse: :func:`residue_token`.
 
     >>> residue_position(np.arange(5), 5, 2).tolist()   # 0 2 4 | 1 3 (+ one empty slot)
     [0, 3, 1, 4, 2]
+    >>> residue_position(np.arange(5), 5, 2, align=4).tolist()   # 0 2 4 . | 1 3 . .
+    [0, 4, 1, 5, 2]
     """
-    return (t % d) * residue_length(seq_len, d) + t // d
+    return (t % d) * residue_length(seq_len, d, align) + t // d
 
 
-def residue_token(p: np.ndarray, seq_len: int, d: int) -> np.ndarray:
+def residue_token(p: np.ndarray, seq_len: int, d: int, align: int = 1) -> np.ndarray:
     """Token at residue-order position ``p`` (T, i.e. none, for the empty slots)."""
-    length = residue_length(seq_len, d)
+    length = residue_length(seq_len, d, align)
     t = (p % length) * d + p // length
     return np.where((p < d * length) & (t < seq_len), t, seq_len)
 
@@ -194,16 +203,16 @@ class Pattern:
         raise NotImplementedError
 
     # -- residue order (tokens permuted by t mod d; see residue_position)
-    def residue(self, d: int, seq_len: int) -> "Pattern | None":
-        """This pattern on residue-order positions: ``p.residue(d, T).allowed(a, b)`` equals
-        ``p.allowed(token(a), token(b))`` for every pair of real tokens, evaluated on a
-        sequence of d * ceil(T / d) positions. None when no node expresses it."""
+    def residue(self, d: int, seq_len: int, align: int = 1) -> "Pattern | None":
+        """This pattern on residue-order positions: ``p.residue(d, T, align).allowed(a, b)``
+        equals ``p.allowed(token(a), token(b))`` for every pair of real tokens, evaluated on
+        a sequence of d * residue_length(T, d, align) positions. None when no node expresses it."""
         return None
 
-    def residue_within(self, d: int, seq_len: int) -> "Pattern | None":
+    def residue_within(self, d: int, seq_len: int, align: int = 1) -> "Pattern | None":
         """Like :meth:`residue`, but only exact for pairs of one residue class (enough
         inside an intersection with a term that keeps classes apart)."""
-        return self.residue(d, seq_len)
+        return self.residue(d, seq_len, align)
 
     def keeps_classes(self, d: int) -> bool:
         """Whether every pair this pattern allows has q = k (mod d)."""
@@ -369,10 +378,10 @@ class Window(Primitive):
     def keeps_classes(self, d):
         return self.dilation % d == 0
 
-    def residue(self, d, seq_len):
-        return _within_classes(self, d, seq_len)
+    def residue(self, d, seq_len, align=1):
+        return _within_classes(self, d, seq_len, align)
 
-    def residue_within(self, d, seq_len):
+    def residue_within(self, d, seq_len, align=1):
         # Same class: q - k = d * delta. Allowed iff |delta| <= reach // d and d * delta is
         # a multiple of the dilation, i.e. delta a multiple of dilation / gcd(d, dilation).
         step = self.dilation // np.gcd(d, self.dilation)
@@ -407,10 +416,10 @@ class Causal(Primitive):
     def triton(self, n):
         return f"({n.k} <= {n.q})"
 
-    def residue_within(self, d, seq_len):
+    def residue_within(self, d, seq_len, align=1):
         return Causal()  # inside one class, position order is token order
 
-    def residue(self, d, seq_len):
+    def residue(self, d, seq_len, align=1):
         return None
 
 
@@ -439,7 +448,7 @@ class Dense(Primitive):
     def triton(self, n):
         return "True"
 
-    def residue(self, d, seq_len):
+    def residue(self, d, seq_len, align=1):
         return Dense()
 
 
@@ -465,7 +474,7 @@ class Empty(Primitive):
     def triton(self, n):
         return "False"
 
-    def residue(self, d, seq_len):
+    def residue(self, d, seq_len, align=1):
         return Empty()
 
     def keeps_classes(self, d):
@@ -556,8 +565,8 @@ class Global(Primitive):
                 terms.append(f"({x} == {i})")
         return "(" + " | ".join(terms) + ")"
 
-    def residue(self, d, seq_len):
-        moved = np.sort(residue_position(self.indices(seq_len), seq_len, d))
+    def residue(self, d, seq_len, align=1):
+        moved = np.sort(residue_position(self.indices(seq_len), seq_len, d, align))
         return Global(_as_items(moved))
 
 
@@ -677,10 +686,10 @@ class Strided(Primitive):
     def keeps_classes(self, d):
         return self.s % d == 0
 
-    def residue(self, d, seq_len):
-        return _within_classes(self, d, seq_len)
+    def residue(self, d, seq_len, align=1):
+        return _within_classes(self, d, seq_len, align)
 
-    def residue_within(self, d, seq_len):
+    def residue_within(self, d, seq_len, align=1):
         return Strided(int(self.s // np.gcd(self.s, d)))  # q - k = d * delta
 
 
@@ -862,11 +871,11 @@ class Union(Pattern):
     def keeps_classes(self, d):
         return all(t.keeps_classes(d) for t in self.terms)
 
-    def residue(self, d, seq_len):
-        return _combine(union, [t.residue(d, seq_len) for t in self.terms])
+    def residue(self, d, seq_len, align=1):
+        return _combine(union, [t.residue(d, seq_len, align) for t in self.terms])
 
-    def residue_within(self, d, seq_len):
-        return _combine(union, [t.residue_within(d, seq_len) for t in self.terms])
+    def residue_within(self, d, seq_len, align=1):
+        return _combine(union, [t.residue_within(d, seq_len, align) for t in self.terms])
 
 
 def _combine(op, parts: list) -> Pattern | None:
@@ -921,15 +930,15 @@ class Intersect(Pattern):
     def keeps_classes(self, d):
         return any(t.keeps_classes(d) for t in self.terms)
 
-    def residue(self, d, seq_len):
+    def residue(self, d, seq_len, align=1):
         if self.keeps_classes(d):
             # One term keeps classes apart: the others need only be exact inside a class.
-            within = [t.residue_within(d, seq_len) for t in self.terms]
-            return _combine(intersect, [Block(residue_length(seq_len, d))] + within)
-        return _combine(intersect, [t.residue(d, seq_len) for t in self.terms])
+            within = [t.residue_within(d, seq_len, align) for t in self.terms]
+            return _combine(intersect, [Block(residue_length(seq_len, d, align))] + within)
+        return _combine(intersect, [t.residue(d, seq_len, align) for t in self.terms])
 
-    def residue_within(self, d, seq_len):
-        return _combine(intersect, [t.residue_within(d, seq_len) for t in self.terms])
+    def residue_within(self, d, seq_len, align=1):
+        return _combine(intersect, [t.residue_within(d, seq_len, align) for t in self.terms])
 
 
 def _blocks_any(node: Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:

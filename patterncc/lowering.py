@@ -97,8 +97,8 @@ RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residu
 class KernelLayout:
     """A layout in kernel order: per head and layout block of positions, the key blocks.
 
-    ``seq_len`` positions per head (at least T; d * ceil(T / d) for a head in residue
-    order), ``nblocks`` = ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor
+    ``seq_len`` positions per head (at least T; d * L for a head in residue order, its
+    classes padded to L = ir.residue_length(T, d, block) positions), ``nblocks`` = ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor
     and class length (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
     ``flags`` [nnz]: CSR rows ``head * nblocks + block``, key blocks increasing.
     ``head_class`` [H]: the first head whose rows are the same (heads of one behaviour are
@@ -181,7 +181,7 @@ def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | 
     for p in layout.heads:
         if p not in by_pattern:
             d = residue_factor(p) if RESIDUE_ORDER else 1
-            moved = p.residue(d, t) if d > 1 and t > 1 else None
+            moved = p.residue(d, t, layout.block_size) if d > 1 and t > 1 else None
             by_pattern[p] = (d, moved) if moved is not None else (1, None)
     orders = [by_pattern[p] for p in layout.heads]
     for g in range(0, len(orders), group):
@@ -203,7 +203,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     flags = entry_flags(layout, pred)
     flags = np.where(np.isin(layout.kblock, _not_tokens_token_order(t, bs)), flags | TAIL, flags).astype(np.int32)
     head_class = _first_of_each(list(zip(layout.heads, (d for d, _ in orders))))
-    kernel_patterns = [(p, Ctx(t, bs)) if d == 1 else (moved, Ctx(d * ir.residue_length(t, d), bs))
+    kernel_patterns = [(p, Ctx(t, bs)) if d == 1 else (moved, Ctx(_positions(t, d, bs), bs))
                        for p, (d, moved) in zip(layout.heads, orders)]
     per_class = {c: column_keys(kernel_patterns[c][0], kernel_patterns[c][1].seq_len) for c in set(head_class.tolist())}
     columns = tuple(per_class[c] for c in head_class.tolist())
@@ -212,7 +212,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
         ones = np.ones(h, np.int64)
         return KernelLayout(t, t, bs, ones, ones * t, layout.indptr, layout.kblock, flags, head_class, columns)
 
-    seq = max(d * ir.residue_length(t, d) for d, _ in orders)
+    seq = max(_positions(t, d, bs) for d, _ in orders)
     nbk = -(-seq // bs)
     built: dict = {}
     qbs, kbs, fls = [], [], []
@@ -224,7 +224,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
             fls.append(fl)
             continue
         if (d, moved) not in built:
-            length = d * ir.residue_length(t, d)
+            length = _positions(t, d, bs)
             hl = build_head(moved, Ctx(length, bs))
             fl = hl.full.astype(np.int32) | np.where(np.isin(hl.kb, _not_tokens_residue(t, d, bs)), TAIL, 0)
             built[d, moved] = (hl.qb, hl.kb, fl.astype(np.int32))
@@ -237,7 +237,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     indptr = np.zeros(h * nbk + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=h * nbk), out=indptr[1:])
     dil = np.array([d for d, _ in orders], np.int64)
-    seg = np.array([ir.residue_length(t, d) for d, _ in orders], np.int64)
+    seg = np.array([_positions(t, d, bs) // d for d, _ in orders], np.int64)
     kblock = np.concatenate(kbs).astype(np.int32)
     flags = _mark_columns(np.concatenate(fls).astype(np.int32), indptr, kblock, kernel_patterns, columns,
                           head_class, nbk)
@@ -415,20 +415,26 @@ def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarra
             np.concatenate([flags[~thin], fls[order]]).astype(np.int32), thin_ptr)
 
 
+def _positions(t: int, d: int, bs: int) -> int:
+    """Kernel positions of a head: T in token order (d = 1); in residue order d classes of
+    L = ir.residue_length(T, d, bs) positions each (padded to the block)."""
+    return t if d == 1 else d * ir.residue_length(t, d, bs)
+
+
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
     """Key blocks holding positions past the sequence (the tail block, if T % block)."""
     return np.array([t // bs] if t % bs else [], np.int64)
 
 
 def _not_tokens_residue(t: int, d: int, bs: int) -> np.ndarray:
-    """Key blocks (residue order) holding an empty slot or positions past d * ceil(T / d)."""
-    length = ir.residue_length(t, d)
-    short = [c for c in range(d) if -(-(t - c) // d) < length]  # classes one token short
-    slots = [c * length + length - 1 for c in short]
-    blocks = {p // bs for p in slots}
-    if (d * length) % bs:
-        blocks.add((d * length) // bs)
-    return np.array(sorted(blocks), np.int64)
+    """Key blocks (residue order) holding empty slots: each class is padded to L positions
+    (a multiple of the block, :func:`patterncc.ir.residue_length`), so the blocks after a
+    class's last token up to its end."""
+    length = ir.residue_length(t, d, bs)
+    counts = -(-(t - np.arange(d)) // d)  # tokens of class c: ceil((T - c) / d)
+    blocks = [np.arange((c * length + n) // bs, -(-(c + 1) * length // bs))
+              for c, n in enumerate(counts) if n < length]
+    return np.unique(np.concatenate(blocks)) if blocks else np.array([], np.int64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -884,9 +890,10 @@ def order_mode(klay: KernelLayout, longest_tile: int, head_pad: int) -> int:
 def residue_stride(klay: KernelLayout) -> int | None:
     """The residue factor d when a residue-order walk can fetch its tiles as strided boxes
     of a [B * heads, T / d, d, D] view (class c's rows are tokens c, c + d, ...): every head
-    permuted by the same d, and d divides T, so each class holds exactly T / d tokens and
-    has no empty slots. None otherwise (the kernels then load residue-order rows by
-    pointers). A walk also needs T / d to be a multiple of its tile (a tile in one class).
+    permuted by the same d, and d divides T, so each class holds exactly T / d tokens. The
+    classes are padded to a multiple of the layout block (L >= T / d positions), so a tile
+    never spans two classes, and the box rows past T / d read as zeros (empty slots). None
+    otherwise (the kernels then load residue-order rows by pointers).
 
     >>> import patterncc
     >>> from patterncc import codegen
@@ -899,7 +906,7 @@ def residue_stride(klay: KernelLayout) -> int | None:
     (None, None)
     """
     d = int(klay.dil[0])
-    if d <= 1 or (klay.dil != d).any() or klay.tokens % d or (klay.seg * d != klay.tokens).any():
+    if d <= 1 or (klay.dil != d).any() or klay.tokens % d or (klay.seg % klay.block).any():
         return None
     return d
 

@@ -411,14 +411,14 @@ def test_specialize_removes_heads_and_dilation():
 # residue order: the pattern on positions grouped by t mod d
 
 
-def _residue_mismatch(p: ir.Pattern, t: int, d: int, block: int = 16):
-    """Pairs of real tokens where p.residue(d, t) on positions disagrees with p on tokens."""
-    moved = p.residue(d, t)
+def _residue_mismatch(p: ir.Pattern, t: int, d: int, block: int = 16, align: int = 1):
+    """Pairs of real tokens where p.residue(d, t, align) on positions disagrees with p on tokens."""
+    moved = p.residue(d, t, align)
     if moved is None:
         return None
-    length = d * ir.residue_length(t, d)
+    length = d * ir.residue_length(t, d, align)
     pos = np.arange(length)
-    tok = ir.residue_token(pos, t, d)
+    tok = ir.residue_token(pos, t, d, align)
     real = tok < t
     tc = np.minimum(tok, t - 1)
     on_positions = np.broadcast_to(moved.allowed(Ctx(length, block), pos[:, None], pos[None, :]), (length,) * 2)
@@ -427,14 +427,17 @@ def _residue_mismatch(p: ir.Pattern, t: int, d: int, block: int = 16):
     return np.argwhere((on_positions != on_tokens) & both)
 
 
-@given(t=st.integers(1, 200), d=st.integers(2, 5))
-def test_residue_positions_and_tokens_are_inverse(t, d):
+@given(t=st.integers(1, 200), d=st.integers(2, 5), align=st.sampled_from([1, 4, 16, 64]))
+def test_residue_positions_and_tokens_are_inverse(t, d, align):
     tok = np.arange(t)
-    pos = ir.residue_position(tok, t, d)
-    assert np.unique(pos).size == t and pos.max() < d * ir.residue_length(t, d)
-    np.testing.assert_array_equal(ir.residue_token(pos, t, d), tok)
-    empty = np.setdiff1d(np.arange(d * ir.residue_length(t, d)), pos)
-    assert (ir.residue_token(empty, t, d) == t).all()  # empty slots hold no token
+    length = ir.residue_length(t, d, align)
+    assert length % align == 0 and length - align < -(-t // d) <= length  # the least aligned length
+    pos = ir.residue_position(tok, t, d, align)
+    assert np.unique(pos).size == t and pos.max() < d * length
+    np.testing.assert_array_equal(ir.residue_token(pos, t, d, align), tok)
+    np.testing.assert_array_equal(pos // length, tok % d)  # class c in positions c*L .. c*L + L - 1
+    empty = np.setdiff1d(np.arange(d * length), pos)
+    assert (ir.residue_token(empty, t, d, align) == t).all()  # empty slots hold no token
 
 
 @pytest.mark.parametrize("src,d", [
@@ -445,10 +448,11 @@ def test_residue_positions_and_tokens_are_inverse(t, d):
     ("(window(3, dilation=2) & causal) | global([1, 2])", 2),
 ])
 @pytest.mark.parametrize("t", [1, 2, 5, 33, 64, 101])
-def test_residue_form_is_exact(src, d, t):
+@pytest.mark.parametrize("align", [1, 16])  # classes padded to a block: the lowering's order
+def test_residue_form_is_exact(src, d, t, align):
     p = parse(src)
     try:
-        bad = _residue_mismatch(p, t, d)
+        bad = _residue_mismatch(p, t, d, align=align)
     except patterncc.PatternError:
         pytest.skip("global index outside this sequence")
     assert bad is not None, f"{src} should have a residue form for d={d}"
@@ -466,5 +470,5 @@ def test_patterns_without_a_residue_form_say_so(src):
 def test_generated_residue_forms_are_exact(case, d):
     pattern, t, heads, block = case
     for h in range(heads):
-        bad = _residue_mismatch(pattern.specialize(h), t, d, block)
+        bad = _residue_mismatch(pattern.specialize(h), t, d, block, align=block)
         assert bad is None or bad.size == 0, (str(pattern.specialize(h)), t, d, bad[:3].tolist())

@@ -30,7 +30,9 @@ def _kernel_mask(lay, klay, head):
     (False where a position holds no token)."""
     p = np.arange(klay.seq_len)
     d, seg = int(klay.dil[head]), int(klay.seg[head])
-    tok = ir.residue_token(p, lay.seq_len, d) if d > 1 else np.where(p < lay.seq_len, p, lay.seq_len)
+    if d > 1:
+        assert seg == ir.residue_length(lay.seq_len, d, klay.block)  # classes padded to the block
+    tok = ir.residue_token(p, lay.seq_len, d, klay.block) if d > 1 else np.where(p < lay.seq_len, p, lay.seq_len)
     valid = tok < lay.seq_len
     tc = np.minimum(tok, lay.seq_len - 1)
     allowed = lay.heads[head].allowed(lay.ctx, tc[:, None], tc[None, :])
@@ -92,7 +94,7 @@ def test_residue_order_only_for_heads_that_have_one():
                          100, 3, 16)
     assert klay.dil.tolist() == [1, 1, 1]     # random blocks have no residue form
     lay, _, klay = _klay("window(4) | dilate(2, heads=[1])", 101, 3, 16)
-    assert klay.dil.tolist() == [1, 2, 1] and klay.seq_len == 102
+    assert klay.dil.tolist() == [1, 2, 1] and klay.seq_len == 128  # 2 classes of 51 tokens, padded to 64
 
 
 def test_gqa_heads_of_one_kv_head_share_an_order():

@@ -125,6 +125,10 @@ CASES = [
     ("window(5) | global([0, 7]) | dilate(2)", 256, 2, 1, 32, 1, 16, 5),
     ("(window(8) & causal) | dilate(3)", 384, 2, 2, 16, 2, 32, None),
     ("window(6) | dilate(2)", 192, 2, 2, 80, 1, 32, None),  # D=80: boxes padded to 128 columns
+    # d | T but T / d not a whole number of tiles: classes padded to the block, the boxes'
+    # rows past T / d read as zeros (100 tokens in 112 positions; 130 in 160)
+    ("window(5) | global([0, 7]) | dilate(2)", 200, 2, 1, 32, 1, 16, 5),
+    ("(window(8) & causal) | dilate(3)", 390, 2, 2, 16, 2, 32, None),
 ]
 
 # Launch configurations: the default, and tiles taller than the layout block (rows stack
@@ -179,12 +183,13 @@ def test_order_mode_of_the_residue_cases(src, t, bs, mode, tiles):
     ("window(8)", 256, 2, 16, True),                                # token order: always
     ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 16, False),  # d does not divide T
     ("window(4) | dilate(2, heads=[1])", 256, 2, 16, False),        # a token-order head beside
-    ("window(6) | dilate(2)", 200, 2, 16, False),                   # classes of 100: not whole tiles
+    ("window(6) | dilate(2)", 200, 2, 16, True),                    # classes of 100, padded to 112
+    ("(window(8) & causal) | dilate(3)", 390, 2, 32, True),         # classes of 130, padded to 160
 ])
 def test_residue_order_walks_take_strided_boxes_only_where_they_fit(src, t, h, bs, expect, monkeypatch):
     """With TMA configs and RESIDUE_TMA, every walked tile of these layouts comes through a
     descriptor (4-D in residue order) or none does; RESIDUE_TMA off keeps residue order on
-    pointers. The CASES above with T = 256, 384 and 192 therefore test the boxes' values."""
+    pointers. The CASES above with T = 256, 384, 192, 200 and 390 therefore test the boxes' values."""
     for key, cfg in TILES["tma"].items():
         monkeypatch.setitem(triton_backend.CONFIGS, key, triton_backend.KernelConfig(*cfg))
     lay = get_layout(patterncc.parse(src), t, h, bs)

@@ -329,6 +329,7 @@ class _Launch:
         # residue order through strided boxes: order mode 1 and one residue factor for all heads
         self.residue_dil = (lowering.residue_stride(klay)
                             if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
+        self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
 
@@ -384,7 +385,7 @@ class _Launch:
         d = 1
         if self.plan.permuted:
             d = self.residue_dil
-            if d is None or (self.t // d) % block:
+            if d is None or self.residue_seg % block:
                 return tensors, False
         from triton.tools.tensor_descriptor import TensorDescriptor
         out = []

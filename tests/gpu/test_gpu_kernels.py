@@ -75,19 +75,21 @@ def test_any_scale_matches_reference(name, scale):
     _assert_matches_reference(op, q, k, v, t, h, scale)
 
 
+@pytest.mark.parametrize("t", [4096, 4104])  # 4104: classes of 2052 / 1026 tokens, padded to whole blocks
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("src", [REFERENCE["dilated"], "(window(100) & causal) | dilate(4)"])
-def test_residue_order_through_strided_tma_boxes(src, d, monkeypatch):
+def test_residue_order_through_strided_tma_boxes(src, d, t, monkeypatch):
     """lowering.RESIDUE_TMA (on by default; an A/B switch): residue-order walks fetch their
-    tiles as strided boxes of a [B * heads, T / d, d, D] view; same results as the reference
-    (GQA, two batches). TMA configs are forced so that all three walks take the boxes."""
+    tiles as strided boxes of a [B * heads, T / d, d, D] view, the rows past T / d of a
+    class padded to whole blocks read as zeros; same results as the reference (GQA, two
+    batches). TMA configs are forced so that all three walks take the boxes."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
     monkeypatch.setattr(lowering, "RESIDUE_TMA", True)
     for kind in ("fwd", "dq", "dkdv"):
         monkeypatch.setitem(triton_backend.CONFIGS, (kind, d), triton_backend.KernelConfig(64, 64, 4, 2, True))
     op = patterncc.compile(src, block_size=64, backend="triton")
-    t, h = 4096, 4
+    h = 4
     q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
     run = triton_backend.launch_for(q, k, op.layout(t, h))
     for kind in ("fwd", "dq", "dkdv"):
