@@ -46,8 +46,11 @@ DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
 POINTER_ARGS = True
 # The dK/dV pass also computes dQ, added into an fp32 accumulator with atomics, and the dQ
 # pass is not launched (5 matrix products per entry instead of 7, one launch less; an
-# extra fp32 [B, H, T, D] buffer and a conversion). Off: built and checked on CPU, not yet
-# measured on a GPU; never used while torch.are_deterministic_algorithms_enabled().
+# extra fp32 [B, H, T, D] buffer and a conversion). Off: measured slower on an H200 at 64K
+# (forward+backward +15-30% at D=64, +72-98% at D=128, bench/RESULTS.md 2026-12-03): the
+# adds move a [64, D] fp32 tile through L2 per entry, ~3 GB per longformer step at D=64,
+# which costs more than the dQ pass's recompute. Never used while
+# torch.are_deterministic_algorithms_enabled().
 ATOMIC_DQ = False
 
 
