@@ -11,8 +11,9 @@ an equal node). A primitive keeps its whole meaning in one place:
   intersection enumerates only its cheapest term;
 * ``triton(names)`` -- the predicate as a Triton expression (used by codegen);
 * ``residue(d, seq_len, align)`` -- the same pattern in *residue order* (tokens permuted
-  by t mod d, classes ``align``-aligned, see :func:`residue_position`), or None when it has no such form; the lowering
-  runs dilated windows in that order, where their blocks are FULL.
+  by t mod d, classes padded to a multiple of ``align``, see :func:`residue_position`), or
+  None when it has no such form; the lowering runs dilated windows in that order, where
+  their blocks are FULL.
 
 Head selection (``heads=``) and dilation are resolved by ``specialize(head)``, which
 returns a head-free node: the layout and the kernels evaluate those, so primitives never

@@ -98,8 +98,9 @@ class KernelLayout:
     """A layout in kernel order: per head and layout block of positions, the key blocks.
 
     ``seq_len`` positions per head (at least T; d * L for a head in residue order, its
-    classes padded to L = ir.residue_length(T, d, block) positions), ``nblocks`` = ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor
-    and class length (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
+    classes padded to L = ir.residue_length(T, d, block) positions), ``nblocks`` =
+    ceil(seq_len / block). ``dil`` / ``seg`` per head: residue factor and class length
+    (1 and T in token order). ``indptr`` [H * nblocks + 1], ``kblock`` and
     ``flags`` [nnz]: CSR rows ``head * nblocks + block``, key blocks increasing.
     ``head_class`` [H]: the first head whose rows are the same (heads of one behaviour are
     lowered once and copied). ``columns[h]``: positions every query of head h attends
