@@ -238,7 +238,7 @@ def _build_kernel_layout(layout: Layout, pred: PredicatePlan, group: int) -> Ker
     indptr = np.zeros(h * nbk + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=h * nbk), out=indptr[1:])
     dil = np.array([d for d, _ in orders], np.int64)
-    seg = np.array([_positions(t, d, bs) // d for d, _ in orders], np.int64)
+    seg = np.array([_class_length(t, d, bs) for d, _ in orders], np.int64)
     kblock = np.concatenate(kbs).astype(np.int32)
     flags = _mark_columns(np.concatenate(fls).astype(np.int32), indptr, kblock, kernel_patterns, columns,
                           head_class, nbk)
@@ -416,10 +416,15 @@ def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarra
             np.concatenate([flags[~thin], fls[order]]).astype(np.int32), thin_ptr)
 
 
+def _class_length(t: int, d: int, bs: int) -> int:
+    """A head's class length (its ``seg``): T in token order (d = 1); in residue order
+    L = ir.residue_length(T, d, bs), padded to the block."""
+    return t if d == 1 else ir.residue_length(t, d, bs)
+
+
 def _positions(t: int, d: int, bs: int) -> int:
-    """Kernel positions of a head: T in token order (d = 1); in residue order d classes of
-    L = ir.residue_length(T, d, bs) positions each (padded to the block)."""
-    return t if d == 1 else d * ir.residue_length(t, d, bs)
+    """Kernel positions of a head: its d classes of _class_length positions."""
+    return d * _class_length(t, d, bs)
 
 
 def _not_tokens_token_order(t: int, bs: int) -> np.ndarray:
@@ -433,7 +438,7 @@ def _not_tokens_residue(t: int, d: int, bs: int) -> np.ndarray:
     class's last token up to its end."""
     length = ir.residue_length(t, d, bs)
     counts = -(-(t - np.arange(d)) // d)  # tokens of class c: ceil((T - c) / d)
-    blocks = [np.arange((c * length + n) // bs, -(-(c + 1) * length // bs))
+    blocks = [np.arange((c * length + n) // bs, (c + 1) * length // bs)  # L is a multiple of bs
               for c, n in enumerate(counts) if n < length]
     return np.unique(np.concatenate(blocks)) if blocks else np.array([], np.int64)
 

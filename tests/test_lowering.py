@@ -94,7 +94,7 @@ def test_residue_order_only_for_heads_that_have_one():
                          100, 3, 16)
     assert klay.dil.tolist() == [1, 1, 1]     # random blocks have no residue form
     lay, _, klay = _klay("window(4) | dilate(2, heads=[1])", 101, 3, 16)
-    assert klay.dil.tolist() == [1, 2, 1] and klay.seq_len == 128  # 2 classes of 51 tokens, padded to 64
+    assert klay.dil.tolist() == [1, 2, 1] and klay.seq_len == 128  # classes of 51 and 50 tokens, each padded to 64
 
 
 def test_gqa_heads_of_one_kv_head_share_an_order():
