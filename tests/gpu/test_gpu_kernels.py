@@ -305,7 +305,8 @@ def test_forward_is_bitwise_reproducible():
     {"fwd": (128, 64, 8, 3, True), "dq": (128, 32, 8, 2, True), "dkdv": (32, 128, 8, 2, True)},
     {"fwd": (128, 64, 8, 3, True, 128), "dq": (128, 32, 8, 2, False, 128), "dkdv": (32, 128, 8, 2)},
     {"fwd": (64, 64, 4, 2, True, 128), "dq": (64, 64, 4, 2, True, 128), "dkdv": (32, 64, 4, 3)},
-], ids=["stacked-a", "stacked-b", "tma", "stacked-tma", "capped", "capped-flat"])
+    {"fwd": (64, 64, 4, 2, True), "dq": (64, 64, 8, 2, True), "dkdv": (64, 64, 8, 3, True)},
+], ids=["stacked-a", "stacked-b", "tma", "stacked-tma", "capped", "capped-flat", "flat-8warp"])
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "dilated", "card", "causal_window"])
 def test_every_autotuner_candidate_shape_is_exact(name, kind_cfgs, monkeypatch):
     """Tall (stacked) row tiles, narrow walked tiles and TMA descriptors, as the autotuner may
