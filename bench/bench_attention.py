@@ -25,9 +25,8 @@ tiles: lowering.THIN_ROWS) or ``direct`` (repeated launches straight into the co
 kernels: triton_backend.DIRECT_LAUNCH, a host-time change) or ``pointers`` (direct launches
 pass tensors' addresses: triton_backend.POINTER_ARGS, host time) turned off, or
 ``scratch`` (four times the split-row scratch budget, so shorter pieces:
-lowering.SCRATCH_FRACTION) or ``atomicdq`` (dQ added by the dK/dV pass with atomics, no dQ
-pass: triton_backend.ATOMIC_DQ) given, timed in the same run (with the variant's host time
-per forward).
+lowering.SCRATCH_FRACTION) given, timed in the same run (with the variant's host time per
+forward).
 
 eff = (dense flash time x pattern density) / time, as in DESIGN.md: 1.0 means as fast per
 attended pair as dense FlashAttention. eff_cudnn uses the cuDNN dense time instead.
@@ -68,7 +67,6 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": False},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
-             "atomicdq": {"ATOMIC_DQ": True},
              "scratch": {"SCRATCH_FRACTION": 0.2}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
@@ -79,7 +77,6 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
-          "atomicdq": "atomic dQ in the dK/dV pass",
           "scratch": "4x split-row scratch"}
 
 # The reference patterns of DESIGN.md, in the pattern language.

@@ -3,7 +3,7 @@
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
 into each generated module, which defines ``token_mask`` / ``token_mask_t`` first.
 
-Three passes, one launch each, deterministic (with ATOMIC_DQ, two: see the end):
+Three passes, one launch each, deterministic:
 
 1. ``_attn_bwd_preprocess``: Delta = rowsum(dO * O) (fp32), one program per row tile.
 2. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
@@ -23,12 +23,6 @@ sums them in slot order. Probabilities are recomputed as p = exp2(s * qk_scale -
 LSE = +inf on rows no key reaches, so p is exactly 0 there. FULL blocks need no mask at
 all here: positions that are not tokens read K = V = 0 and only feed dK/dV rows that are
 never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
-
-ATOMIC_DQ (the host's triton_backend.ATOMIC_DQ, off by default): the dK/dV pass also adds
-dS K into an fp32 dQ accumulator with atomic adds, as FlashAttention-2 does, and the dQ
-pass is not launched. The dQ pass recomputes S, P and dP for every entry (3 products there
-against 1 more here: 5 instead of 7 per entry); atomics make dQ's last bits depend on the
-order the adds land in, so it is not used when torch asks for deterministic algorithms.
 """
 import triton
 import triton.language as tl
@@ -55,7 +49,6 @@ def _attn_bwd_dkdv(
     Q, K, V, dOut, Lse, Delta,               # Lse / Delta [B, H, T] fp32
     Qd, dOd,                                 # TMA descriptors of Q, dO (USE_TMA; else Q, dO again)
     dK, dV,                                  # [B, H_KV, T, D]
-    dQacc,                                   # ATOMIC_DQ: fp32 [B, H, T, D], zeroed (else a dummy)
     ScratchK, ScratchV, Count,               # split columns: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
     item_row, item_start, item_end, item_slot, item_merge,   # work items over kv rows kv_head * NR + key row
     merge_start, merge_end,
@@ -67,7 +60,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -93,18 +86,17 @@ def _attn_bwd_dkdv(
     if THIN_ROWS:
         # A few global queries of a far query block: a 16-query tile, not a whole block.
         for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, dQacc, tl.load(qblock + e) * NARROW,
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
                                 tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
-                                tables, qk_scale, sm_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED,
-                                PERMUTED, False, PRECISION, UPCAST, ATOMIC_DQ)
+                                tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
+                                PRECISION, UPCAST)
     # One flat loop over (entry, query sub-tile) pairs.
     for it in range(start * M_TILES, end * M_TILES):
         e = it // M_TILES
         m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
-        dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, dQacc, m_first, tl.load(qhead + e),
-                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, sm_scale,
-                            SEQ_LEN, BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST,
-                            ATOMIC_DQ)
+        dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
+                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
+                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
     dk = dk * sm_scale
 
     dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -125,12 +117,11 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, dQacc, m_first, head, flags, b, H, tok_n, sub_col, dil,
-               seg, tables, qk_scale, sm_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_PAD: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``
-    (and, with ATOMIC_DQ, their dQ contribution from these keys, added in place)."""
+def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, tok_n, sub_col, dil, seg,
+               tables, qk_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+               STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
     q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
@@ -152,11 +143,6 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, dQacc, m_first, head,
     dpT = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST)
     dsT = pT * (dpT - delta[None, :])
     dk = _mma(dsT.to(q.dtype), q, dk, PRECISION, UPCAST)
-    if ATOMIC_DQ:
-        # Every (query, key) pair is visited once over this pass, so the adds sum to dQ.
-        dq = _mma(tl.trans(dsT.to(k.dtype)), k, tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), PRECISION, UPCAST)
-        _add_rows(_row_ptrs(dQacc, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), dq * sm_scale, valid_m,
-                  HEAD_DIM, HEAD_PAD)
     return dk, dv
 
 

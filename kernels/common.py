@@ -199,17 +199,6 @@ def _store_rows(ptrs, x, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
 
 
 @triton.jit
-def _add_rows(ptrs, x, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """Atomically add a [rows, HEAD_PAD] fp32 tile where _store_rows would store it (relaxed:
-    only the sum matters, read after the kernel)."""
-    if HEAD_DIM == HEAD_PAD:
-        tl.atomic_add(ptrs, x, mask=valid[:, None], sem="relaxed")
-    else:
-        cols = tl.arange(0, HEAD_PAD)
-        tl.atomic_add(ptrs, x, mask=valid[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
-
-
-@triton.jit
 def _scratch_ptrs(Scratch, slot, b, B, row_offset, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr,
                   HEAD_PAD: tl.constexpr):
     """Pointers to one partial tile [ROWS, HEAD_PAD] of a split row: Scratch[slot, b, row_offset:]."""

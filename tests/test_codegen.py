@@ -180,8 +180,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
-                maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
-                atomic_dq: bool = False) -> dict:
+                maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -193,7 +192,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
-                  THIN_ROWS=thin_rows, ATOMIC_DQ=atomic_dq)
+                  THIN_ROWS=thin_rows)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -214,8 +213,6 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
             return "*i8"
         if name in ("qk_scale", "sm_scale"):
             return "fp32"
-        if name == "dQacc":
-            return "*fp32"
         if name[0].isupper() and name not in ("SEQ_LEN", "NR", "B", "H", "GROUP", "M_BLOCKS"):
             return "*fp32"  # Lse, Delta, scratch buffers
         return "i32"
@@ -269,17 +266,11 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     # with TMA and residue order by pointers
     variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True),
                                                   (1, block, False, 4, None, True, True)]
-    # and dQ added by the dK/dV pass (triton_backend.ATOMIC_DQ), with TMA and in residue order
-    variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True, True),
-                                                  (1, 2 * block, False, 4, None, True, False, True)]
-    for permuted, rows, tma, warps, cap, fold, thin, atomic in variants:
+    for permuted, rows, tma, warps, cap, fold, thin in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
-                                       fold_scale=fold, thin_rows=thin, atomic_dq=atomic)
+                                       fold_scale=fold, thin_rows=thin)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
-            if name == "_attn_bwd_dkdv":
-                adds = re.search(r"(red|atom)\.global\S*\.add(\.v\d)?\.f32", compiled.asm["ptx"])
-                assert bool(adds) == atomic, f"{name}: atomic dQ adds {'missing' if atomic else 'present'}"
             if tma and name != "_attn_bwd_preprocess":
                 assert "cp.async.bulk.tensor" in compiled.asm["ptx"], f"{name}: no TMA copies"
             if cap:

@@ -139,28 +139,6 @@ def test_each_key_is_tuned_once_and_a_new_length_reuses_it(monkeypatch):
             assert tuning.tuned(kind, 16, torch.float32, "Fake GPU", tall) in two
 
 
-def test_with_atomic_dq_the_backward_tunes_dkdv_as_it_runs_and_not_dq(monkeypatch):
-    """triton_backend.ATOMIC_DQ: the dK/dV candidates are timed with dQ's atomic adds in
-    them (the variant the backward runs), and there is no dQ kernel to tune."""
-    monkeypatch.setattr(triton_backend, "ATOMIC_DQ", True)
-    monkeypatch.setattr(triton_backend, "device_name", lambda x: "Fake GPU 2")
-    monkeypatch.setattr(tuning.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(tuning, "time_ms", lambda run: (run(), 1.0)[1])
-    monkeypatch.setattr(tuning, "CANDIDATES", {kind: [K(32, 32, 4, 2)] for kind in tuning.KINDS})
-    launched = []
-    real = codegen.Generated.kernel
-    monkeypatch.setattr(codegen.Generated, "kernel", lambda self, name: (launched.append(name), real(self, name))[1])
-    layout = get_layout(patterncc.parse("window(8) | global([0])"), 100, 2, 32)
-    q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
-    out = triton_backend.attention(q, k, v, layout, 0.25)
-    launched.clear()
-    out.sum().backward()
-    assert "_attn_bwd_dq" not in launched and launched.count("_attn_bwd_dkdv") == 2  # the candidate, then the run
-    pred = codegen.analyse(layout.pattern)
-    assert tuning.tuned("dkdv", 16, torch.float32, "Fake GPU 2", lowering.row_class(layout, pred, 1, "dkdv"))
-    assert tuning.tuned("dq", 16, torch.float32, "Fake GPU 2", lowering.row_class(layout, pred, 1, "dq")) is None
-
-
 def test_measured_table_holds_only_candidates_of_its_class():
     """TUNED entries come from the sweep, so each is a candidate of its class: the GPU test
     test_every_autotuner_candidate_shape_is_exact then covers what the table picks."""

@@ -44,14 +44,6 @@ DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
 # address is device memory (cuPointerGetAttribute), per pointer argument and launch. The
 # plan's addresses are read once. False: tensors are passed as tensors (an A/B switch).
 POINTER_ARGS = True
-# The dK/dV pass also computes dQ, added into an fp32 accumulator with atomics, and the dQ
-# pass is not launched (5 matrix products per entry instead of 7, one launch less; an
-# extra fp32 [B, H, T, D] buffer and a conversion). Off: measured slower on an H200 at 64K
-# (forward+backward +15-30% at D=64, +72-98% at D=128, bench/RESULTS.md 2026-12-03): the
-# adds move a [64, D] fp32 tile through L2 per entry, ~3 GB per longformer step at D=64,
-# which costs more than the dQ pass's recompute. Never used while
-# torch.are_deterministic_algorithms_enabled().
-ATOMIC_DQ = False
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -502,17 +494,14 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
 def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | None = None,
              need_q: bool = True, need_kv: bool = True, configs: dict | None = None):
     """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed.
-    One launch for Delta, one for dK/dV, one for dQ (with ATOMIC_DQ, dQ comes out of the
-    dK/dV launch when both are needed)."""
+    One launch for Delta, one for dK/dV, one for dQ."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     args = (do, q, k, v, out, lse, layout, scale, split)
-    atomic_dq = ATOMIC_DQ and need_q and need_kv and not torch.are_deterministic_algorithms_enabled()
-    # (with atomic dQ the dK/dV kernel is tuned as it runs, dQ included, and dQ's is not needed)
-    kinds = ("dkdv",) * need_kv + ("dq",) * (need_q and not atomic_dq)
+    kinds = ("dkdv",) * need_kv + ("dq",) * need_q
     run = _tuned_launch(launch_for(q, k, layout, split, configs), kinds, q, k, layout, split, configs,
-                        lambda kind, cfg: backward(*args, need_q=kind == "dq" or atomic_dq,
-                                                   need_kv=kind == "dkdv", configs={kind: cfg}))
+                        lambda kind, cfg: backward(*args, need_q=kind == "dq", need_kv=kind == "dkdv",
+                                                   configs={kind: cfg}))
     plan, c = run.plan, run.consts
 
     delta = _empty(lse.shape, lse)
@@ -522,27 +511,22 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
         (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
-    dk = dv = dq = dq_acc = None
+    dk = dv = dq = None
     if need_kv:
         dk = _empty(k.shape, k)
         dv = _empty(v.shape, v)
-        if atomic_dq:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         walk = plan.kv
         bm, bn, opts = run.tiles("dkdv")
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
         run.launch("_attn_bwd_dkdv", (walk.items.n_items * tiles, run.b),
-            (q, k, v, do, lse, delta, *q_tiles, dk, dv, run.no_scratch if dq_acc is None else dq_acc,
-             *run.scratch(walk, run.d_pad, run.d_pad)),
+            (q, k, v, do, lse, delta, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
             run.walk_args(walk, tiles),
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-            THIN_ROWS=walk.n_narrow > 0, ATOMIC_DQ=atomic_dq, **c, **opts)
-        if atomic_dq:
-            dq = dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
+            THIN_ROWS=walk.n_narrow > 0, **c, **opts)
 
-    if need_q and dq is None:
+    if need_q:
         dq = _empty(q.shape, q)
         walk = plan.dq
         bm, bn, opts = run.tiles("dq")

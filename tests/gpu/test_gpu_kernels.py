@@ -131,22 +131,6 @@ def test_split_rows_first_match_reference(src, first, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
-@pytest.mark.parametrize("name", list(REFERENCE))
-@pytest.mark.parametrize("t,d,h,hkv", [(4001, 64, 4, 2), (2048, 128, 2, 2), (777, 80, 2, 1)])
-def test_atomic_dq_matches_reference(name, t, d, h, hkv, monkeypatch):
-    """triton_backend.ATOMIC_DQ: dQ added by the dK/dV pass with fp32 atomics, no dQ launch
-    (GQA, odd lengths, padded head dims, bf16)."""
-    from patterncc.backends import triton_backend
-    monkeypatch.setattr(triton_backend, "ATOMIC_DQ", True)
-    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
-    try:
-        op.mask(t, h)
-    except patterncc.PatternError:
-        pytest.skip("pattern does not fit this length")
-    q, k, v = _inputs(2, h, hkv, t, d, torch.bfloat16)
-    _assert_matches_reference(op, q, k, v, t, h)
-
-
 @pytest.mark.parametrize("name", ["longformer", "dilated", "causal_window"])
 def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
     """triton_backend.DIRECT_LAUNCH (on by default): repeated forward+backward
