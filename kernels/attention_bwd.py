@@ -65,18 +65,9 @@ def _attn_bwd_dkdv(
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    item = pid // N_TILES
-    tile = pid % N_TILES
-    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
-    kv_head = row // NR
-    # The query heads of one kv head share its kernel order (the lowering sees to that).
-    dil, seg = _head_order(head_dil, head_seg, kv_head * GROUP, SEQ_LEN, PERMUTED)
-
-    n_first = (row % NR) * ROW_BLOCK + tile * BLOCK_N
-    tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
-    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    b, item, tile, start, end, slot, dil, seg, n_first, tok_n, valid_n, kv_row0 = _key_item(
+        item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_N,
+        PERMUTED)
     k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK

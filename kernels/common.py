@@ -65,6 +65,27 @@ def _query_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, S
 
 
 @triton.jit
+def _key_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP,
+              ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr):
+    """Who this program is in the pass over key rows (dK/dV): _query_item's counterpart, for a
+    BLOCK_N tile of a kv head's key row, with the tile's tokens (original positions) and which
+    of them exist. The query heads of one kv head share its kernel order
+    (the lowering sees to that), so the order is read from the group's first query head."""
+    N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    item = pid // N_TILES
+    tile = pid % N_TILES
+    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
+    kv_head = row // NR
+    dil, seg = _head_order(head_dil, head_seg, kv_head * GROUP, SEQ_LEN, PERMUTED)
+    n_first = (row % NR) * ROW_BLOCK + tile * BLOCK_N
+    tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    kv_row0 = (b * (H // GROUP) + kv_head).to(tl.int64) * SEQ_LEN
+    return b, item, tile, start, end, slot, dil, seg, n_first, tok_n, valid_n, kv_row0
+
+
+@triton.jit
 def _thin_item(item_thin, item, THIN_ROWS: tl.constexpr):
     """The 16-row sub-block a thin-row item walks (forward, dQ), else -1; always -1 without
     THIN_ROWS, so the caller's thin branch folds away at compile time."""
