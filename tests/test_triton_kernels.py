@@ -499,9 +499,18 @@ class _Compiled:
         return lambda *args: self.calls.append(("direct", grid, args))
 
 
+class _Refusing(_Compiled):
+    """A compiled kernel whose launcher takes its arguments some other way (another Triton)."""
+
+    def __getitem__(self, grid):
+        def run(*args):
+            raise TypeError(f"function takes exactly 4 arguments ({len(args)} given)")
+        return run
+
+
 class _Jit:
-    def __init__(self, calls: list, compiles: bool = True):
-        self.calls, self.compiles = calls, compiles
+    def __init__(self, calls: list, compiles: bool = True, compiled: type = _Compiled):
+        self.calls, self.compiles, self.compiled = calls, compiles, compiled
 
         def fn(x, y, n, s, X, Y=7):  # positional arguments, then constexprs (Y has a default)
             pass
@@ -510,7 +519,7 @@ class _Jit:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append(("jit", grid, args, kwargs))
-            return _Compiled(self.calls) if self.compiles else None
+            return self.compiled(self.calls) if self.compiles else None
         return launch
 
 
@@ -535,6 +544,33 @@ def test_direct_launches_reuse_the_compiled_kernel_only_while_its_specialisation
         assert launch(**changed) == "jit", changed  # a new specialisation: compiled by the JIT
         assert launch(**changed) == "direct", changed
     assert launch() == "direct"  # the first one is still kept
+
+
+def test_a_refused_first_direct_launch_goes_through_the_jit_and_stops_direct_launches(monkeypatch):
+    monkeypatch.setattr(triton_backend, "DIRECT_LAUNCH", True)
+    calls: list = []
+    jit, direct = _Jit(calls, compiled=_Refusing), triton_backend.DirectLaunches()
+    x = torch.zeros(8)
+    with pytest.warns(RuntimeWarning, match=r"direct launch of _k .*4 arguments.*PATTERNCC_DIRECT_LAUNCH=0"):
+        for _ in range(2):
+            direct.launch("_k", jit, (1,), (x, x, 5, 0.5), {"X": 1})
+    assert [c[0] for c in calls] == ["jit", "jit"]  # the refused launch ran through the JIT, once
+    assert triton_backend.DIRECT_LAUNCH is False and not direct._runners  # (the op checks the switch)
+
+
+def test_a_direct_launch_that_worked_once_raises_its_errors():
+    calls: list = []
+    jit, direct = _Jit(calls), triton_backend.DirectLaunches()
+    x = torch.zeros(8)
+    for _ in range(2):
+        direct.launch("_k", jit, (1,), (x, x, 5, 0.5), {"X": 1})
+    assert [c[0] for c in calls] == ["jit", "direct"]
+
+    def broken(*args):
+        raise TypeError("a later failure")
+    direct._runners = dict.fromkeys(direct._runners, broken)
+    with pytest.raises(TypeError, match="a later failure"):
+        direct.launch("_k", jit, (1,), (x, x, 5, 0.5), {"X": 1})
 
 
 def test_direct_launches_keep_nothing_without_a_compiled_kernel_or_for_unknown_arguments():

@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 
 import torch
 
@@ -185,10 +186,17 @@ class DirectLaunches:
     costs ~0.25 us per argument, and they are most of a kernel's ~30 arguments. A repeated
     launch passes tensors as their addresses (POINTER_ARGS): the key has read them anyway,
     and Triton's launcher then skips its per-argument data_ptr() call and driver query.
+
+    Calling a compiled kernel with every parameter in order is how Triton 3.x's launchers
+    take them (checked on the GPU with Triton 3.6). Should another version refuse the
+    arguments (a TypeError from a kernel's first direct launch, raised before anything is
+    launched), the launch goes through the JIT instead and direct launches stop for the
+    process, with a warning: the same as ``PATTERNCC_DIRECT_LAUNCH=0``.
     """
 
     def __init__(self):
         self._runners: dict = {}
+        self._untried: set = set()  # keys whose runner has not launched yet
 
     def launch(self, name: str, kernel, grid: tuple, args: tuple, kwargs: dict,
                fixed: tuple[int, int] = (0, 0), fixed_pointers: tuple | None = None) -> None:
@@ -203,7 +211,11 @@ class DirectLaunches:
         key = (name, grid, spec, *kwargs.values())
         runner = self._runners.get(key)
         if runner is not None:
-            if pointers is None:
+            if self._untried and key in self._untried:
+                direct = args if pointers is None else (
+                    *pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
+                self._first_direct(key, name, runner, kernel, grid, args, kwargs, direct)
+            elif pointers is None:
                 runner(*args)
             else:
                 runner(*pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
@@ -212,6 +224,26 @@ class DirectLaunches:
         runner = _compiled_runner(kernel, compiled, grid, len(args), kwargs)
         if runner is not None and spec is not None and (not hi or _specialised(args[lo:hi]) is not None):
             self._runners[key] = runner
+            self._untried.add(key)
+
+    def _first_direct(self, key, name, runner, kernel, grid, args, kwargs, direct: tuple) -> None:
+        """A key's first direct launch, of ``direct`` (``args`` as the runner takes them): on a
+        TypeError (the launcher refused them), launch ``args`` through the JIT and turn direct
+        launches off (see the class's docstring)."""
+        global DIRECT_LAUNCH
+        try:
+            runner(*direct)
+        except TypeError as err:
+            DIRECT_LAUNCH = False
+            self._runners.clear()
+            self._untried.clear()
+            import triton
+            warnings.warn(f"patterncc: a direct launch of {name} into Triton {triton.__version__}'s compiled kernel "
+                          f"failed ({err}); launching through Triton's JIT from now on, as with "
+                          "PATTERNCC_DIRECT_LAUNCH=0", RuntimeWarning, stacklevel=2)
+            kernel[grid](*args, **kwargs)
+            return
+        self._untried.discard(key)
 
 
 _KEYED_BY_VALUE = frozenset((int, bool, str, type(None)))
