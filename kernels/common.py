@@ -37,9 +37,16 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _work_item(item_row, item_start, item_end, item_slot, item):
-    """(row, first entry, one past the last, scratch slot or -1) of one work item."""
-    return tl.load(item_row + item), tl.load(item_start + item), tl.load(item_end + item), tl.load(item_slot + item)
+def _work_item(item_row, item_start, item_end, item_slot, TILES: tl.constexpr):
+    """This program's batch, work item and tile of the item's row (TILES programs per item
+    on grid axis 0), then the item's row, first entry, one past its last, and scratch slot
+    (or -1)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    item = pid // TILES
+    tile = pid % TILES
+    return (b, item, tile, tl.load(item_row + item), tl.load(item_start + item), tl.load(item_end + item),
+            tl.load(item_slot + item))
 
 
 @triton.jit
@@ -49,12 +56,8 @@ def _query_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, S
     BLOCK_M tile of the item's row; the item's entries and scratch slot; the row's head and
     its kernel order; the tile's first (kernel-order) position; and the int64 offsets of the
     head's query rows and of its kv head's key rows."""
-    M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    item = pid // M_TILES
-    tile = pid % M_TILES
-    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
+    b, item, tile, row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot,
+                                                      ROW_BLOCK // BLOCK_M)
     head = row // NR
     dil, seg = _head_order(head_dil, head_seg, head, SEQ_LEN, PERMUTED)
     m_first = (row % NR) * ROW_BLOCK + tile * BLOCK_M
@@ -71,12 +74,8 @@ def _key_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ
     BLOCK_N tile of a kv head's key row, with the tile's tokens (original positions) and which
     of them exist. The query heads of one kv head share its kernel order
     (the lowering sees to that), so the order is read from the group's first query head."""
-    N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    item = pid // N_TILES
-    tile = pid % N_TILES
-    row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot, item)
+    b, item, tile, row, start, end, slot = _work_item(item_row, item_start, item_end, item_slot,
+                                                      ROW_BLOCK // BLOCK_N)
     kv_head = row // NR
     dil, seg = _head_order(head_dil, head_seg, kv_head * GROUP, SEQ_LEN, PERMUTED)
     n_first = (row % NR) * ROW_BLOCK + tile * BLOCK_N

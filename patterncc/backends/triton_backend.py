@@ -211,14 +211,12 @@ class DirectLaunches:
         key = (name, grid, spec, *kwargs.values())
         runner = self._runners.get(key)
         if runner is not None:
+            direct = args if pointers is None else (
+                *pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
             if self._untried and key in self._untried:
-                direct = args if pointers is None else (
-                    *pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
                 self._first_direct(key, name, runner, kernel, grid, args, kwargs, direct)
-            elif pointers is None:
-                runner(*args)
             else:
-                runner(*pointers[:lo], *(args[lo:hi] if fixed_pointers is None else fixed_pointers), *pointers[lo:])
+                runner(*direct)
             return
         compiled = kernel[grid](*args, **kwargs)
         runner = _compiled_runner(kernel, compiled, grid, len(args), kwargs)
