@@ -10,7 +10,7 @@ short by a time limit keeps what it measured) and prints a Markdown table for
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch python bench/bench_attention.py  # A/B rows
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch,delta python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -67,7 +67,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": False},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
-             "scratch": {"SCRATCH_FRACTION": 0.2}}
+             "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -77,7 +77,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
-          "scratch": "4x split-row scratch"}
+          "scratch": "4x split-row scratch", "delta": "Delta pass of its own"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -380,13 +380,17 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
         def pfb():
             op(q, k, v).backward(do)
         pfb_ms = bench(pfb, [q, k, v])
+        pfb_kernels = kernel_ms(pfb, [q, k, v])  # GPU time alone (16K eager may be host-bound)
+    base_kernels = base.get("pcc_fwdbwd_kernel_ms")
     return {"T": base["T"], "pattern": name, "D": base["D"], "ablation": LABELS[what],
             "pcc_fwd_ms": pf, "pcc_fwdbwd_ms": pfb_ms, "with_fwd_ms": base["pcc_fwd_ms"],
             "with_fwdbwd_ms": base["pcc_fwdbwd_ms"], "gain_fwd": pf / base["pcc_fwd_ms"],
             "pcc_host_fwd_ms": pf_host, "with_host_fwd_ms": base["pcc_host_fwd_ms"],
             "gain_fwdbwd": pfb_ms / base["pcc_fwdbwd_ms"], "pcc_fwd_graph_ms": pf_graph,
             "with_fwd_graph_ms": base["pcc_fwd_graph_ms"],
-            "gain_fwd_graph": pf_graph / base["pcc_fwd_graph_ms"] if (pf_graph and base["pcc_fwd_graph_ms"]) else None}
+            "gain_fwd_graph": pf_graph / base["pcc_fwd_graph_ms"] if (pf_graph and base["pcc_fwd_graph_ms"]) else None,
+            "pcc_fwdbwd_kernel_ms": pfb_kernels, "with_fwdbwd_kernel_ms": base_kernels,
+            "gain_fwdbwd_kernel": pfb_kernels / base_kernels if (pfb_kernels and base_kernels) else None}
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -440,12 +444,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     ablations = [r for r in rows if "ablation" in r]
     if ablations:
         lines += ["", "| T | pattern | D | variant | fwd default / variant | fwd graph default / variant "
-                  "| f+b default / variant | host fwd default / variant |", "|---|---|---|---|---|---|---|---|"]
+                  "| f+b default / variant | f+b kernels default / variant | host fwd default / variant |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in ablations:
             lines.append(f"| {r['T']} | {r['pattern']} | {r['D']} | {r['ablation']} | {r['with_fwd_ms']:.3f} / "
                          f"{r['pcc_fwd_ms']:.3f} ({r['gain_fwd']:.2f}x) | {_f(r.get('with_fwd_graph_ms'))} / "
                          f"{_f(r.get('pcc_fwd_graph_ms'))} ({_f(r.get('gain_fwd_graph'), 2)}x) | "
                          f"{r['with_fwdbwd_ms']:.3f} / {r['pcc_fwdbwd_ms']:.3f} ({r['gain_fwdbwd']:.2f}x) | "
+                         f"{_f(r.get('with_fwdbwd_kernel_ms'))} / {_f(r.get('pcc_fwdbwd_kernel_ms'))} "
+                         f"({_f(r.get('gain_fwdbwd_kernel'), 2)}x) | "
                          f"{_f(r.get('with_host_fwd_ms'))} / {_f(r.get('pcc_host_fwd_ms'))} |")
     return "\n".join(lines)
 

@@ -3,16 +3,20 @@
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
 into each generated module, which defines ``token_mask`` / ``token_mask_t`` first.
 
-Three passes, one launch each, deterministic:
+Two or three passes, one launch each, deterministic:
 
-1. ``_attn_bwd_preprocess``: Delta = rowsum(dO * O) (fp32), one program per row tile.
-2. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
+1. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index,
+   with the forward's items (a thin-row item, THIN_ROWS, computes the 16 rows holding its
+   global queries and leaves zeros in its partial for the row's other positions). With
+   DELTA_FROM_O its regular items also compute Delta = rowsum(dO * O) (fp32) from the O and
+   dO rows they hold and store it for the pass below: every query row has a regular item,
+   and the several items of a split row store the same bits (the same tile, the same sum).
+2. ``_attn_bwd_preprocess``: Delta alone, one program per row tile; launched instead when
+   dQ is not wanted (dK/dV only).
+3. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
-3. ``_attn_bwd_dq``: one program per (query head, query row) tile walks the forward index,
-   with the forward's items (a thin-row item, THIN_ROWS, computes the 16 rows holding its
-   global queries and leaves zeros in its partial for the row's other positions).
-   With THIN_ROWS, dK/dV walks such a row's far blocks the other way round: the global
+   With THIN_ROWS, dK/dV walks a split row's far blocks the other way round: the global
    queries of a query block as a 16-query tile, in a loop before the regular entries.
 
 Rows are ROW_BLOCK positions (one layout block or several stacked, as in the forward;
@@ -139,7 +143,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
 
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dq(
-    Q, K, V, dOut, Lse, Delta,
+    Q, K, V, dOut, Out, Lse, Delta,          # Delta: read, or written here (DELTA_FROM_O)
     Kd, Vd,                                  # TMA descriptors of K, V (USE_TMA; else K, V again)
     dQ,                                      # [B, H, T, D]
     ScratchQ, Count,                         # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
@@ -155,7 +159,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, DELTA_FROM_O: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
@@ -166,10 +170,10 @@ def _attn_bwd_dq(
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
-        _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
+        _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                          slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
                          SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED,
-                         PERMUTED, USE_TMA, PRECISION, UPCAST)
+                         PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O)
         _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
                         M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
@@ -178,7 +182,8 @@ def _attn_bwd_dq(
         do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM,
                         HEAD_PAD)
         lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
-        delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
+        delta = _row_delta(Out, Delta, do, q_row0, m_first, tok_m, valid_m, HEAD_DIM, HEAD_PAD, PERMUTED,
+                           DELTA_FROM_O, True)
         sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
         dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
@@ -217,12 +222,12 @@ def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end,
 
 
 @triton.jit
-def _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
+def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
                      b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                      ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                      STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, DELTA_FROM_O: tl.constexpr):
     """A thin-row item's dQ partial for this program's tile (as the forward's _thin_partial):
     the NARROW rows of sub-block ``thin``, zero for the tile's other rows."""
     local, others = _thin_rows_in_tile(thin, tile, BLOCK_M, NARROW)
@@ -234,13 +239,31 @@ def _dq_thin_partial(Q, K, V, dOut, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row
         do = _load_rows(_row_ptrs(dOut, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM,
                         HEAD_PAD)
         lse = tl.load(Lse + q_row0 + tok_t, mask=valid_t, other=float("inf"))
-        delta = tl.load(Delta + q_row0 + tok_t, mask=valid_t, other=0.0)
+        # (the row's regular item stores these rows' Delta: a second writer could store other bits)
+        delta = _row_delta(Out, Delta, do, q_row0, t_first, tok_t, valid_t, HEAD_DIM, HEAD_PAD, PERMUTED,
+                           DELTA_FROM_O, False)
         dq = _dq_entries(q, do, lse, delta, tl.zeros([NARROW, HEAD_PAD], tl.float32), K, V, Kd, Vd, kv_row0, kv_bh,
                          start, end, kblock, entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg,
                          tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED,
                          USE_TMA, PRECISION, UPCAST)
         tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD),
                  dq * sm_scale)
+
+
+@triton.jit
+def _row_delta(Out, Delta, do, q_row0, first, tok, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+               PERMUTED: tl.constexpr, FROM_O: tl.constexpr, STORE: tl.constexpr):
+    """Delta = rowsum(dO * O) of these query rows: with FROM_O computed from O here (one more
+    tile load per program, where a separate pass reads O and dO again and launches once
+    more) and, with STORE, written for the dK/dV pass that runs after this one; else read."""
+    if FROM_O:
+        o = _load_rows(_row_ptrs(Out, q_row0, first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if STORE:
+            tl.store(Delta + q_row0 + tok, delta, mask=valid)
+    else:
+        delta = tl.load(Delta + q_row0 + tok, mask=valid, other=0.0)
+    return delta
 
 
 @triton.jit

@@ -180,7 +180,8 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
-                maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False) -> dict:
+                maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
+                delta_from_o: bool = True) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -192,7 +193,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
-                  THIN_ROWS=thin_rows)
+                  THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -266,9 +267,11 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     # with TMA and residue order by pointers
     variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True),
                                                   (1, block, False, 4, None, True, True)]
-    for permuted, rows, tma, warps, cap, fold, thin in variants:
+    # and dQ reading Delta from its own pass (DELTA_IN_DQ off, or dK/dV alone: the others compute it)
+    variants = [(*v, True) for v in variants] + [(0, block, True, 4, None, True, False, False)]
+    for permuted, rows, tma, warps, cap, fold, thin, delta in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
-                                       fold_scale=fold, thin_rows=thin)
+                                       fold_scale=fold, thin_rows=thin, delta_from_o=delta)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

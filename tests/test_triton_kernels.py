@@ -365,6 +365,46 @@ def test_only_the_gradients_asked_for():
     assert rel_err(dq, ref_dq) < FP32_TOL
 
 
+# Delta's writers: split rows (several regular items store it), residue order with GQA,
+# thin-row items (they compute it, their row's regular item stores it), 128-token blocks.
+DELTA_CASES = [CASES[3], CASES[23], THIN_ROW_CASES[0], THIN_ROW_CASES[4]]
+
+
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", DELTA_CASES, ids=[c[0][:40] for c in DELTA_CASES])
+def test_delta_from_the_dq_pass_or_its_own_pass(src, t, h, hkv, d, b, bs, split, delta_in_dq, monkeypatch):
+    """DELTA_IN_DQ: the dQ pass computes Delta = rowsum(dO * O) and stores it for the dK/dV
+    pass launched after it, no preprocess launch; off, the preprocess pass first. Delta is
+    poisoned like every output: a row no item stores gives NaN in dK/dV."""
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    names = []
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch",
+                        lambda self, name, *a, **kw: (names.append(name), real(self, name, *a, **kw))[1])
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    expect = ["_attn_bwd_dq", "_attn_bwd_dkdv"] if delta_in_dq else ["_attn_bwd_preprocess", "_attn_bwd_dq",
+                                                                       "_attn_bwd_dkdv"]
+    assert names == ["_attn_fwd", *expect]
+
+
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+def test_dk_dv_alone_take_delta_from_its_own_pass(delta_in_dq, monkeypatch):
+    """Without dQ there is no dQ pass to compute Delta: the preprocess pass runs whatever
+    DELTA_IN_DQ says, and dK/dV match the reference."""
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    layout = get_layout(patterncc.parse("window(5) | global([0, 7]) | dilate(2)"), 101, 2, 16)
+    q, k, v = _inputs(1, 2, 1, 101, 16, torch.float32)
+    q = q.detach()
+    g = torch.randn(1, 2, 101, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dk, dv = torch.autograd.grad(triton_backend.attention(q, k, v, layout, 0.25, split=3), (k, v), g)
+    ref_in = [x.detach().double().requires_grad_() for x in (k, v)]
+    ref = reference_attention(q.double(), *ref_in, torch.from_numpy(layout.mask()).to(DEVICE), 0.25)
+    ref_dk, ref_dv = torch.autograd.grad(ref, ref_in, g.double())
+    assert rel_err(dk, ref_dk) < FP32_TOL and rel_err(dv, ref_dv) < FP32_TOL
+
+
 @pytest.mark.parametrize("kind,cfg", [("fwd", (32, 64)), ("fwd", (64, 16)), ("dkdv", (16, 64)),
                                       ("dkdv", (64, 32)), ("dq", (64, 16)), ("dq", (32, 64))])
 def test_non_square_tiles_match_reference(kind, cfg, monkeypatch):
@@ -689,5 +729,6 @@ def test_every_launch_has_arguments_the_direct_path_can_key(src, monkeypatch):
     op = patterncc.compile(src, block_size=32, backend="triton")
     q, k, v = _inputs(1, 2, 2, 96, 16, torch.float32)
     op(q, k, v).sum().backward()
+    op(q.detach(), k, v).sum().backward()  # (no dQ: Delta from its own pass)
     assert keyed == dict.fromkeys(["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"], True)
 

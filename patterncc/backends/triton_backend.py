@@ -5,8 +5,9 @@
 
 * forward: one launch of ``_attn_fwd`` over the work items (split heavy rows merged in the
   kernel by their last item), saving the base-2 log-sum-exp per query row;
-* backward: ``_attn_bwd_preprocess`` (Delta = rowsum(dO * O)), ``_attn_bwd_dkdv`` over the
-  kv index, ``_attn_bwd_dq`` over the forward index: one launch each.
+* backward: ``_attn_bwd_dq`` over the forward index, computing Delta = rowsum(dO * O) on
+  the way (``DELTA_IN_DQ``), then ``_attn_bwd_dkdv`` over the kv index: one launch each
+  (``_attn_bwd_preprocess`` computes Delta alone when dQ is not wanted).
 
 With ``DIRECT_LAUNCH`` (on; ``PATTERNCC_DIRECT_LAUNCH=0`` turns it off) a kernel's repeated
 launches skip Triton's JIT dispatch (see :class:`DirectLaunches`).
@@ -45,6 +46,10 @@ DIRECT_LAUNCH = os.environ.get("PATTERNCC_DIRECT_LAUNCH", "1") != "0"
 # address is device memory (cuPointerGetAttribute), per pointer argument and launch. The
 # plan's addresses are read once. False: tensors are passed as tensors (an A/B switch).
 POINTER_ARGS = True
+# The dQ pass computes Delta = rowsum(dO * O) from the O and dO rows it holds anyway and
+# stores it for the dK/dV pass, which then runs after it: no separate pass reading O and dO
+# again (2% of a backward at 64K, bench/RESULTS.md). False: the separate pass (an A/B switch).
+DELTA_IN_DQ = True
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -524,7 +529,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
 def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | None = None,
              need_q: bool = True, need_kv: bool = True, configs: dict | None = None):
     """(dq, dk, dv) from forward()'s out and lse; dq or dk/dv are None when not needed.
-    One launch for Delta, one for dK/dV, one for dQ."""
+    One launch for dQ (with Delta, see ``DELTA_IN_DQ``), then one for dK/dV."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     args = (do, q, k, v, out, lse, layout, scale, split)
@@ -535,13 +540,28 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     plan, c = run.plan, run.consts
 
     delta = _empty(lse.shape, lse)
-    bm, _, opts = run.tiles("dq")
-    bm = min(bm, 64)
-    m_blocks = math.ceil(run.t / bm)
-    run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
-        (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
+    delta_in_dq = need_q and DELTA_IN_DQ
+    if not delta_in_dq:
+        bm, _, opts = run.tiles("dq")
+        bm = min(bm, 64)
+        m_blocks = math.ceil(run.t / bm)
+        run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
+            (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
 
     dk = dv = dq = None
+    if need_q:  # first: with delta_in_dq it writes the Delta that dK/dV reads
+        dq = _empty(q.shape, q)
+        walk = plan.dq
+        bm, bn, opts = run.tiles("dq")
+        tiles = walk.row_block // bm
+        kv_tiles, tma = run.walked("dq", (k, v), bn)
+        run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
+            (q, k, v, do, out, lse, delta, *kv_tiles, dq, *run.scratch(walk, run.d_pad)),
+            run.walk_args(walk, tiles),
+            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
+            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
+            THIN_ROWS=walk.items.n_thin > 0, DELTA_FROM_O=delta_in_dq, **c, **opts)
+
     if need_kv:
         dk = _empty(k.shape, k)
         dv = _empty(v.shape, v)
@@ -555,17 +575,4 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
             THIN_ROWS=walk.n_narrow > 0, **c, **opts)
-
-    if need_q:
-        dq = _empty(q.shape, q)
-        walk = plan.dq
-        bm, bn, opts = run.tiles("dq")
-        tiles = walk.row_block // bm
-        kv_tiles, tma = run.walked("dq", (k, v), bn)
-        run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
-            (q, k, v, do, lse, delta, *kv_tiles, dq, *run.scratch(walk, run.d_pad)),
-            run.walk_args(walk, tiles),
-            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
-            ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-            THIN_ROWS=walk.items.n_thin > 0, **c, **opts)
     return dq, dk, dv

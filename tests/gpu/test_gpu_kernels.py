@@ -114,6 +114,25 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+@pytest.mark.parametrize("name", ["card", "causal_window", "longformer"])
+def test_delta_by_the_dq_pass_or_its_own_pass(name, delta_in_dq, monkeypatch):
+    """triton_backend.DELTA_IN_DQ (on by default) and off: Delta computed and stored by the
+    dQ pass for the dK/dV pass after it, or by a pass of its own; and dK/dV alone (no dQ
+    pass: always its own pass). D=128, GQA, two batches, odd length."""
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, 128, torch.bfloat16)
+    _assert_matches_reference(op, q, k, v, t, h)
+    out = op(q.detach(), k, v)
+    ref = reference_attention(q.detach(), k, v, op.mask(t, h).cuda())
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (k, v), g), torch.autograd.grad(ref, (k, v), g.double())):
+        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+
+
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
 def test_split_rows_first_match_reference(src, first, monkeypatch):
@@ -154,13 +173,13 @@ def test_direct_launches_match_the_jit_dispatch(name, monkeypatch):
     direct._runners.clear()  # (the launch constants are shared: an earlier test may have kept some)
     for _ in range(3):  # the first call through the JIT, the others straight to the kernels
         assert all(torch.equal(a, b) for a, b in zip(step(q), jit))
-    assert len(direct._runners) == 4  # forward, Delta, dK/dV, dQ: one specialisation each
+    assert len(direct._runners) == 3  # forward, dQ (with Delta), dK/dV: one specialisation each
     buf = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
     unaligned = buf[1:].view(q.shape).copy_(q.detach()).requires_grad_()
     assert unaligned.data_ptr() % 16
     for _ in range(2):
         _assert_matches_reference(op, unaligned, k, v, t, h)
-    assert len(direct._runners) > 4
+    assert len(direct._runners) > 3
 
 
 @pytest.mark.parametrize("name", ["longformer", "bigbird", "causal_window", "dilated", "card"])
