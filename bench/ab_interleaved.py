@@ -1,0 +1,62 @@
+"""Interleaved A/B of one bench switch on one pattern: default and variant timed in
+alternating rounds (forward+backward, do_bench median and the profiler's kernel sum), so
+an order effect of bench_attention.py's ablation rows (the variant is always timed after
+the default) shows as a difference between rounds rather than between variants. Each
+round also records the allocator's device allocations and frees during its timing: a
+cudaFree synchronises the host, which leaves gaps in do_bench's time but not in the
+kernel sum. Run on the GPU machine from the repository root:
+  TS=65536 DS=128 PATTERN=causal_window ABLATE=delta ROUNDS=3 python3 bench/ab_interleaved.py
+Prints one JSON line per round and variant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import ABLATIONS, PATTERNS, bench, kernel_ms, settle, switched  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import patterncc  # noqa: E402
+
+
+def allocator_counts() -> tuple[int, int]:
+    stats = torch.cuda.memory_stats()
+    return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
+
+
+def timed_round(step, grads: list) -> dict:
+    a0, f0 = allocator_counts()
+    ms = bench(step, grads)
+    a1, f1 = allocator_counts()
+    return {"fwdbwd_ms": ms, "kernel_ms": kernel_ms(step, grads),
+            "device_allocs": a1 - a0, "device_frees": f1 - f0}
+
+
+def main() -> None:
+    T, D = int(os.environ.get("TS", "65536")), int(os.environ.get("DS", "128"))
+    name, what = os.environ.get("PATTERN", "causal_window"), os.environ.get("ABLATE", "delta")
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    B, H = 1, 16
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
+                   for i in range(4))
+    op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
+
+    def step():
+        op(q, k, v).backward(do)
+    for variant in ("default", what):
+        with switched(ABLATIONS[what] if variant != "default" else {}):
+            settle(step, [q, k, v])
+    for r in range(rounds):
+        for variant in ("default", what) if r % 2 == 0 else (what, "default"):
+            with switched(ABLATIONS[what] if variant != "default" else {}):
+                row = {"T": T, "D": D, "pattern": name, "round": r, "variant": variant}
+                print(json.dumps(row | timed_round(step, [q, k, v])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
