@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import ABLATIONS, PATTERNS, bench, kernel_ms, settle, switched  # noqa: E402
+from bench_attention import ABLATIONS, PATTERNS, bench, checked_names, kernel_ms, settle, switched  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
@@ -37,9 +37,17 @@ def timed_round(step, grads: list) -> dict:
             "device_allocs": a1 - a0, "device_frees": f1 - f0}
 
 
-def main() -> None:
-    T, D = int(os.environ.get("TS", "65536")), int(os.environ.get("DS", "128"))
+def chosen() -> tuple[str, str]:
+    """The pattern and the A/B switch from $PATTERN and $ABLATE, checked before any GPU work."""
     name, what = os.environ.get("PATTERN", "causal_window"), os.environ.get("ABLATE", "delta")
+    checked_names([name], PATTERNS, "PATTERN")
+    checked_names([what], ABLATIONS, "ABLATE")
+    return name, what
+
+
+def main() -> None:
+    name, what = chosen()
+    T, D = int(os.environ.get("TS", "65536")), int(os.environ.get("DS", "128"))
     rounds = int(os.environ.get("ROUNDS", "3"))
     B, H = 1, 16
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)

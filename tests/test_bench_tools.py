@@ -1,5 +1,5 @@
 """The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py) and
-the benchmark's checks that need no GPU (bench/bench_attention.py)."""
+the benchmark's checks that need no GPU (bench/bench_attention.py, bench/ab_interleaved.py)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import ab_interleaved  # noqa: E402
 import bench_attention  # noqa: E402
 import schedule_model  # noqa: E402
 
@@ -49,6 +50,18 @@ def test_the_benchmark_refuses_unknown_pattern_and_ablation_names_before_it_star
         bench_attention.checked_names(["causal", "bigbird"], bench_attention.PATTERNS, "PATTERNS")
     with pytest.raises(SystemExit, match="ABLATE: unknown splitt"):
         bench_attention.checked_names(["split", "splitt"], bench_attention.ABLATIONS, "ABLATE")
+
+
+def test_the_interleaved_ab_refuses_unknown_names_and_defaults_to_the_delta_switch(monkeypatch):
+    monkeypatch.delenv("PATTERN", raising=False)
+    monkeypatch.delenv("ABLATE", raising=False)
+    assert ab_interleaved.chosen() == ("causal_window", "delta")
+    monkeypatch.setenv("ABLATE", "deltaa")
+    with pytest.raises(SystemExit, match="ABLATE: unknown deltaa"):
+        ab_interleaved.chosen()
+    monkeypatch.setenv("PATTERN", "dilate")
+    with pytest.raises(SystemExit, match="PATTERN: unknown dilate"):
+        ab_interleaved.chosen()
 
 
 def test_the_benchmark_writes_its_json_under_out_with_the_tag(tmp_path, monkeypatch):
