@@ -1,19 +1,32 @@
-"""Files shipped beside the code: the grammar (grammar/) and the kernel templates (kernels/)."""
+"""Files shipped beside the code: the grammar (grammar/) and the kernel templates (kernels/).
+
+Both folders sit at the top of the repository and are copied into the package by the wheel
+(``patterncc/grammar``, ``patterncc/kernels``). They are plain folders of data, not Python
+packages: a top-level ``kernels`` package in the repository would shadow the ``kernels``
+distribution (a dependency of Hugging Face transformers) for anything run from the
+repository's root, so the templates are found by path, never by import.
+"""
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+_PACKAGE = Path(__file__).resolve().parent
 
-def read_text(package: str, name: str) -> str:
-    """Text of ``name`` in ``patterncc.grammar`` or ``patterncc.kernels``.
 
-    Installed, these are packages of their own; in a source checkout that was never
-    installed (a GPU box running ``bench/`` straight from a clone) they are the folders
-    beside ``patterncc/``.
+def data_folder(folder: str) -> Path:
+    """The folder ``folder`` (``"grammar"`` or ``"kernels"``) that this patterncc reads.
+
+    Installed from a wheel it lies inside the package; in a source checkout (editable
+    install, or a GPU box running ``bench/`` straight from a clone) it is the folder beside
+    ``patterncc/``.
     """
-    try:
-        return resources.files(package).joinpath(name).read_text(encoding="utf-8")
-    except ModuleNotFoundError:
-        folder = package.rsplit(".", 1)[-1]
-        return (Path(__file__).resolve().parents[1] / folder / name).read_text(encoding="utf-8")
+    for root in (_PACKAGE / folder, _PACKAGE.parent / folder):
+        if root.is_dir():
+            return root
+    raise FileNotFoundError(f"patterncc's {folder}/ folder is missing: looked in {_PACKAGE / folder} "
+                            f"and {_PACKAGE.parent / folder}; reinstall patterncc")
+
+
+def read_text(folder: str, name: str) -> str:
+    """Text of the file ``name`` in patterncc's ``folder`` (``"grammar"`` or ``"kernels"``)."""
+    return (data_folder(folder) / name).read_text(encoding="utf-8")

@@ -205,7 +205,7 @@ def _predicate_fn(plan: PredicatePlan, name: str, transposed: bool) -> str:
 
 
 def _template(name: str) -> str:
-    text = read_text("patterncc.kernels", name)
+    text = read_text("kernels", name)
     head, sep, body = text.partition(MARKER)
     if not sep:
         raise RuntimeError(f"kernel template {name} lacks the '{MARKER}' line")

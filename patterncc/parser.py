@@ -70,7 +70,7 @@ class _IgnoreNewlinesInBrackets:
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
-    text = read_text("patterncc.grammar", "patterncc.lark")
+    text = read_text("grammar", "patterncc.lark")
     return Lark(text, parser="lalr", propagate_positions=True, postlex=_IgnoreNewlinesInBrackets(),
                 maybe_placeholders=False)
 
