@@ -130,3 +130,31 @@ def test_settle_runs_the_step_untimed_for_its_time_and_leaves_no_gradients(monke
         (x * 2).sum().backward()
     bench_attention.settle(step, [x], seconds=3.5)
     assert len(calls) == 3 and x.grad is None  # readings 1, 2, 3 run a step; 4 ends it
+
+
+def test_an_ablation_row_compares_the_variant_with_the_default_timed_right_after_it(monkeypatch):
+    # Stand-in timers that read the switch: the variant (thin rows off) takes 2.0, the
+    # default 1.0, and the pattern's own row, timed first, says 0.9 (a fast first timing).
+    import torch
+    from patterncc import lowering
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    order = []
+
+    def timer(fn, *args, **kwargs):
+        order.append("variant" if not lowering.THIN_ROWS else "default")
+        return 2.0 if not lowering.THIN_ROWS else 1.0
+    for name in ("bench", "bench_graph", "kernel_ms", "host_ms"):
+        monkeypatch.setattr(bench_attention, name, timer)
+    op = lambda q, k, v: q * 1.0  # noqa: E731  (a differentiable stand-in for the op)
+    q = torch.ones(2, requires_grad=True)
+    base = dict(T=16384, pattern="longformer", D=64, pcc_fwd_ms=0.9, pcc_fwdbwd_ms=0.9, pcc_host_fwd_ms=0.9,
+                pcc_fwd_graph_ms=0.9, pcc_fwdbwd_kernel_ms=0.9)
+    row = bench_attention.ablation_row("thinrows", "longformer", op, None, q, q, q, torch.ones(2), base)
+    assert order == ["variant"] * 5 + ["default"] * 5
+    assert lowering.THIN_ROWS is True  # put back
+    for key in ("gain_fwd", "gain_fwdbwd", "gain_fwd_graph", "gain_fwdbwd_kernel"):
+        assert row[key] == pytest.approx(2.0), key  # against the re-timed 1.0, not the first 0.9
+    assert row["with_fwd_ms"] == 1.0 and row["first_fwd_ms"] == 0.9 and row["pcc_fwd_ms"] == 2.0
+    table = bench_attention.markdown({"device": "GPU", "torch": "t", "triton": "tr", "cuda": "c", "date": "d"}, [row])
+    assert "default re-timed right after the variant" in table
+    assert "| 16384 | longformer | 64 | thin query rows off | 1.000 / 2.000 (2.00x) |" in table
