@@ -10,7 +10,7 @@ short by a time limit keeps what it measured) and prints a Markdown table for
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch,delta python bench/bench_attention.py  # A/B rows
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch,delta,tailfree,bands python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -25,7 +25,10 @@ tiles: lowering.THIN_ROWS) or ``direct`` (repeated launches straight into the co
 kernels: triton_backend.DIRECT_LAUNCH, a host-time change) or ``pointers`` (direct launches
 pass tensors' addresses: triton_backend.POINTER_ARGS, host time) turned off, or
 ``scratch`` (four times the split-row scratch budget, so shorter pieces:
-lowering.SCRATCH_FRACTION) given, timed in the same run (with the variant's host time per
+lowering.SCRATCH_FRACTION) given, or ``tailfree`` (forward walks without TAIL entries run a
+kernel compiled without the tail test: triton_backend.SKIP_TAIL_MASK) or ``bands`` (an
+intersection's diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window
+only) turned on, timed in the same run (with the variant's host time per
 forward), each followed by the default timed again: an ablation row compares the variant with
 that re-timed default, since the pattern's own row is timed first and a freshly warmed GPU ran
 2-4% fast then (fourteenth session); the row's first times are kept as ``first_*``.
@@ -69,17 +72,20 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "stack": {"STACK_WASTE": 1e9, "TALL_ONLY_GATHERED": False}, "split": {"SPLIT_FIRST": False},
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
-             "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False}}
+             "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
+             "tailfree": {"SKIP_TAIL_MASK": True}, "bands": {"MERGE_BANDS": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
-           "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"]}
+           "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
+           "bands": lambda r: r["pattern"] == "causal_window"}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
-          "scratch": "4x split-row scratch", "delta": "Delta pass of its own"}
+          "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
+          "tailfree": "tail-free forward kernel on", "bands": "merged diagonal bands on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -358,9 +364,9 @@ def kernel_stats(lay, q) -> dict:
 
 @contextlib.contextmanager
 def switched(switches: dict):
-    """Module switches of patterncc.lowering or the Triton backend set to the given values
+    """Module switches of patterncc.lowering, codegen or the Triton backend set to the given values
     for the ``with`` block, then put back as they were (an A/B variant, a model's variant)."""
-    owner = {flag: lowering if hasattr(lowering, flag) else triton_backend for flag in switches}
+    owner = {flag: next((m for m in (lowering, codegen) if hasattr(m, flag)), triton_backend) for flag in switches}
     saved = {flag: getattr(owner[flag], flag) for flag in switches}
     try:
         for flag, value in switches.items():

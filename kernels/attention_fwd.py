@@ -51,6 +51,7 @@ def _attn_fwd(
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, THIN_ROWS: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
@@ -64,7 +65,7 @@ def _attn_fwd(
         _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                       slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED, PERMUTED,
-                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
         _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b, B,
                        out_ptrs, Lse + q_row0 + tok_m, valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
@@ -80,11 +81,11 @@ def _attn_fwd(
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
                                     tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                     NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
-                                    FOLD_SCALE)
+                                    FOLD_SCALE, TAIL)
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
                                       entry_flags, tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
-                                      PRECISION, UPCAST, FOLD_SCALE)
+                                      PRECISION, UPCAST, FOLD_SCALE, TAIL)
         if slot < 0:
             _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
         else:
@@ -117,7 +118,7 @@ def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kb
                   head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                   LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
                   PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  FOLD_SCALE: tl.constexpr):
+                  FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
     """Entries start .. end - 1 of a row folded into (acc, m, l): one flat loop over (entry,
     key sub-tile), so a 128-token layout block is two 64-key tiles."""
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -126,7 +127,7 @@ def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kb
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
                                 tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
     return acc, m_i, l_i
 
 
@@ -136,7 +137,7 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
                   HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                   ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                   STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr):
+                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
     """A thin-row item's partial for this program's tile of the row: the NARROW rows of
     sub-block ``thin`` against its entries (only global queries attend them, so a 64-row
     tile would compute 48 or more masked rows), and empty (m = -inf, l = 0, acc = 0) for the
@@ -157,7 +158,7 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
                                       entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg, tables,
                                       qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED,
-                                      PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE)
+                                      PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
         r16 = tl.arange(0, NARROW)
         tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD), acc)
         tl.store(ScratchM + s_row + local + r16, m_i)
@@ -168,7 +169,7 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
 def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
             tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr):
+            UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
     """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l).
 
     FOLD_SCALE (qk_scale > 0): the scores stay unscaled until exp2, whose argument
@@ -190,7 +191,13 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
     # twice per element (run 4), and a mask chosen by a nested if/else is carried across the
     # branches as packed predicate bits (~250 more instructions per masked tile, sm_90
     # SASS). A FULL tail block evaluates the predicate too (rare) and ORs its FULL bit in.
-    if ((flags & 1) == 0) | ((flags & (1 << 30)) != 0):
+    if not TAIL:
+        if (flags & 1) == 0:
+            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+            if STACKED:
+                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
+            qk = tl.where(allowed, qk, float("-inf"))
+    elif ((flags & 1) == 0) | ((flags & (1 << 30)) != 0):
         allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables) | ((flags & 1) != 0)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]

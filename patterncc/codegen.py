@@ -53,6 +53,12 @@ from . import __version__, ir
 CODEGEN_VERSION = 2
 TABLE_THRESHOLD = 16  # a global(...) with more items than this reads a membership table
 MAX_RANDOM_TERMS = 28  # flag bits 1..28 of an int32 word (bits 29, 30: see lowering)
+# An intersection's diagonal bands (causal & window(w)) tested as one interval of q - k in
+# token_mask (forward, dQ): a causal window's masked forward tile 234 -> 162 sm_90 SASS
+# instructions (Triton 3.6). Not in token_mask_t: there the cheaper mask let the compiler
+# flatten dK/dV's mask branch into predicated code that FULL tiles run too (559 -> 654).
+# Off until measured on a GPU (bench A/B row `bands`; bench/RESULTS.md, fifteenth session).
+MERGE_BANDS = False
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -74,7 +80,8 @@ class PredicatePlan:
     table_nodes: tuple[ir.Global, ...]
 
     def names(self, transposed: bool = False) -> ir.TritonNames:
-        n = ir.TritonNames(random_bits=self.random_nodes, table_nodes=self.table_nodes)
+        n = ir.TritonNames(random_bits=self.random_nodes, table_nodes=self.table_nodes,
+                           merge_bands=MERGE_BANDS and not transposed)
         return n.transposed() if transposed else n
 
 
@@ -159,7 +166,7 @@ def _expr(p: ir.Pattern, n: ir.TritonNames, indent: str) -> str:
         return f"({n.q} < 0) & ({n.k} < 0)"
     if isinstance(p, (ir.Union, ir.Intersect)):
         sym = "|" if isinstance(p, ir.Union) else "&"
-        parts = [t.triton(n) for t in p.terms]
+        parts = p.triton_terms(n) if isinstance(p, ir.Intersect) else [t.triton(n) for t in p.terms]
         rest = "".join(f"\n{indent}{sym} {t}" for t in parts[1:])
         expr = f"(\n{indent}{parts[0]}{rest}\n{indent[4:]})"
         text = " ".join(parts)
@@ -335,9 +342,10 @@ def interpreting() -> bool:
 def load(pattern: ir.Pattern) -> Generated:
     """The generated module of ``pattern``, generated and imported once per process.
 
-    Keyed also by TRITON_INTERPRET, which Triton reads when ``@jit`` decorates a function.
+    Keyed also by TRITON_INTERPRET, which Triton reads when ``@jit`` decorates a function,
+    and by MERGE_BANDS, which changes the generated predicate.
     """
-    key = (pattern, interpreting())
+    key = (pattern, interpreting(), MERGE_BANDS)
     with _lock:
         got = _modules.get(key)
         if got is not None:

@@ -273,6 +273,7 @@ class TritonNames:
     tables: str = "tables"
     random_bits: tuple = ()
     table_nodes: tuple = ()
+    merge_bands: bool = False  # one interval test for an intersection's diagonal bands
 
     def as_vector(self, x: str) -> tuple[str, str]:
         """(1-D token vector, broadcast suffix) of ``q`` or ``k``: "offs_m[:, None]" gives
@@ -369,6 +370,10 @@ class Window(Primitive):
     def estimate(self, ctx):
         return ctx.nblocks * (2 * (-(-self.reach // ctx.block)) + 3)
 
+    def band(self) -> tuple[int | None, int | None] | None:
+        """(lo, hi) with lo <= q - k <= hi exactly this window's pairs (undilated only)."""
+        return (-self.reach, self.reach) if self.dilation == 1 else None
+
     def triton(self, n):
         d = f"({n.q} - {n.k})"
         expr = f"(({d} <= {self.reach}) & ({d} >= -{self.reach}))"
@@ -413,6 +418,10 @@ class Causal(Primitive):
     def estimate(self, ctx):
         nb = ctx.nblocks
         return nb * (nb + 1) // 2
+
+    def band(self) -> tuple[int | None, int | None]:
+        """(lo, hi) with lo <= q - k <= hi exactly the allowed pairs: q - k >= 0."""
+        return (0, None)
 
     def triton(self, n):
         return f"({n.k} <= {n.q})"
@@ -925,8 +934,23 @@ class Intersect(Pattern):
     def estimate(self, ctx):
         return min(t.estimate(ctx) for t in self.terms)
 
+    def triton_terms(self, n: "TritonNames") -> list[str]:
+        """The Triton tests of the terms, whose conjunction is this pattern's predicate.
+
+        With ``n.merge_bands``, diagonal bands (causal, undilated windows) meet in one
+        interval of q - k: one range test per pair, which the compiler turns into a single
+        unsigned compare, instead of one test per term (the mask is a large part of a
+        PARTIAL tile's instructions)."""
+        if not n.merge_bands or sum(_band(t) is not None for t in self.terms) < 2:
+            return [t.triton(n) for t in self.terms]
+        bands = [_band(t) for t in self.terms if _band(t) is not None]
+        los = [lo for lo, _ in bands if lo is not None]
+        his = [hi for _, hi in bands if hi is not None]
+        merged = _band_triton(n, max(los) if los else None, min(his) if his else None)
+        return [merged] + [t.triton(n) for t in self.terms if _band(t) is None]
+
     def triton(self, n):
-        return "(" + " & ".join(t.triton(n) for t in self.terms) + ")"
+        return "(" + " & ".join(self.triton_terms(n)) + ")"
 
     def keeps_classes(self, d):
         return any(t.keeps_classes(d) for t in self.terms)
@@ -940,6 +964,21 @@ class Intersect(Pattern):
 
     def residue_within(self, d, seq_len, align=1):
         return _combine(intersect, [t.residue_within(d, seq_len, align) for t in self.terms])
+
+
+def _band(node: Pattern) -> tuple[int | None, int | None] | None:
+    """The interval of q - k that ``node`` allows, if it is exactly such a diagonal band."""
+    band = getattr(node, "band", None)
+    return band() if band is not None else None
+
+
+def _band_triton(n: "TritonNames", lo: int | None, hi: int | None) -> str:
+    """Triton test of lo <= q - k <= hi (either bound may be absent; an empty interval is False)."""
+    d = f"({n.q} - {n.k})"
+    if lo is not None and hi is not None and lo > hi:
+        return f"({d} != {d})"
+    tests = ([f"({d} >= {lo})"] if lo is not None else []) + ([f"({d} <= {hi})"] if hi is not None else [])
+    return "(" + " & ".join(tests) + ")" if tests else f"({d} == {d})"
 
 
 def _blocks_any(node: Pattern, ctx: Ctx, qb: np.ndarray, kb: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -731,6 +731,7 @@ class Walk:
     row_block: int
     rows_per_head: int
     n_narrow: int
+    has_tail: bool = True       # some entry (or narrow entry) is flagged TAIL
     _counters: dict = field(default_factory=dict, compare=False, repr=False)
 
     def counters(self, batch: int, tiles: int) -> torch.Tensor:
@@ -852,9 +853,10 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
         n_ptr, n_block, n_flags = narrow if narrow is not None else (thin, np.zeros(0), np.zeros(0))
         n_narrow = int(n_block.size) if thin is None else int(thin[-1] - thin[0])
+        has_tail = bool(np.any(flags & TAIL) or np.any(n_flags.astype(np.int64) & TAIL))
         return Walk(make_items(indptr, s, device, n_ptr, segments), t(block), t(flags & ~(COLUMN | ROW)),
                     None if head is None else t(head), t(n_block), t(n_flags), row_block,
-                    -(-klay.nblocks // factor), n_narrow)
+                    -(-klay.nblocks // factor), n_narrow, has_tail)
 
     walks = {}
     for name in ("fwd", "dq"):

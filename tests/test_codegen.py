@@ -156,6 +156,46 @@ def test_predicate_matches_the_ir_on_generated_patterns(case):
     check_predicate(get_layout(pattern, t, h, bs))
 
 
+@pytest.mark.parametrize("src,t,h,bs", [
+    ("window(10) & causal", 100, 1, 16),
+    ("causal & window(3) & window(7)", 64, 1, 16),
+    ("window(2) & window(5)", 50, 1, 16),
+    ("(window(8) & causal) | global([0])", 90, 2, 16),
+    ("window(4, heads=[1]) & causal & window(9)", 80, 2, 16),
+    ("(window(6) & causal & strided(4)) | dilate(2, heads=[0])", 120, 2, 16),
+    ("window(4, dilation=2) & causal & window(5)", 70, 1, 16),
+])
+def test_merged_bands_are_the_same_predicate(src, t, h, bs, monkeypatch):
+    monkeypatch.setattr(codegen, "MERGE_BANDS", True)
+    check_predicate(get_layout(patterncc.parse(src), t, h, bs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout_cases(max_seq_len=150, max_heads=3, max_leaves=4, block_sizes=(16, 32)))
+def test_merged_bands_match_the_ir_on_generated_patterns(case):
+    pattern, t, h, bs = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(codegen, "MERGE_BANDS", True)
+        check_predicate(get_layout(pattern, t, h, bs))
+
+
+def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    p = patterncc.parse("window(1023) & causal")
+    plain = codegen.render(codegen.analyse(p))
+    monkeypatch.setattr(codegen, "MERGE_BANDS", True)
+    merged = codegen.render(codegen.analyse(p))
+    fwd, fwd_t = (merged[merged.index(f"def {a}("):merged.index(f"def {b}")]
+                  for a, b in (("token_mask", "token_mask_t("), ("token_mask_t", "_mma(")))
+    assert "(((offs_m[:, None] - offs_n[None, :]) >= 0) & ((offs_m[:, None] - offs_n[None, :]) <= 1023))" in fwd
+    assert "<= offs_m" not in fwd and "-1023" not in fwd
+    assert fwd_t == plain[plain.index("def token_mask_t("):plain.index("def _mma(")]  # dK/dV's as before
+    merged_module = codegen.load(p)  # the in-memory module cache is keyed by the switch too
+    monkeypatch.setattr(codegen, "MERGE_BANDS", False)
+    assert codegen.render(codegen.analyse(p)) == plain
+    assert codegen.load(p).source != merged_module.source
+
+
 def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -181,7 +221,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
                 maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
-                delta_from_o: bool = True) -> dict:
+                delta_from_o: bool = True, tail: bool = True) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -193,7 +233,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
-                  THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o)
+                  THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o, TAIL=tail)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -269,9 +309,13 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                                                   (1, block, False, 4, None, True, True)]
     # and dQ reading Delta from its own pass (DELTA_IN_DQ off, or dK/dV alone: the others compute it)
     variants = [(*v, True) for v in variants] + [(0, block, True, 4, None, True, False, False)]
-    for permuted, rows, tma, warps, cap, fold, thin, delta in variants:
+    # and the forward without the tail test (triton_backend.SKIP_TAIL_MASK, a walk with no
+    # TAIL entry), token order with TMA and residue order with thin rows
+    variants = [(*v, True) for v in variants] + [(0, block, True, 4, None, True, False, True, False),
+                                                  (1, block, False, 4, None, True, True, True, False)]
+    for permuted, rows, tma, warps, cap, fold, thin, delta, tail in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
-                                       fold_scale=fold, thin_rows=thin, delta_from_o=delta)
+                                       fold_scale=fold, thin_rows=thin, delta_from_o=delta, tail=tail)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -732,3 +733,41 @@ def test_every_launch_has_arguments_the_direct_path_can_key(src, monkeypatch):
     op(q.detach(), k, v).sum().backward()  # (no dQ: Delta from its own pass)
     assert keyed == dict.fromkeys(["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"], True)
 
+
+
+# Forward walks with and without TAIL entries (T a whole number of blocks or not; residue
+# classes with empty slots or none), causal windows whose bands merge into one interval,
+# thin columns and rows, GQA, split rows, 128-token blocks.
+TAIL_FREE_CASES = [
+    ("window(10) & causal", 96, 4, 1, 80, 1, 32, None, False),               # no tail, bands, MQA
+    ("window(10) & causal", 90, 2, 2, 32, 1, 32, None, True),                # tail block
+    ("window(16) & window(40) & causal", 128, 2, 2, 32, 2, 16, 3, False),    # three bands, split rows
+    ("window(20) | global([3])", 256, 2, 2, 16, 1, 128, None, False),        # thin columns, 2 x 2 tiles
+    ("window(16) | global([0, -1])", 320, 2, 1, 32, 1, 64, 2, False),        # thin rows (THIN_ROWS)
+    ("window(6) | dilate(2)", 192, 2, 2, 32, 1, 32, None, False),            # residue order, full classes
+    ("window(5) | global([0, 7]) | dilate(2)", 200, 2, 1, 32, 1, 16, 5, True),  # classes with empty slots
+    ("(window(8) & causal) | dilate(3)", 384, 2, 2, 16, 2, 32, None, False),  # residue order and bands
+]
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split,tail", TAIL_FREE_CASES,
+                         ids=[f"{c[0][:40]}-T{c[1]}" for c in TAIL_FREE_CASES])
+def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b, bs, split, tail, tiles,
+                                                          monkeypatch):
+    """SKIP_TAIL_MASK: a forward walk with no TAIL entry launches the kernel compiled without
+    the tail test (TAIL=False), one with such entries the general one; MERGE_BANDS: diagonal
+    bands tested as one interval. Outputs poisoned, float64 reference."""
+    monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
+    monkeypatch.setattr(codegen, "MERGE_BANDS", True)
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    seen = []
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
+        seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    assert seen == [tail]
+    q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
+    walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
+    flags = np.concatenate([walk.flags.cpu().numpy(), walk.narrow_flags.cpu().numpy().astype(np.int64)])
+    assert walk.has_tail == tail == bool((flags & lowering.TAIL).any())

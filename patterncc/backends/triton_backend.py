@@ -50,6 +50,12 @@ POINTER_ARGS = True
 # stores it for the dK/dV pass, which then runs after it: no separate pass reading O and dO
 # again (2% of a backward at 64K, bench/RESULTS.md). False: the separate pass (an A/B switch).
 DELTA_IN_DQ = True
+# A forward walk with no TAIL entry (T a whole number of blocks, no empty residue slots)
+# runs a kernel compiled without the tail test: its PARTIAL tiles apply the predicate alone
+# (a longformer masked tile 242 -> 86 sm_90 SASS instructions, Triton 3.6; FULL tiles as
+# before). The other variant compiles on the first length with a tail. Off until measured
+# on a GPU (bench A/B row `tailfree`; bench/RESULTS.md, fifteenth session).
+SKIP_TAIL_MASK = False
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -311,7 +317,7 @@ def launch_for(q: torch.Tensor, k: torch.Tensor, layout: Layout, split: int | No
     if configs:
         return _Launch(q, k, layout, split, configs)
     key = ("triton_launch", q.shape, k.shape[1], q.dtype, q.device, device_name(q), split,
-           codegen.interpreting(), lowering.switches(), tuning.fingerprint())
+           codegen.interpreting(), codegen.MERGE_BANDS, lowering.switches(), tuning.fingerprint())
     return layout._cached(key, lambda: _Launch(q, k, layout, split))
 
 
@@ -522,7 +528,8 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
         run.walk_args(walk, tiles),
         (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0, **run.consts, **opts)
+        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
+        TAIL=walk.has_tail or not SKIP_TAIL_MASK, **run.consts, **opts)
     return out, lse
 
 

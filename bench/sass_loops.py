@@ -1,0 +1,122 @@
+"""Instructions per tile in the kernels' main loops, counted in sm_90 SASS without a GPU.
+
+Compiles the generated kernels of the reference patterns ahead of time for an H100 (Triton's
+AOT path, as tests/test_codegen.py does: bf16, D=64, 64x64 tiles, 4 warps, 2 stages, TMA),
+disassembles them with the nvdisasm that ships with Triton, finds each kernel's main loop
+(the back-branch whose body holds the tile's HGMMA products) and splits its instructions
+into what every tile runs (the FULL path) and the sections a branch skips (the masks of
+PARTIAL or tail tiles). The basis of bench/RESULTS.md's static predictions; a GPU run
+measures what the counts turn into.
+
+    python bench/sass_loops.py                       # the switches as they are
+    SWITCHES=SKIP_TAIL_MASK,MERGE_BANDS python bench/sass_loops.py   # those turned on
+    KERNELS=_attn_fwd,_attn_bwd_dq PATTERNS=causal_window python bench/sass_loops.py
+
+Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
+sections (nested ones listed too), and the FULL path. Counts depend on the Triton version
+(the device runs 3.6: ``pip install triton==3.6.0`` into a venv to match it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+_INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;?\s*$")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+def parse(sass: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """SASS text as [(kind, text)] items ('label' or 'ins') and the index of each label."""
+    items, labels = [], {}
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(items)
+            items.append(("label", m.group(1)))
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            items.append(("ins", m.group(1)))
+    return items, labels
+
+
+def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -> list[dict]:
+    """Loops (a branch back to an earlier label) holding at least ``min_products`` HGMMA
+    instructions: their size, the sections skipped by forward branches inside them, and the
+    FULL path (the loop less its outermost skipped sections)."""
+    items, labels = parse(sass)
+    count = lambda a, b: sum(1 for kind, _ in items[a:b] if kind == "ins")  # noqa: E731
+    loops = []
+    for i, (kind, text) in enumerate(items):
+        m = _BRANCH.search(text) if kind == "ins" else None
+        if not m or labels[m.group(1)] >= i:
+            continue
+        start = labels[m.group(1)]
+        if sum("HGMMA" in t for _, t in items[start:i + 1]) < min_products or count(start, i + 1) > max_instructions:
+            continue
+        skips = []
+        for j in range(start, i + 1):
+            f = _BRANCH.search(items[j][1]) if items[j][0] == "ins" and "@" in items[j][1] else None
+            if f and j < labels.get(f.group(1), -1) <= i:
+                skips.append((j, labels[f.group(1)]))
+        outer = [s for s in skips if not any(o[0] < s[0] and s[1] <= o[1] for o in skips)]
+        total = count(start, i + 1)
+        shapes = sorted({m.group(1) for _, t in items[start:i + 1] for m in [re.search(r"HGMMA\.(\d+x\d+)x", t)] if m})
+        loops.append({"span": (start, i), "products": shapes, "instructions": total,
+                      "skipped": [count(a + 1, b) for a, b in skips],
+                      "full_path": total - sum(count(a + 1, b) for a, b in outer)})
+    # Innermost loops only: a branch from a far-away wait loop back into a walk spans it.
+    inner = [lp for lp in loops if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
+                                           for o in loops)]
+    for lp in inner:
+        del lp["span"]
+    return inner
+
+
+def sass_of(cubin: bytes) -> str:
+    import triton
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main() -> None:
+    import triton
+    import patterncc
+    from patterncc import codegen, lowering
+    from patterncc.backends import triton_backend
+    from bench_attention import PATTERNS, checked_names, switched
+    from test_codegen import aot_compile
+
+    os.environ.setdefault("PATTERNCC_CACHE_DIR", tempfile.mkdtemp())
+    names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
+    kernels = os.environ.get("KERNELS", "_attn_fwd,_attn_bwd_dq,_attn_bwd_dkdv").split(",")
+    on = [s for s in os.environ.get("SWITCHES", "").split(",") if s]
+    with switched({s: True for s in on}):
+        tail = not triton_backend.SKIP_TAIL_MASK  # the bench's lengths have no tail entries
+        for name in names:
+            gen = codegen.load(patterncc.parse(PATTERNS[name]))
+            permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
+            compiled = aot_compile(gen, "bf16", 64, 64, 64, permuted, 4, tma=True, tail=tail)
+            for kernel in kernels:
+                for n, loop in enumerate(main_loops(sass_of(compiled[kernel].asm["cubin"]))):
+                    print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,
+                                      "switches_on": on, **loop}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
