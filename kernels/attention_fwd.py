@@ -191,17 +191,20 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
     # twice per element (run 4), and a mask chosen by a nested if/else is carried across the
     # branches as packed predicate bits (~250 more instructions per masked tile, sm_90
     # SASS). A FULL tail block evaluates the predicate too (rare) and ORs its FULL bit in.
-    if not TAIL:
-        if (flags & 1) == 0:
-            allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
-            if STACKED:
-                allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-            qk = tl.where(allowed, qk, float("-inf"))
-    elif ((flags & 1) == 0) | ((flags & (1 << 30)) != 0):
-        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables) | ((flags & 1) != 0)
+    # Without TAIL (a walk with no tail entry) the predicate is applied alone: the tail test
+    # and the FULL bit cost a masked tile more instructions than the predicate itself.
+    masked = (flags & 1) == 0
+    if TAIL:
+        masked = masked | ((flags & (1 << 30)) != 0)
+    if masked:
+        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if TAIL:
+            allowed = allowed | ((flags & 1) != 0)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
-        qk = tl.where(allowed & valid_n[None, :], qk, float("-inf"))
+        if TAIL:
+            allowed = allowed & valid_n[None, :]
+        qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
     # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
     # so p and alpha are exp2(-inf) = 0 and never NaN.

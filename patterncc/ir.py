@@ -219,6 +219,11 @@ class Pattern:
         """Whether every pair this pattern allows has q = k (mod d)."""
         return False
 
+    def band(self) -> tuple[int | None, int | None] | None:
+        """(lo, hi) when this pattern allows exactly the pairs lo <= q - k <= hi (a bound may
+        be None: open), else None."""
+        return None
+
     # -- structure
     def children(self) -> tuple["Pattern", ...]:
         return ()
@@ -941,13 +946,13 @@ class Intersect(Pattern):
         interval of q - k: one range test per pair, which the compiler turns into a single
         unsigned compare, instead of one test per term (the mask is a large part of a
         PARTIAL tile's instructions)."""
-        if not n.merge_bands or sum(_band(t) is not None for t in self.terms) < 2:
+        bands = [b for b in (t.band() for t in self.terms) if b is not None]
+        if not n.merge_bands or len(bands) < 2:
             return [t.triton(n) for t in self.terms]
-        bands = [_band(t) for t in self.terms if _band(t) is not None]
         los = [lo for lo, _ in bands if lo is not None]
         his = [hi for _, hi in bands if hi is not None]
         merged = _band_triton(n, max(los) if los else None, min(his) if his else None)
-        return [merged] + [t.triton(n) for t in self.terms if _band(t) is None]
+        return [merged] + [t.triton(n) for t in self.terms if t.band() is None]
 
     def triton(self, n):
         return "(" + " & ".join(self.triton_terms(n)) + ")"
@@ -964,12 +969,6 @@ class Intersect(Pattern):
 
     def residue_within(self, d, seq_len, align=1):
         return _combine(intersect, [t.residue_within(d, seq_len, align) for t in self.terms])
-
-
-def _band(node: Pattern) -> tuple[int | None, int | None] | None:
-    """The interval of q - k that ``node`` allows, if it is exactly such a diagonal band."""
-    band = getattr(node, "band", None)
-    return band() if band is not None else None
 
 
 def _band_triton(n: "TritonNames", lo: int | None, hi: int | None) -> str:
