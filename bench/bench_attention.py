@@ -10,7 +10,7 @@ short by a time limit keeps what it measured) and prints a Markdown table for
 
     python bench/bench_attention.py                       # T = 4096, 16384, 65536; D = 64, 128
     TS=16384 DS=64 PATTERNS=longformer,dilated python bench/bench_attention.py
-    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch,delta,tailfree,bands python bench/bench_attention.py  # A/B rows
+    ABLATE=residue,tokens,thin,stack,split,fold,rtma,thinrows,direct,scratch,delta,tailfree,bands,classmask python bench/bench_attention.py  # A/B rows
 
 Each row also records what the kernels walked (blocks and FULL fraction in kernel order,
 narrow thin-column tiles) and the launch configurations used. ABLATE adds rows for the
@@ -28,7 +28,8 @@ pass tensors' addresses: triton_backend.POINTER_ARGS, host time) turned off, or
 lowering.SCRATCH_FRACTION) given, or ``tailfree`` (forward walks without TAIL entries run a
 kernel compiled without the tail test: triton_backend.SKIP_TAIL_MASK) or ``bands`` (an
 intersection's diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window
-only) turned on, timed in the same run (with the variant's host time per
+only) or ``classmask`` (residue-order PARTIAL tiles tested on class coordinates:
+lowering.CLASS_MASK; dilated patterns only) turned on, timed in the same run (with the variant's host time per
 forward), each followed by the default timed again: an ablation row compares the variant with
 that re-timed default, since the pattern's own row is timed first and a freshly warmed GPU ran
 2-4% fast then (fourteenth session); the row's first times are kept as ``first_*``.
@@ -73,19 +74,21 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
              "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
-             "tailfree": {"SKIP_TAIL_MASK": True}, "bands": {"MERGE_BANDS": True}}
+             "tailfree": {"SKIP_TAIL_MASK": True}, "bands": {"MERGE_BANDS": True},
+             "classmask": {"CLASS_MASK": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
-           "bands": lambda r: r["pattern"] == "causal_window"}
+           "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
           "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
-          "tailfree": "tail-free forward kernel on", "bands": "merged diagonal bands on"}
+          "tailfree": "tail-free forward kernel on", "bands": "merged diagonal bands on",
+          "classmask": "class-coordinate masks on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -9,7 +9,7 @@ PARTIAL or tail tiles). The basis of bench/RESULTS.md's static predictions; a GP
 measures what the counts turn into.
 
     python bench/sass_loops.py                       # the switches as they are
-    SWITCHES=SKIP_TAIL_MASK,MERGE_BANDS python bench/sass_loops.py   # those turned on
+    SWITCHES=SKIP_TAIL_MASK,MERGE_BANDS,CLASS_MASK python bench/sass_loops.py   # those turned on
     KERNELS=_attn_fwd,_attn_bwd_dq PATTERNS=causal_window python bench/sass_loops.py
 
 Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
@@ -111,7 +111,8 @@ def main() -> None:
         for name in names:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
-            compiled = aot_compile(gen, "bf16", 64, 64, 64, permuted, 4, tma=True, tail=tail)
+            gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
+            compiled = aot_compile(gen, "bf16", 64, 64, 64, permuted, 4, tma=True, tail=tail, class_gap=gap)
             for kernel in kernels:
                 for n, loop in enumerate(main_loops(sass_of(compiled[kernel].asm["cubin"]))):
                     print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,

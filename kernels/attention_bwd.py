@@ -64,7 +64,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, CLASS_GAP: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -75,6 +75,7 @@ def _attn_bwd_dkdv(
     k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK
+    at_n = _mask_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP)  # what the predicate reads for the keys
 
     dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
@@ -82,16 +83,16 @@ def _attn_bwd_dkdv(
         # A few global queries of a far query block: a 16-query tile, not a whole block.
         for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
             dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
-                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
+                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, at_n, sub_col, dil, seg,
                                 tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
-                                PRECISION, UPCAST)
+                                PRECISION, UPCAST, CLASS_GAP)
     # One flat loop over (entry, query sub-tile) pairs.
     for it in range(start * M_TILES, end * M_TILES):
         e = it // M_TILES
         m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
         dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
-                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
-                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+                            tl.load(entry_flags + e), b, H, at_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
+                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, CLASS_GAP)
     dk = dk * sm_scale
 
     dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -112,11 +113,12 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, tok_n, sub_col, dil, seg,
+def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, at_n, sub_col, dil, seg,
                tables, qk_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
+               UPCAST: tl.constexpr, CLASS_GAP: tl.constexpr):
+    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``
+    (``at_n``: the keys as the predicate reads them, see _mask_coords)."""
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
     q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
@@ -130,7 +132,11 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
     pT = tl.math.exp2(qkT - lse[None, :])
     if (flags & 1) == 0:
-        allowed = token_mask_t(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if CLASS_GAP > 0:
+            allowed = class_mask_t(_walked_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP), at_n, head, flags,
+                                   SEQ_LEN, tables)
+        else:
+            allowed = token_mask_t(tok_m, at_n, head, flags, SEQ_LEN, tables)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
         pT = tl.where(allowed, pT, 0.0)
@@ -160,6 +166,7 @@ def _attn_bwd_dq(
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, DELTA_FROM_O: tl.constexpr,
+    CLASS_GAP: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
@@ -173,7 +180,7 @@ def _attn_bwd_dq(
         _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                          slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
                          SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED,
-                         PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O)
+                         PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O, CLASS_GAP)
         _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
                         M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
@@ -185,16 +192,17 @@ def _attn_bwd_dq(
         delta = _row_delta(Out, Delta, do, q_row0, m_first, tok_m, valid_m, HEAD_DIM, HEAD_PAD, PERMUTED,
                            DELTA_FROM_O, True)
         sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
+        at_m = _mask_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP)  # what the predicate reads for the rows
 
         dq = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         # Thin global key columns first (16-wide tiles), then the entries.
         for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
             dq = _dq_step(q, do, lse, delta, dq, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
-                          tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                          HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
+                          tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                          HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST, CLASS_GAP)
         dq = _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags,
-                         tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD,
-                         LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+                         at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD,
+                         LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, CLASS_GAP)
         dq = dq * sm_scale
 
         if slot < 0:
@@ -206,18 +214,18 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, tok_m,
+def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, at_m,
                 sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                 LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr,
-                USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, CLASS_GAP: tl.constexpr):
     """dQ of entries start .. end - 1: one flat loop over (entry, key sub-tile) pairs."""
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     for it in range(start * N_TILES, end * N_TILES):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         dq = _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
-                      tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+                      at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
+                      HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, CLASS_GAP)
     return dq
 
 
@@ -227,7 +235,7 @@ def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, k
                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                      ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                      STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr, DELTA_FROM_O: tl.constexpr):
+                     UPCAST: tl.constexpr, DELTA_FROM_O: tl.constexpr, CLASS_GAP: tl.constexpr):
     """A thin-row item's dQ partial for this program's tile (as the forward's _thin_partial):
     the NARROW rows of sub-block ``thin``, zero for the tile's other rows."""
     local, others = _thin_rows_in_tile(thin, tile, BLOCK_M, NARROW)
@@ -243,9 +251,9 @@ def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, k
         delta = _row_delta(Out, Delta, do, q_row0, t_first, tok_t, valid_t, HEAD_DIM, HEAD_PAD, PERMUTED,
                            DELTA_FROM_O, False)
         dq = _dq_entries(q, do, lse, delta, tl.zeros([NARROW, HEAD_PAD], tl.float32), K, V, Kd, Vd, kv_row0, kv_bh,
-                         start, end, kblock, entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg,
-                         tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED,
-                         USE_TMA, PRECISION, UPCAST)
+                         start, end, kblock, entry_flags, _mask_coords(t_first, tok_t, NARROW, seg, CLASS_GAP),
+                         tl.zeros([NARROW], tl.int32), head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD,
+                         LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, CLASS_GAP)
         tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD),
                  dq * sm_scale)
 
@@ -278,11 +286,12 @@ def _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, t
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
+def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m, sub_row, head, dil, seg,
              tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
              STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
-    """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes)."""
+             UPCAST: tl.constexpr, CLASS_GAP: tl.constexpr):
+    """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes;
+    ``at_m``: the rows as the predicate reads them, see _mask_coords)."""
     tok_n, valid_n = _tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
                      PERMUTED, USE_TMA)
@@ -291,7 +300,11 @@ def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if (flags & 1) == 0:
-        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if CLASS_GAP > 0:
+            allowed = class_mask(at_m, _walked_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP), head, flags,
+                                 SEQ_LEN, tables)
+        else:
+            allowed = token_mask(at_m, tok_n, head, flags, SEQ_LEN, tables)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
         p = tl.where(allowed, p, 0.0)

@@ -51,7 +51,7 @@ def _attn_fwd(
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, THIN_ROWS: tl.constexpr,
-    TAIL: tl.constexpr,
+    TAIL: tl.constexpr, CLASS_GAP: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
@@ -65,11 +65,12 @@ def _attn_fwd(
         _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                       slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED, PERMUTED,
-                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
+                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
         _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b, B,
                        out_ptrs, Lse + q_row0 + tok_m, valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
         q = _load_rows(_row_ptrs(Q, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM, HEAD_PAD)
+        at_m = _mask_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP)  # what the predicate reads for the rows
         # Layout block of each query row inside a stacked row (its FULL bit is 1 + that).
         sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
 
@@ -79,13 +80,13 @@ def _attn_fwd(
         # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
         for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
-                                    tl.load(nflags + e), tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                    tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                     NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
-                                    FOLD_SCALE, TAIL)
+                                    FOLD_SCALE, TAIL, CLASS_GAP)
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
-                                      entry_flags, tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                      entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
-                                      PRECISION, UPCAST, FOLD_SCALE, TAIL)
+                                      PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
         if slot < 0:
             _finish_rows(out_ptrs, Lse + q_row0 + tok_m, acc, m_i, l_i, valid_m, HEAD_DIM, HEAD_PAD)
         else:
@@ -114,11 +115,11 @@ def _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_
 
 
 @triton.jit
-def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, tok_m, sub_row,
+def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, at_m, sub_row,
                   head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                   LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
                   PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
+                  FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
     """Entries start .. end - 1 of a row folded into (acc, m, l): one flat loop over (entry,
     key sub-tile), so a 128-token layout block is two 64-key tiles."""
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -126,8 +127,9 @@ def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kb
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
-                                tok_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
-                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
+                                at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N,
+                                HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL,
+                                CLASS_GAP)
     return acc, m_i, l_i
 
 
@@ -137,7 +139,7 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
                   HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                   ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                   STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
+                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
     """A thin-row item's partial for this program's tile of the row: the NARROW rows of
     sub-block ``thin`` against its entries (only global queries attend them, so a 64-row
     tile would compute 48 or more masked rows), and empty (m = -inf, l = 0, acc = 0) for the
@@ -156,9 +158,10 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
         l_i = tl.zeros([NARROW], tl.float32)
         acc = tl.zeros([NARROW, HEAD_PAD], tl.float32)
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
-                                      entry_flags, tok_t, tl.zeros([NARROW], tl.int32), head, dil, seg, tables,
-                                      qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED,
-                                      PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL)
+                                      entry_flags, _mask_coords(t_first, tok_t, NARROW, seg, CLASS_GAP),
+                                      tl.zeros([NARROW], tl.int32), head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                      HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
+                                      PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
         r16 = tl.arange(0, NARROW)
         tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD), acc)
         tl.store(ScratchM + s_row + local + r16, m_i)
@@ -166,11 +169,12 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_m, sub_row, head, dil, seg,
+def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m, sub_row, head, dil, seg,
             tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr):
+            UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
     """One step of the online softmax: fold keys n_first .. n_first + BLOCK_N into (acc, m, l).
+    ``at_m``: the rows as the predicate reads them (_mask_coords: tokens, or class coordinates).
 
     FOLD_SCALE (qk_scale > 0): the scores stay unscaled until exp2, whose argument
     qk * qk_scale - m is one FFMA per score; the row max is taken unscaled and scaled once
@@ -197,7 +201,11 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, tok_
     if TAIL:
         masked = masked | ((flags & (1 << 30)) != 0)
     if masked:
-        allowed = token_mask(tok_m, tok_n, head, flags, SEQ_LEN, tables)
+        if CLASS_GAP > 0:
+            allowed = class_mask(at_m, _walked_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP), head, flags,
+                                 SEQ_LEN, tables)
+        else:
+            allowed = token_mask(at_m, tok_n, head, flags, SEQ_LEN, tables)
         if TAIL:
             allowed = allowed | ((flags & 1) != 0)
         if STACKED:

@@ -155,6 +155,31 @@ def _tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexp
 
 
 @triton.jit
+def _mask_coords(first, tok, BLOCK: tl.constexpr, seg, CLASS_GAP: tl.constexpr):
+    """What the predicate reads for positions first .. first + BLOCK - 1 (a program's own
+    rows, computed once): their tokens ``tok``; or with CLASS_GAP (a residue-order launch,
+    patterncc.codegen.class_forms) the class coordinates u = p + (p // seg) * CLASS_GAP, on
+    which one class's pairs differ as their class indices do and two classes' pairs are
+    more than CLASS_GAP apart. A PARTIAL tile then tests a band of u, as a token-order
+    window tests a band of tokens, instead of a dilated window's token arithmetic."""
+    if CLASS_GAP > 0:
+        offs = first + tl.arange(0, BLOCK)
+        return offs + (offs // seg) * CLASS_GAP
+    else:
+        return tok
+
+
+@triton.jit
+def _walked_coords(first, tok, BLOCK: tl.constexpr, seg, CLASS_GAP: tl.constexpr):
+    """_mask_coords of a walked tile, which never spans two classes (they are padded to the
+    layout block): one scalar division per tile, the one its TMA coordinates take too."""
+    if CLASS_GAP > 0:
+        return first + (first // seg) * CLASS_GAP + tl.arange(0, BLOCK)
+    else:
+        return tok
+
+
+@triton.jit
 def _row_ptrs(base, head_row0, first, tok, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
               PERMUTED: tl.constexpr):
     """[len(tok), HEAD_PAD] pointers to rows ``tok`` of one head (row 0 at int64 ``head_row0``).

@@ -78,11 +78,21 @@ class PredicatePlan:
     groups: tuple[tuple[tuple[int, ...] | None, ir.Pattern], ...]
     random_nodes: tuple[ir.Random, ...]
     table_nodes: tuple[ir.Global, ...]
+    factors: tuple[int, ...] = ()  # per group: the residue order its heads run in (1: token order)
+    class_forms: tuple[ir.Pattern, ...] | None = None  # per group: the predicate class_mask tests
+    class_gap: int = 0  # the class coordinates' gap between classes (0: no class_mask)
 
     def names(self, transposed: bool = False) -> ir.TritonNames:
         n = ir.TritonNames(random_bits=self.random_nodes, table_nodes=self.table_nodes,
                            merge_bands=MERGE_BANDS and not transposed)
         return n.transposed() if transposed else n
+
+    def factor(self, head: int) -> int:
+        """The residue factor of ``head``'s group (what class_mask assumes the head runs in)."""
+        for (heads, _), d in zip(self.groups, self.factors):
+            if heads is None or head in heads:
+                return d
+        return 1
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,41 @@ def analyse(pattern: ir.Pattern) -> PredicatePlan:
     if len(randoms) > MAX_RANDOM_TERMS:
         raise ValueError(f"a pattern may hold at most {MAX_RANDOM_TERMS} distinct random terms "
                          f"inside intersections, got {len(randoms)}")
-    return PredicatePlan(pattern, tuple(groups), tuple(randoms), tuple(tables))
+    factors, forms, gap = class_forms(tuple(p for _, p in groups))
+    return PredicatePlan(pattern, tuple(groups), tuple(randoms), tuple(tables), factors, forms, gap)
+
+
+def class_forms(patterns: tuple[ir.Pattern, ...]) -> tuple[tuple[int, ...], tuple[ir.Pattern, ...] | None, int]:
+    """(residue factor, class-coordinate predicate) per head group, and the gap between classes.
+
+    In residue order d a head's positions are p = c * seg + i (class c, index i), and its
+    PARTIAL tiles can be tested on the *class coordinate* u = p + c * gap instead of on
+    tokens: one class's pairs differ in u as in i, so they take the pattern's class form,
+    and pairs of two classes are more than ``gap`` apart, where a class form bounded by
+    |i - j| <= gap allows none of them. A token-order group (d = 1) keeps its predicate
+    (u is the token there). No class forms (None, 0) when a residue-order group has none
+    that is bounded and independent of the length, or no group runs in residue order.
+
+    >>> import patterncc
+    >>> pat = patterncc.parse("window(256) | dilate(2)").specialize(0)
+    >>> factors, forms, gap = class_forms((pat,))
+    >>> factors, [str(f) for f in forms], gap
+    ((2,), ['window(256)'], 256)
+    >>> class_forms((patterncc.parse("window(8) | dilate(2) | global([5])").specialize(0),))[1:]
+    (None, 0)
+    """
+    factors = tuple(ir.residue_factor(p) for p in patterns)
+    if all(d == 1 for d in factors):
+        return factors, None, 0
+    forms, gap = [], 1
+    for d, p in zip(factors, patterns):
+        form = p if d == 1 else (p.class_form(d) if p.keeps_classes(d) else None)
+        reach = form.extent() if form is not None and d > 1 else 0
+        if form is None or reach is None:
+            return factors, None, 0
+        forms.append(form)
+        gap = max(gap, reach)
+    return factors, tuple(forms), gap
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,19 +233,22 @@ def _heads_cond(heads: tuple[int, ...]) -> str:
     return " | ".join(parts)
 
 
-def _predicate_fn(plan: PredicatePlan, name: str, transposed: bool) -> str:
+def _predicate_fn(plan: PredicatePlan, name: str, transposed: bool, forms: tuple | None = None) -> str:
+    """A predicate function: the groups' token predicates, or with ``forms`` their class forms."""
     n = plan.names(transposed)
     shape = "[BLOCK_N, BLOCK_M]" if transposed else "[BLOCK_M, BLOCK_N]"
+    what = "class coordinates" if forms else "tokens"
+    groups = _same_form_merged([(heads, f) for (heads, _), f in zip(plan.groups, forms)]) if forms else plan.groups
     lines = [
         "@triton.jit",
         f"def {name}(offs_m, offs_n, head, flags, SEQ_LEN, tables):",
-        f'    """{shape} bool: True where query offs_m may attend key offs_n (PARTIAL blocks)."""',
+        f'    """{shape} bool: True where query offs_m may attend key offs_n ({what}; PARTIAL blocks)."""',
     ]
-    if len(plan.groups) == 1:
-        p = plan.groups[0][1]
+    if len(groups) == 1:
+        p = groups[0][1]
         lines += [f"    # {p}", f"    mask = {_expr(p, n, ' ' * 8)}"]
     else:
-        for i, (heads, p) in enumerate(plan.groups):
+        for i, (heads, p) in enumerate(groups):
             if heads is None:
                 lines.append("    else:")
             else:
@@ -209,6 +256,30 @@ def _predicate_fn(plan: PredicatePlan, name: str, transposed: bool) -> str:
             lines += [f"        # {p}", f"        mask = {_expr(p, n, ' ' * 12)}"]
     lines.append("    return mask")
     return "\n".join(lines)
+
+
+def _same_form_merged(groups: list) -> list:
+    """Head groups whose predicates are equal as one group (class forms of a dilated and an
+    undilated window may be the same: then no branch on the head)."""
+    default = groups[-1][1]
+    heads_of: dict = {}
+    for heads, form in groups[:-1]:
+        if form != default:
+            heads_of.setdefault(form, []).extend(heads)
+    return [(tuple(sorted(hs)), form) for form, hs in heads_of.items()] + [(None, default)]
+
+
+def _class_mask_fns(plan: PredicatePlan) -> list[str]:
+    """class_mask / class_mask_t: the predicates on class coordinates (see class_forms), which
+    the kernels call instead of the token predicates when launched with CLASS_GAP > 0."""
+    if plan.class_forms is None:
+        return ["# No class forms (see codegen.class_forms): the kernels test tokens (CLASS_GAP = 0).",
+                "class_mask = token_mask", "class_mask_t = token_mask_t"]
+    return ["# class_mask / class_mask_t: the same on class coordinates u = p + (p // seg) * CLASS_GAP",
+            f"# (residue-order launches, CLASS_GAP = {plan.class_gap}; a token-order head's u is its token).",
+            "", "",
+            _predicate_fn(plan, "class_mask", transposed=False, forms=plan.class_forms), "", "",
+            _predicate_fn(plan, "class_mask_t", transposed=True, forms=plan.class_forms)]
 
 
 def _template(name: str) -> str:
@@ -249,6 +320,9 @@ def render(plan: PredicatePlan) -> str:
         "",
         "",
         _predicate_fn(plan, "token_mask_t", transposed=True),
+        "",
+        "",
+        *_class_mask_fns(plan),
     ]
     parts = ["\n".join(head)]
     for t in TEMPLATES:

@@ -150,6 +150,19 @@ def residue_length(seq_len: int, d: int, align: int = 1) -> int:
     return -(-length // align) * align
 
 
+def residue_factor(pattern: "Pattern") -> int:
+    """The residue order a head's pattern runs in: gcd of its window dilations (1: none).
+
+    >>> import patterncc
+    >>> residue_factor(patterncc.parse("window(256) | dilate(2)").specialize(0))
+    2
+    >>> residue_factor(patterncc.parse("window(8) | global([0])"))
+    1
+    """
+    dilations = [n.dilation for n in pattern.walk() if isinstance(n, Window)]
+    return int(np.gcd.reduce(dilations)) if dilations else 1
+
+
 def residue_position(t: np.ndarray, seq_len: int, d: int, align: int = 1) -> np.ndarray:
     """Position of token ``t`` in residue order: class ``t mod d`` first, then ``t // d``.
 
@@ -218,6 +231,32 @@ class Pattern:
     def keeps_classes(self, d: int) -> bool:
         """Whether every pair this pattern allows has q = k (mod d)."""
         return False
+
+    def class_form(self, d: int) -> "Pattern | None":
+        """This pattern on the class indices of residue order d, whatever the length: for
+        tokens a = c + d*i and b = c + d*j of one class c, ``class_form(d).allowed(i, j)``
+        equals ``allowed(a, b)``, and it depends on i - j alone (so it holds for i and j
+        shifted alike). None when no such form exists or it depends on the sequence length
+        (a global index moves with it). The kernels test PARTIAL tiles of a residue-order
+        head in these coordinates (codegen's class_mask).
+
+        >>> from patterncc import parse
+        >>> str(parse("window(8, dilation=2) & causal").class_form(2))
+        'causal & window(8)'
+        >>> parse("window(8, dilation=2) | global([0])").class_form(2) is None
+        True
+        """
+        return None
+
+    def extent(self) -> int | None:
+        """A bound on |q - k| over the pairs this pattern allows (none is farther apart),
+        or None when there is none.
+
+        >>> from patterncc import parse
+        >>> parse("window(8, dilation=2) & causal").extent(), parse("causal").extent()
+        (16, None)
+        """
+        return None
 
     def band(self) -> tuple[int | None, int | None] | None:
         """(lo, hi) when this pattern allows exactly the pairs lo <= q - k <= hi (a bound may
@@ -393,10 +432,16 @@ class Window(Primitive):
         return _within_classes(self, d, seq_len, align)
 
     def residue_within(self, d, seq_len, align=1):
+        return self.class_form(d)
+
+    def class_form(self, d):
         # Same class: q - k = d * delta. Allowed iff |delta| <= reach // d and d * delta is
         # a multiple of the dilation, i.e. delta a multiple of dilation / gcd(d, dilation).
-        step = self.dilation // np.gcd(d, self.dilation)
-        return Window((self.reach // d) // step, int(step))
+        step = int(self.dilation // np.gcd(d, self.dilation))
+        return Window((self.reach // d) // step, step)
+
+    def extent(self):
+        return self.reach
 
 
 @dataclass(frozen=True)
@@ -432,7 +477,10 @@ class Causal(Primitive):
         return f"({n.k} <= {n.q})"
 
     def residue_within(self, d, seq_len, align=1):
-        return Causal()  # inside one class, position order is token order
+        return self.class_form(d)
+
+    def class_form(self, d):
+        return Causal()  # inside one class, index order is token order
 
     def residue(self, d, seq_len, align=1):
         return None
@@ -466,6 +514,9 @@ class Dense(Primitive):
     def residue(self, d, seq_len, align=1):
         return Dense()
 
+    def class_form(self, d):
+        return Dense()
+
 
 @dataclass(frozen=True)
 class Empty(Primitive):
@@ -492,8 +543,14 @@ class Empty(Primitive):
     def residue(self, d, seq_len, align=1):
         return Empty()
 
+    def class_form(self, d):
+        return Empty()
+
     def keeps_classes(self, d):
         return True
+
+    def extent(self):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -705,6 +762,9 @@ class Strided(Primitive):
         return _within_classes(self, d, seq_len, align)
 
     def residue_within(self, d, seq_len, align=1):
+        return self.class_form(d)
+
+    def class_form(self, d):
         return Strided(int(self.s // np.gcd(self.s, d)))  # q - k = d * delta
 
 
@@ -892,6 +952,13 @@ class Union(Pattern):
     def residue_within(self, d, seq_len, align=1):
         return _combine(union, [t.residue_within(d, seq_len, align) for t in self.terms])
 
+    def class_form(self, d):
+        return _combine(union, [t.class_form(d) for t in self.terms])
+
+    def extent(self):
+        reach = [t.extent() for t in self.terms]
+        return None if None in reach else max(reach)
+
 
 def _combine(op, parts: list) -> Pattern | None:
     return None if any(p is None for p in parts) else op(parts)
@@ -969,6 +1036,13 @@ class Intersect(Pattern):
 
     def residue_within(self, d, seq_len, align=1):
         return _combine(intersect, [t.residue_within(d, seq_len, align) for t in self.terms])
+
+    def class_form(self, d):
+        return _combine(intersect, [t.class_form(d) for t in self.terms])
+
+    def extent(self):
+        reach = [r for r in (t.extent() for t in self.terms) if r is not None]
+        return min(reach) if reach else None
 
 
 def _band_triton(n: "TritonNames", lo: int | None, hi: int | None) -> str:

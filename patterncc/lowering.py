@@ -87,6 +87,11 @@ THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query ti
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
+# Residue-order launches test PARTIAL tiles on class coordinates (codegen.class_forms, see
+# class_gap): a dilated window's masked forward tile 371 -> 95 sm_90 SASS instructions
+# (Triton 3.6). Off until measured on a GPU (bench A/B row `classmask`; bench/RESULTS.md,
+# sixteenth session).
+CLASS_MASK = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,7 +159,8 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS,
+            CLASS_MASK)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -163,12 +169,6 @@ def _head_entries(indptr, kblock, flags, head: int, nb: int):
     s, e = ptr[0], ptr[-1]
     qb = np.repeat(np.arange(nb, dtype=np.int64), np.diff(ptr))
     return qb, kblock[s:e].astype(np.int64), flags[s:e]
-
-
-def residue_factor(pattern: ir.Pattern) -> int:
-    """The residue order a head's pattern would run in: gcd of its window dilations (1: none)."""
-    dilations = [n.dilation for n in pattern.walk() if isinstance(n, ir.Window)]
-    return int(np.gcd.reduce(dilations)) if dilations else 1
 
 
 def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | None]]:
@@ -181,7 +181,7 @@ def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | 
     by_pattern: dict = {}
     for p in layout.heads:
         if p not in by_pattern:
-            d = residue_factor(p) if RESIDUE_ORDER else 1
+            d = ir.residue_factor(p) if RESIDUE_ORDER else 1
             moved = p.residue(d, t, layout.block_size) if d > 1 and t > 1 else None
             by_pattern[p] = (d, moved) if moved is not None else (1, None)
     orders = [by_pattern[p] for p in layout.heads]
@@ -893,6 +893,33 @@ def order_mode(klay: KernelLayout, longest_tile: int, head_pad: int) -> int:
     shortest = int(klay.seg[klay.dil > 1].min())
     fits = (klay.seq_len + 1) * head_pad < 2 ** 31
     return 1 if FAST_RESIDUE_TOKENS and shortest >= longest_tile and fits else 2
+
+
+def class_gap(klay: KernelLayout, pred: PredicatePlan, enabled: bool | None = None) -> int:
+    """The kernels' ``CLASS_GAP`` constexpr: the gap of the pattern's class coordinates when
+    its PARTIAL tiles can be tested on them (``enabled``, default CLASS_MASK): a residue-order
+    layout whose every head runs in the order its predicate group assumes (a head left in
+    token order by GQA or an unsupported term breaks that), with coordinates inside int32.
+    0 otherwise: the kernels test tokens.
+
+    >>> import patterncc
+    >>> from patterncc import codegen
+    >>> def gap(src, t, g=1):
+    ...     lay = patterncc.compile(src).layout(t, 2)
+    ...     pred = codegen.analyse(lay.pattern)
+    ...     return class_gap(kernel_layout(lay, pred, g), pred, enabled=True)
+    >>> gap("window(256) | dilate(2)", 4096), gap("window(256) | dilate(2, heads=[1])", 4096)
+    (256, 256)
+    >>> gap("window(256) | dilate(2, heads=[1])", 4096, g=2), gap("window(256)", 4096)  # GQA keeps token order
+    (0, 0)
+    """
+    if not (CLASS_MASK if enabled is None else enabled) or not klay.permuted or not pred.class_gap:
+        return 0
+    if any(int(klay.dil[h]) != pred.factor(h) for h in range(klay.num_heads)):
+        return 0
+    if int((klay.dil.astype(np.int64) * (klay.seg + pred.class_gap)).max()) >= 2 ** 31:
+        return 0  # the largest class coordinate, (d - 1) * (seg + gap) + seg - 1, must fit int32
+    return pred.class_gap
 
 
 def residue_stride(klay: KernelLayout) -> int | None:

@@ -19,6 +19,7 @@ import types
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import patterncc
 from patterncc import codegen, ir, lowering
@@ -54,13 +55,14 @@ _fake_tl = types.SimpleNamespace(load=_fake_load, int64="int64", constexpr=objec
 _fake_triton = types.SimpleNamespace(jit=lambda fn=None, **kw: fn if fn else (lambda f: f))
 
 
-def predicate_functions(source: str):
-    """token_mask and token_mask_t of a generated module, runnable on NumPy arrays."""
+def predicate_functions(source: str, names: tuple[str, str] = ("token_mask", "token_mask_t")):
+    """Predicate functions of a generated module (token_mask and token_mask_t, or the class
+    forms' class_mask and class_mask_t), runnable on NumPy arrays."""
     start = source.index("@triton.jit\ndef token_mask(")
     end = source.index("# ---- kernels/")
     ns = {"triton": _fake_triton, "tl": _fake_tl}
     exec(compile(source[start:end], "<predicate>", "exec"), ns)
-    return ns["token_mask"], ns["token_mask_t"]
+    return ns[names[0]], ns[names[1]]
 
 
 def check_predicate(layout):
@@ -82,6 +84,35 @@ def check_predicate(layout):
         valid = (offs_m < t)[:, None] & (offs_n < t)[None, :]
         assert ((got & valid) == masks[e]).all(), (str(layout.heads[head]), qb, kb)
         assert (got_t.T == got).all()
+
+
+def check_class_predicate(layout) -> int:
+    """The generated class_mask on class coordinates (u = p + (p // seg) * gap, position p
+    of the head's kernel order) equals the pattern on the tokens at those positions, for
+    every pair of real tokens of every head, and class_mask_t is its transpose: across
+    classes as well as inside one. Returns the gap (0: the kernels keep testing tokens)."""
+    pred = codegen.analyse(layout.pattern)
+    klay = lowering.kernel_layout(layout, pred)
+    gap = lowering.class_gap(klay, pred, enabled=True)
+    if not gap:
+        return 0
+    mask_fn, mask_t_fn = predicate_functions(codegen.render(pred), ("class_mask", "class_mask_t"))
+    tables = _Ptr(lowering.membership_tables(layout, pred))
+    t, bs = layout.seq_len, layout.block_size
+    for h in range(layout.num_heads):
+        d, seg = int(klay.dil[h]), int(klay.seg[h])
+        pos = np.arange(d * seg if d > 1 else t)
+        tok = ir.residue_token(pos, t, d, bs) if d > 1 else pos
+        real = tok < t
+        u = (pos + (pos // seg) * gap)[real]
+        tok = tok[real]
+        want = np.broadcast_to(layout.heads[h].allowed(layout.ctx, tok[:, None], tok[None, :]), (tok.size,) * 2)
+        got = np.broadcast_to(mask_fn(u, u, h, 0, _SeqLen(t), tables), want.shape)
+        got_t = np.broadcast_to(mask_t_fn(u, u, h, 0, _SeqLen(t), tables), want.shape)
+        bad = np.argwhere(got != want)
+        assert bad.size == 0, (str(layout.heads[h]), h, [tok[i].tolist() for i in bad[:3]])
+        assert (got_t.T == got).all()
+    return gap
 
 
 # ----------------------------------------------------------------------------------------
@@ -179,6 +210,73 @@ def test_merged_bands_match_the_ir_on_generated_patterns(case):
         check_predicate(get_layout(pattern, t, h, bs))
 
 
+@pytest.mark.parametrize("src,t,h,bs,gap", [
+    ("window(6) | dilate(2)", 100, 1, 16, 6),
+    ("window(5) | dilate(3)", 101, 2, 16, 5),
+    ("(window(8) & causal) | dilate(3)", 130, 2, 32, 8),
+    ("window(4) | dilate(2, heads=[1])", 90, 2, 16, 4),               # head 0 tests tokens (u = t)
+    ("window(3) | dilate(2, heads=[1]) | global([" + ", ".join(str(3 * i) for i in range(20)) + "], heads=[0])",
+     120, 2, 16, 3),                                                  # a table read on head 0's tokens
+    ("(window(6) & window(20, heads=[0])) | dilate(2)", 80, 2, 16, 6),  # one form for both groups
+    ("window(4, dilation=2) | window(3, dilation=4)", 120, 1, 16, 6), # d = 2: window(4) | window(3, dilation=2)
+    ("(window(3) & causal) | dilate(2)", 64, 1, 16, 3),               # no tail, no empty slot
+    ("window(5) | global([0, 7]) | dilate(2)", 101, 2, 16, 0),        # a global moves with T: tokens
+    ("window(4) | strided(3) | dilate(2)", 60, 1, 16, 0),             # unbounded form: tokens
+    ("window(8)", 90, 2, 16, 0),                                      # token order
+])
+def test_class_predicate_matches_the_ir(src, t, h, bs, gap):
+    assert check_class_predicate(get_layout(patterncc.parse(src), t, h, bs)) == gap
+
+
+@st.composite
+def class_form_cases(draw):
+    """(source, T, heads, block) of patterns that run in residue order with class forms:
+    unions of dilated windows, each maybe intersected with causal, another window or a
+    stride of the factor, sometimes dilated further on head 1 (two factors side by side)."""
+    d = draw(st.integers(2, 4))
+
+    def term() -> str:
+        src = f"window({draw(st.integers(1, 12))}, dilation={d * draw(st.integers(1, 2))})"
+        extra = draw(st.sampled_from(["", "causal", "window", "strided"]))
+        if extra == "window":
+            extra = f"window({draw(st.integers(0, 40))}, dilation={d})"
+        elif extra == "strided":
+            extra = f"strided({d * draw(st.integers(1, 3))})"
+        return f"({src} & {extra})" if extra else src
+    src = " | ".join(term() for _ in range(draw(st.integers(1, 3))))
+    heads = draw(st.integers(1, 3))
+    if heads > 1 and draw(st.booleans()):
+        src += f" | dilate({draw(st.integers(2, 3))}, heads=[1])"
+    return src, draw(st.integers(2, 150)), heads, draw(st.sampled_from((16, 32)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(class_form_cases(), st.booleans())
+def test_class_predicate_matches_the_ir_on_generated_patterns(case, merge_bands):
+    src, t, h, bs = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(codegen, "MERGE_BANDS", merge_bands)
+        assert check_class_predicate(get_layout(patterncc.parse(src), t, h, bs)) > 0, src
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout_cases(max_seq_len=120, max_heads=3, max_leaves=4, block_sizes=(16, 32)))
+def test_class_predicate_of_any_pattern_is_exact_or_not_used(case):
+    pattern, t, h, bs = case
+    check_class_predicate(get_layout(pattern, t, h, bs))
+
+
+def test_class_forms_merge_equal_head_groups_and_alias_without_forms(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    plan = codegen.analyse(patterncc.parse("window(8) | dilate(2, heads=[1])"))
+    assert plan.factors == (2, 1) and [str(f) for f in plan.class_forms] == ["window(8)", "window(8)"]
+    body = codegen.render(plan)
+    body = body[body.index("def class_mask("):body.index("def class_mask_t(")]
+    assert "if " not in body  # both groups test window(8): no branch on the head
+    plain = codegen.render(codegen.analyse(patterncc.parse("window(8) | global([0]) | dilate(2)")))
+    assert "class_mask = token_mask" in plain and "def class_mask(" not in plain
+
+
 def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch, tmp_path):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     p = patterncc.parse("window(1023) & causal")
@@ -221,7 +319,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
                 maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
-                delta_from_o: bool = True, tail: bool = True) -> dict:
+                delta_from_o: bool = True, tail: bool = True, class_gap: int = 0) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -233,7 +331,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     walked = min(block, tile)
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
-                  THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o, TAIL=tail)
+                  THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o, TAIL=tail, CLASS_GAP=class_gap)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -322,6 +420,15 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                 assert "cp.async.bulk.tensor" in compiled.asm["ptx"], f"{name}: no TMA copies"
             if cap:
                 assert f".maxnreg {cap}" in compiled.asm["ptx"], f"{name}: register cap not applied"
+            assert_exp2_once_per_tile(name, compiled.asm["ttgir"])
+    # and residue order with class-coordinate masks (lowering.CLASS_MASK): by pointers with
+    # the tail test, and through strided boxes without it
+    gen = codegen.load(patterncc.parse("(window(8) & causal) | dilate(2)"))
+    for tma, tail in ((False, True), (True, False)):
+        compiled_kernels = aot_compile(gen, dtype, head_dim, block, block, 1, tma=tma, tail=tail,
+                                       class_gap=gen.plan.class_gap)
+        for name, compiled in compiled_kernels.items():
+            assert compiled.asm.get("cubin"), name
             assert_exp2_once_per_tile(name, compiled.asm["ttgir"])
 
 

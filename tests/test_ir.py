@@ -472,3 +472,80 @@ def test_generated_residue_forms_are_exact(case, d):
     for h in range(heads):
         bad = _residue_mismatch(pattern.specialize(h), t, d, block, align=block)
         assert bad is None or bad.size == 0, (str(pattern.specialize(h)), t, d, bad[:3].tolist())
+
+
+# ----------------------------------------------------------------------------------------
+# class forms: the pattern on class indices (what the kernels' class_mask tests)
+
+
+def _class_form_mismatch(p: ir.Pattern, d: int, n: int = 40, shift: int = 1000):
+    """Pairs of class indices where p.class_form(d) disagrees with p on the tokens of some
+    class c (a = c + d*i, b = c + d*j), also with i and j shifted alike; None without a form."""
+    form = p.class_form(d)
+    if form is None:
+        return None
+    i = np.arange(n, dtype=np.int64)
+    on_indices = np.broadcast_to(form.allowed(Ctx(n, 16), i[:, None], i[None, :]), (n, n))
+    far = i + shift
+    shifted = np.broadcast_to(form.allowed(Ctx(n + shift, 16), far[:, None], far[None, :]), (n, n))
+    assert (on_indices == shifted).all(), f"class form {form} depends on more than i - j"
+    bad = []
+    for c in range(d):
+        tok = c + d * i
+        on_tokens = np.broadcast_to(p.allowed(Ctx(d * n, 16), tok[:, None], tok[None, :]), (n, n))
+        bad += [(c, *ij) for ij in np.argwhere(on_tokens != on_indices).tolist()]
+    return bad
+
+
+@pytest.mark.parametrize("src,d,form", [
+    ("window(8, dilation=2)", 2, "window(8)"),
+    ("window(6, dilation=3)", 3, "window(6)"),
+    ("window(5, dilation=4)", 2, "window(5, dilation=2)"),   # every other index of the class
+    ("window(8, dilation=2) & causal", 2, "causal & window(8)"),
+    ("window(7, dilation=2) & window(9)", 2, "window(4) & window(7)"),
+    ("window(3, dilation=6) & strided(4)", 2, "strided(2) & window(3, dilation=3)"),
+    ("window(4, dilation=2) | window(9, dilation=4)", 2, "window(4) | window(9, dilation=2)"),
+    ("dense & window(2, dilation=2)", 2, "window(2)"),
+])
+def test_class_form_is_exact(src, d, form):
+    p = parse(src)
+    assert str(p.class_form(d)) == form
+    bad = _class_form_mismatch(p, d)
+    assert bad == [], f"{src}, d={d}: first mismatching (class, i, j) {bad[:3]}"
+
+
+@pytest.mark.parametrize("src", ["window(4) | global([0])", "window(4, dilation=2) | global([0, -1])",
+                                 "sink(2) | window(2, dilation=2)", "block(8) & window(3, dilation=2)",
+                                 "random(16, seed=1)", "window(3, dilation=2) & global(2..9)"])
+def test_patterns_that_move_with_the_length_have_no_class_form(src):
+    assert parse(src).class_form(2) is None
+
+
+@pytest.mark.parametrize("src,extent", [
+    ("window(8)", 8), ("window(8, dilation=3)", 24), ("window(8) | window(3, dilation=4)", 12),
+    ("window(8) & causal", 8), ("causal & window(30) & window(5, dilation=2)", 10), ("causal", None),
+    ("dense", None), ("window(2) | causal", None), ("strided(4)", None), ("strided(4) & window(9)", 9),
+    ("global([0]) | window(2)", None), ("window(4, heads=[1])", 4),
+])
+def test_extent_bounds_every_allowed_pair(src, extent):
+    p = parse(src)
+    assert p.extent() == extent
+    if extent is not None:
+        q, k = grid(3 * extent + 20)
+        allowed = np.broadcast_to(p.specialize(0).allowed(Ctx(3 * extent + 20, 16), q, k), (3 * extent + 20,) * 2)
+        assert np.abs(q - k)[allowed].max(initial=0) <= extent
+
+
+@given(case=layout_cases(max_seq_len=60, max_heads=2, max_leaves=5), d=st.integers(2, 4))
+def test_generated_class_forms_are_exact_and_extents_bound_them(case, d):
+    pattern, t, heads, block = case
+    for h in range(heads):
+        p = pattern.specialize(h)
+        if p.keeps_classes(d):
+            bad = _class_form_mismatch(p, d, n=30)
+            assert not bad, (str(p), d, bad[:3])
+        reach = p.extent()
+        if reach is not None:
+            q, k = grid(t)
+            allowed = np.broadcast_to(p.allowed(Ctx(t, block), q, k), (t, t))
+            assert np.abs(q - k)[allowed].max(initial=0) <= reach, (str(p), reach)

@@ -771,3 +771,35 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
     walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
     flags = np.concatenate([walk.flags.cpu().numpy(), walk.narrow_flags.cpu().numpy().astype(np.int64)])
     assert walk.has_tail == tail == bool((flags & lowering.TAIL).any())
+
+
+# Residue-order launches whose PARTIAL tiles test class coordinates (lowering.CLASS_MASK):
+# full classes and classes with empty slots, a token-order head beside (u = its token), GQA,
+# batches, bands, split rows; and a pattern without class forms, which keeps testing tokens.
+CLASS_CASES = [
+    ("window(6) | dilate(2)", 192, 2, 2, 32, 1, 32, None, 6),                 # full classes, no tail
+    ("window(5) | dilate(3)", 101, 2, 1, 16, 1, 16, None, 5),                 # empty slots, MQA
+    ("(window(8) & causal) | dilate(3)", 130, 2, 2, 16, 2, 32, None, 8),      # bands, B = 2
+    ("window(4) | dilate(2, heads=[1])", 261, 2, 2, 16, 1, 16, None, 4),      # head 0 in token order
+    ("window(6) | dilate(2, heads=[0, 1])", 99, 4, 2, 32, 1, 16, None, 6),    # GQA groups of two
+    ("window(12) | dilate(2)", 200, 2, 2, 32, 1, 16, 2, 12),                  # split rows
+    ("window(5) | global([0, 7]) | dilate(2)", 101, 2, 2, 32, 1, 16, 3, 0),   # no class forms: tokens
+]
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split,gap", CLASS_CASES,
+                         ids=[f"{c[0][:40]}-T{c[1]}" for c in CLASS_CASES])
+@pytest.mark.parametrize("tail_free", [False, True])
+def test_class_coordinate_masks_match_reference(src, t, h, hkv, d, b, bs, split, gap, tail_free, tiles,
+                                                monkeypatch):
+    """CLASS_MASK: every kernel of a residue-order launch with class forms gets CLASS_GAP and
+    tests its PARTIAL tiles on class coordinates; against the float64 reference, poisoned."""
+    monkeypatch.setattr(lowering, "CLASS_MASK", True)
+    monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", tail_free)
+    seen = set()
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
+        seen.add((name, kw.get("CLASS_GAP"))), real(self, name, *a, **kw))[1])
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    assert {g for name, g in seen if name != "_attn_bwd_preprocess"} == {gap}

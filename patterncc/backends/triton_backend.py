@@ -355,6 +355,7 @@ class _Launch:
             PERMUTED=lowering.order_mode(klay, max(self.lb, *self.rows.values()), self.d_pad),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=self.interp and q.dtype == torch.bfloat16,
+            CLASS_GAP=lowering.class_gap(klay, self.gen.plan),
         )
         self.device = q.device
         # Scratch of a walk without split rows: the kernels never touch it (slot < 0 everywhere).
