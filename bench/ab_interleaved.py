@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import ABLATIONS, PATTERNS, bench, checked_names, kernel_ms, settle, switched  # noqa: E402
+from bench_attention import (ABLATIONS, PATTERNS, bench, checked_names, kernel_ms, settle, switched,  # noqa: E402
+                             tuned_as)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
@@ -47,6 +48,7 @@ def chosen() -> tuple[str, str]:
 
 def main() -> None:
     name, what = chosen()
+    tuned_as()
     T, D = int(os.environ.get("TS", "65536")), int(os.environ.get("DS", "128"))
     rounds = int(os.environ.get("ROUNDS", "3"))
     B, H = 1, 16
@@ -62,7 +64,8 @@ def main() -> None:
     for r in range(rounds):
         for variant in ("default", what) if r % 2 == 0 else (what, "default"):
             with switched(ABLATIONS[what] if variant != "default" else {}):
-                row = {"T": T, "D": D, "pattern": name, "round": r, "variant": variant}
+                row = {"T": T, "D": D, "pattern": name, "round": r, "variant": variant,
+                       "device": torch.cuda.get_device_name(), "tuned_as": os.environ.get("TUNED_AS")}
                 print(json.dumps(row | timed_round(step, [q, k, v])), flush=True)
 
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
 from patterncc import codegen, lowering  # noqa: E402
-from patterncc.backends import triton_backend  # noqa: E402
+from patterncc.backends import triton_backend, tuning  # noqa: E402
 
 # A/B variants: switches of patterncc.lowering and the values they take.
 ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False},
@@ -218,11 +218,24 @@ def host_ms(fn, n: int = 50, ahead: bool = False) -> float:
     return host
 
 
+def tuned_as() -> str | None:
+    """``TUNED_AS=<a key of tuning.TUNED>``: this GPU looks its launch configurations up in
+    that GPU's table (an H100, which the table lacks, then runs the H200's measured configs
+    rather than DEFAULT under PATTERNCC_AUTOTUNE=0, or a first-use sweep). Recorded in the
+    results' meta; call once, before the first op."""
+    name = os.environ.get("TUNED_AS")
+    if name:
+        checked_names([name], tuning.TUNED, "TUNED_AS")
+        tuning.TUNED = {torch.cuda.get_device_name(): tuning.TUNED[name], **tuning.TUNED}
+    return name
+
+
 def versions() -> dict:
     import triton
     return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "patterncc": patterncc.__version__,
-            "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
+            "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "tuned_as": os.environ.get("TUNED_AS")}
 
 
 def main() -> None:
@@ -239,6 +252,7 @@ def main() -> None:
     names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
     ablate = checked_names([a for a in os.environ.get("ABLATE", "").split(",") if a], ABLATIONS, "ABLATE")
+    tuned_as()
     meta = versions()
     path = results_path(meta)
     rows = []
