@@ -25,11 +25,11 @@ tiles: lowering.THIN_ROWS) or ``direct`` (repeated launches straight into the co
 kernels: triton_backend.DIRECT_LAUNCH, a host-time change) or ``pointers`` (direct launches
 pass tensors' addresses: triton_backend.POINTER_ARGS, host time) turned off, or
 ``scratch`` (four times the split-row scratch budget, so shorter pieces:
-lowering.SCRATCH_FRACTION) given, or ``tailfree`` (forward walks without TAIL entries run a
-kernel compiled without the tail test: triton_backend.SKIP_TAIL_MASK) or ``bands`` (an
-intersection's diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window
-only) or ``classmask`` (residue-order PARTIAL tiles tested on class coordinates:
-lowering.CLASS_MASK; dilated patterns only) turned on, timed in the same run (with the variant's host time per
+lowering.SCRATCH_FRACTION) given, or ``tailfree`` (forward walks with masked entries and
+no TAIL entries run a kernel compiled without the tail test: triton_backend.SKIP_TAIL_MASK)
+or ``classmask`` (residue-order PARTIAL tiles tested on class coordinates:
+lowering.CLASS_MASK; dilated patterns only) turned off, or ``bands`` (an intersection's
+diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window only) turned on, timed in the same run (with the variant's host time per
 forward), each followed by the default timed again: an ablation row compares the variant with
 that re-timed default, since the pattern's own row is timed first and a freshly warmed GPU ran
 2-4% fast then (fourteenth session); the row's first times are kept as ``first_*``.
@@ -74,21 +74,22 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "fold": {"FOLD_SCALE": False}, "rtma": {"RESIDUE_TMA": False}, "thinrows": {"THIN_ROWS": False},
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
              "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
-             "tailfree": {"SKIP_TAIL_MASK": True}, "bands": {"MERGE_BANDS": True},
-             "classmask": {"CLASS_MASK": True}}
+             "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
+             "classmask": {"CLASS_MASK": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
-           "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"]}
+           "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
+           "tailfree": lambda r: r["kernel_full_fraction"] < 1}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
           "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
-          "tailfree": "tail-free forward kernel on", "bands": "merged diagonal bands on",
-          "classmask": "class-coordinate masks on"}
+          "tailfree": "tail-free forward kernel off", "bands": "merged diagonal bands on",
+          "classmask": "class-coordinate masks off"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -88,10 +88,11 @@ SPLIT_FIRST = True  # launch the pieces of split rows before all other items (Fa
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 # Residue-order launches test PARTIAL tiles on class coordinates (codegen.class_forms, see
-# class_gap): a dilated window's masked forward tile 371 -> 95 sm_90 SASS instructions
-# (Triton 3.6). Off until measured on a GPU (bench A/B row `classmask`; bench/RESULTS.md,
-# sixteenth session).
-CLASS_MASK = False
+# class_gap): a dilated window's masked tile, forward 371 -> 109 and dQ 369 -> 104 sm_90 SASS
+# instructions (Triton 3.6, with the tail-free forward). Measured at 64K, D=64 on an H100
+# (bench/RESULTS.md, sixteenth session): dilated forward -4%, forward+backward -3..-5%.
+# False: tokens tested as before (bench A/B row `classmask`).
+CLASS_MASK = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -732,6 +733,7 @@ class Walk:
     rows_per_head: int
     n_narrow: int
     has_tail: bool = True       # some entry (or narrow entry) is flagged TAIL
+    has_masked: bool = True     # some entry (or narrow entry) is not FULL (bit 0 clear)
     _counters: dict = field(default_factory=dict, compare=False, repr=False)
 
     def counters(self, batch: int, tiles: int) -> torch.Tensor:
@@ -853,10 +855,12 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
         n_ptr, n_block, n_flags = narrow if narrow is not None else (thin, np.zeros(0), np.zeros(0))
         n_narrow = int(n_block.size) if thin is None else int(thin[-1] - thin[0])
-        has_tail = bool(np.any(flags & TAIL) or np.any(n_flags.astype(np.int64) & TAIL))
+        n_flags64 = n_flags.astype(np.int64)
+        has_tail = bool(np.any(flags & TAIL) or np.any(n_flags64 & TAIL))
+        has_masked = bool(np.any((flags & 1) == 0) or np.any((n_flags64 & 1) == 0))
         return Walk(make_items(indptr, s, device, n_ptr, segments), t(block), t(flags & ~(COLUMN | ROW)),
                     None if head is None else t(head), t(n_block), t(n_flags), row_block,
-                    -(-klay.nblocks // factor), n_narrow, has_tail)
+                    -(-klay.nblocks // factor), n_narrow, has_tail, has_masked)
 
     walks = {}
     for name in ("fwd", "dq"):

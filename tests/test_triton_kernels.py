@@ -771,6 +771,24 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
     walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
     flags = np.concatenate([walk.flags.cpu().numpy(), walk.narrow_flags.cpu().numpy().astype(np.int64)])
     assert walk.has_tail == tail == bool((flags & lowering.TAIL).any())
+    assert walk.has_masked and ((flags & 1) == 0).any()
+
+
+@pytest.mark.parametrize("src,t,bs", [("block(64, width=1)", 192, 64), ("dense", 64, 16)])
+def test_a_walk_of_full_entries_keeps_the_general_forward_kernel(src, t, bs, monkeypatch):
+    """SKIP_TAIL_MASK leaves a walk with no masked entry on the TAIL=True kernel (its mask
+    branch never runs there, and that kernel's FULL path is the shorter one)."""
+    monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
+    seen = []
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
+        seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
+    errs, *_ = run_case(src, t, 2, 2, 16, 1, bs)
+    assert_close(errs)
+    assert seen == [True]
+    q, k, _ = _inputs(1, 2, 2, t, 16, torch.float32)
+    walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, 2, bs), None).plan.fwd
+    assert not walk.has_masked and not walk.has_tail
 
 
 # Residue-order launches whose PARTIAL tiles test class coordinates (lowering.CLASS_MASK):

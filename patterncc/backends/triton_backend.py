@@ -50,12 +50,15 @@ POINTER_ARGS = True
 # stores it for the dK/dV pass, which then runs after it: no separate pass reading O and dO
 # again (2% of a backward at 64K, bench/RESULTS.md). False: the separate pass (an A/B switch).
 DELTA_IN_DQ = True
-# A forward walk with no TAIL entry (T a whole number of blocks, no empty residue slots)
-# runs a kernel compiled without the tail test: its PARTIAL tiles apply the predicate alone
-# (a longformer masked tile 242 -> 86 sm_90 SASS instructions, Triton 3.6; FULL tiles as
-# before). The other variant compiles on the first length with a tail. Off until measured
-# on a GPU (bench A/B row `tailfree`; bench/RESULTS.md, fifteenth session).
-SKIP_TAIL_MASK = False
+# A forward walk with masked entries and no TAIL entry (T a whole number of blocks, no
+# empty residue slots) runs a kernel compiled without the tail test: its PARTIAL tiles apply
+# the predicate alone (a longformer masked tile 242 -> 86 sm_90 SASS instructions, Triton
+# 3.6; FULL tiles as before). The other variant compiles on the first length with a tail.
+# Measured at 64K, D=64 on an H100 (bench/RESULTS.md, sixteenth session): longformer forward
+# -4..-6%, dilated -3%, causal window -1..-2%. A walk of FULL entries only keeps the general
+# kernel, whose mask branch never runs there (BigBird: its FULL path is 6 instructions
+# shorter; the tail-free one measured +0..1%). False: the general kernel always (A/B row).
+SKIP_TAIL_MASK = True
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -530,7 +533,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
         (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
         FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
-        TAIL=walk.has_tail or not SKIP_TAIL_MASK, **run.consts, **opts)
+        TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), **run.consts, **opts)
     return out, lse
 
 
