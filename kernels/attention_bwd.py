@@ -132,11 +132,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
     pT = tl.math.exp2(qkT - lse[None, :])
     if (flags & 1) == 0:
-        if CLASS_GAP > 0:
-            allowed = class_mask_t(_walked_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP), at_n, head, flags,
-                                   SEQ_LEN, tables)
-        else:
-            allowed = token_mask_t(tok_m, at_n, head, flags, SEQ_LEN, tables)
+        allowed = _walked_mask(at_n, m_first, tok_m, head, flags, seg, SEQ_LEN, tables, BLOCK_M, CLASS_GAP, True)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
         pT = tl.where(allowed, pT, 0.0)
@@ -300,11 +296,7 @@ def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if (flags & 1) == 0:
-        if CLASS_GAP > 0:
-            allowed = class_mask(at_m, _walked_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP), head, flags,
-                                 SEQ_LEN, tables)
-        else:
-            allowed = token_mask(at_m, tok_n, head, flags, SEQ_LEN, tables)
+        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP, False)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
         p = tl.where(allowed, p, 0.0)

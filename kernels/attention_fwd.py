@@ -201,11 +201,7 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
     if TAIL:
         masked = masked | ((flags & (1 << 30)) != 0)
     if masked:
-        if CLASS_GAP > 0:
-            allowed = class_mask(at_m, _walked_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP), head, flags,
-                                 SEQ_LEN, tables)
-        else:
-            allowed = token_mask(at_m, tok_n, head, flags, SEQ_LEN, tables)
+        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP, False)
         if TAIL:
             allowed = allowed | ((flags & 1) != 0)
         if STACKED:

@@ -170,13 +170,24 @@ def _mask_coords(first, tok, BLOCK: tl.constexpr, seg, CLASS_GAP: tl.constexpr):
 
 
 @triton.jit
-def _walked_coords(first, tok, BLOCK: tl.constexpr, seg, CLASS_GAP: tl.constexpr):
-    """_mask_coords of a walked tile, which never spans two classes (they are padded to the
-    layout block): one scalar division per tile, the one its TMA coordinates take too."""
+def _walked_mask(at_own, first, tok, head, flags, seg, SEQ_LEN, tables, BLOCK: tl.constexpr,
+                 CLASS_GAP: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The predicate of a PARTIAL tile: a program's own positions (``at_own``, from
+    _mask_coords) against the walked tile first .. first + BLOCK - 1 (tokens ``tok``);
+    [own, walked] queries by keys (forward, dQ), or TRANSPOSED keys by queries (dK/dV)."""
     if CLASS_GAP > 0:
-        return first + (first // seg) * CLASS_GAP + tl.arange(0, BLOCK)
+        # A walked tile never spans two classes (they are padded to the layout block): one
+        # scalar division per tile, the one its TMA coordinates take too.
+        at = first + (first // seg) * CLASS_GAP + tl.arange(0, BLOCK)
+        if TRANSPOSED:
+            return class_mask_t(at, at_own, head, flags, SEQ_LEN, tables)
+        else:
+            return class_mask(at_own, at, head, flags, SEQ_LEN, tables)
     else:
-        return tok
+        if TRANSPOSED:
+            return token_mask_t(tok, at_own, head, flags, SEQ_LEN, tables)
+        else:
+            return token_mask(at_own, tok, head, flags, SEQ_LEN, tables)
 
 
 @triton.jit
