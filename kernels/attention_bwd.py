@@ -64,7 +64,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, CLASS_GAP: tl.constexpr,
+    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -75,7 +75,6 @@ def _attn_bwd_dkdv(
     k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
     sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK
-    at_n = _mask_coords(n_first, tok_n, BLOCK_N, seg, CLASS_GAP)  # what the predicate reads for the keys
 
     dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
@@ -83,16 +82,16 @@ def _attn_bwd_dkdv(
         # A few global queries of a far query block: a 16-query tile, not a whole block.
         for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
             dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
-                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, at_n, sub_col, dil, seg,
+                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
                                 tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
-                                PRECISION, UPCAST, CLASS_GAP)
+                                PRECISION, UPCAST)
     # One flat loop over (entry, query sub-tile) pairs.
     for it in range(start * M_TILES, end * M_TILES):
         e = it // M_TILES
         m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
         dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
-                            tl.load(entry_flags + e), b, H, at_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
-                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, CLASS_GAP)
+                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
+                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
     dk = dk * sm_scale
 
     dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -113,12 +112,11 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, at_n, sub_col, dil, seg,
+def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, tok_n, sub_col, dil, seg,
                tables, qk_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, CLASS_GAP: tl.constexpr):
-    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``
-    (``at_n``: the keys as the predicate reads them, see _mask_coords)."""
+               UPCAST: tl.constexpr):
+    """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
     q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
@@ -132,7 +130,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
     pT = tl.math.exp2(qkT - lse[None, :])
     if (flags & 1) == 0:
-        allowed = _walked_mask(at_n, m_first, tok_m, head, flags, seg, SEQ_LEN, tables, BLOCK_M, CLASS_GAP, True)
+        allowed = token_mask_t(tok_m, tok_n, head, flags, SEQ_LEN, tables)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_col)) & 1) != 0)[:, None]
         pT = tl.where(allowed, pT, 0.0)
@@ -296,7 +294,7 @@ def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if (flags & 1) == 0:
-        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP, False)
+        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP)
         if STACKED:
             allowed = allowed | (((flags >> (1 + sub_row)) & 1) != 0)[:, None]
         p = tl.where(allowed, p, 0.0)

@@ -201,7 +201,7 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
     if TAIL:
         masked = masked | ((flags & (1 << 30)) != 0)
     if masked:
-        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP, False)
+        allowed = _walked_mask(at_m, n_first, tok_n, head, flags, seg, SEQ_LEN, tables, BLOCK_N, CLASS_GAP)
         if TAIL:
             allowed = allowed | ((flags & 1) != 0)
         if STACKED:

@@ -170,24 +170,20 @@ def _mask_coords(first, tok, BLOCK: tl.constexpr, seg, CLASS_GAP: tl.constexpr):
 
 
 @triton.jit
-def _walked_mask(at_own, first, tok, head, flags, seg, SEQ_LEN, tables, BLOCK: tl.constexpr,
-                 CLASS_GAP: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The predicate of a PARTIAL tile: a program's own positions (``at_own``, from
-    _mask_coords) against the walked tile first .. first + BLOCK - 1 (tokens ``tok``);
-    [own, walked] queries by keys (forward, dQ), or TRANSPOSED keys by queries (dK/dV)."""
+def _walked_mask(at_m, first, tok, head, flags, seg, SEQ_LEN, tables, BLOCK: tl.constexpr,
+                 CLASS_GAP: tl.constexpr):
+    """The predicate of a PARTIAL tile [rows, walked keys] (forward, dQ): the program's rows
+    (``at_m``, from _mask_coords) against the keys first .. first + BLOCK - 1 (tokens ``tok``).
+    dK/dV tests tokens (token_mask_t) whatever CLASS_GAP: with class coordinates its
+    gradients came out wrong on an H100 under Triton 3.6 while the interpreter was exact
+    (bench/RESULTS.md, sixteenth session)."""
     if CLASS_GAP > 0:
         # A walked tile never spans two classes (they are padded to the layout block): one
         # scalar division per tile, the one its TMA coordinates take too.
-        at = first + (first // seg) * CLASS_GAP + tl.arange(0, BLOCK)
-        if TRANSPOSED:
-            return class_mask_t(at, at_own, head, flags, SEQ_LEN, tables)
-        else:
-            return class_mask(at_own, at, head, flags, SEQ_LEN, tables)
+        at_n = first + (first // seg) * CLASS_GAP + tl.arange(0, BLOCK)
+        return class_mask(at_m, at_n, head, flags, SEQ_LEN, tables)
     else:
-        if TRANSPOSED:
-            return token_mask_t(tok, at_own, head, flags, SEQ_LEN, tables)
-        else:
-            return token_mask(at_own, tok, head, flags, SEQ_LEN, tables)
+        return token_mask(at_m, tok, head, flags, SEQ_LEN, tables)
 
 
 @triton.jit

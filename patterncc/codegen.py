@@ -270,16 +270,16 @@ def _same_form_merged(groups: list) -> list:
 
 
 def _class_mask_fns(plan: PredicatePlan) -> list[str]:
-    """class_mask / class_mask_t: the predicates on class coordinates (see class_forms), which
-    the kernels call instead of the token predicates when launched with CLASS_GAP > 0."""
+    """class_mask: the predicate on class coordinates (see class_forms), which the forward and
+    dQ kernels call instead of token_mask when launched with CLASS_GAP > 0."""
     if plan.class_forms is None:
         return ["# No class forms (see codegen.class_forms): the kernels test tokens (CLASS_GAP = 0).",
-                "class_mask = token_mask", "class_mask_t = token_mask_t"]
-    return ["# class_mask / class_mask_t: the same on class coordinates u = p + (p // seg) * CLASS_GAP",
-            f"# (residue-order launches, CLASS_GAP = {plan.class_gap}; a token-order head's u is its token).",
+                "class_mask = token_mask"]
+    return ["# class_mask: token_mask on class coordinates u = p + (p // seg) * CLASS_GAP",
+            f"# (residue-order forward and dQ launches, CLASS_GAP = {plan.class_gap}; a token-order",
+            "# head's u is its token).",
             "", "",
-            _predicate_fn(plan, "class_mask", transposed=False, forms=plan.class_forms), "", "",
-            _predicate_fn(plan, "class_mask_t", transposed=True, forms=plan.class_forms)]
+            _predicate_fn(plan, "class_mask", transposed=False, forms=plan.class_forms)]
 
 
 def _template(name: str) -> str:

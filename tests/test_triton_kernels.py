@@ -810,8 +810,9 @@ CLASS_CASES = [
 @pytest.mark.parametrize("tail_free", [False, True])
 def test_class_coordinate_masks_match_reference(src, t, h, hkv, d, b, bs, split, gap, tail_free, tiles,
                                                 monkeypatch):
-    """CLASS_MASK: every kernel of a residue-order launch with class forms gets CLASS_GAP and
-    tests its PARTIAL tiles on class coordinates; against the float64 reference, poisoned."""
+    """CLASS_MASK: the forward and dQ of a residue-order launch with class forms get
+    CLASS_GAP and test their PARTIAL tiles on class coordinates (dK/dV tests tokens);
+    against the float64 reference, poisoned."""
     monkeypatch.setattr(lowering, "CLASS_MASK", True)
     monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", tail_free)
     seen = set()
@@ -820,4 +821,5 @@ def test_class_coordinate_masks_match_reference(src, t, h, hkv, d, b, bs, split,
         seen.add((name, kw.get("CLASS_GAP"))), real(self, name, *a, **kw))[1])
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
-    assert {g for name, g in seen if name != "_attn_bwd_preprocess"} == {gap}
+    assert {g for name, g in seen if name in ("_attn_fwd", "_attn_bwd_dq")} == {gap}
+    assert ("_attn_bwd_dkdv", None) in seen

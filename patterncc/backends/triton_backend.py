@@ -358,8 +358,9 @@ class _Launch:
             PERMUTED=lowering.order_mode(klay, max(self.lb, *self.rows.values()), self.d_pad),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=self.interp and q.dtype == torch.bfloat16,
-            CLASS_GAP=lowering.class_gap(klay, self.gen.plan),
         )
+        # The forward's and dQ's CLASS_GAP (dK/dV tests tokens: see kernels/common.py _walked_mask).
+        self.class_gap = lowering.class_gap(klay, self.gen.plan)
         self.device = q.device
         # Scratch of a walk without split rows: the kernels never touch it (slot < 0 everywhere).
         self.no_scratch = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -533,7 +534,8 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
         (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
         ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
         FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
-        TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), **run.consts, **opts)
+        TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
+        **run.consts, **opts)
     return out, lse
 
 
@@ -571,7 +573,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
             run.walk_args(walk, tiles),
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-            THIN_ROWS=walk.items.n_thin > 0, DELTA_FROM_O=delta_in_dq, **c, **opts)
+            THIN_ROWS=walk.items.n_thin > 0, DELTA_FROM_O=delta_in_dq, CLASS_GAP=run.class_gap, **c, **opts)
 
     if need_kv:
         dk = _empty(k.shape, k)
