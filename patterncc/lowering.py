@@ -87,11 +87,12 @@ THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query ti
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
-# Residue-order launches test PARTIAL tiles on class coordinates (codegen.class_forms, see
-# class_gap): a dilated window's masked tile, forward 371 -> 109 and dQ 369 -> 104 sm_90 SASS
-# instructions (Triton 3.6, with the tail-free forward). Measured at 64K, D=64 on an H100
-# (bench/RESULTS.md, sixteenth session): dilated forward -4%, forward+backward -3..-5%.
-# False: tokens tested as before (bench A/B row `classmask`).
+# Residue-order forward and dQ launches test PARTIAL tiles on class coordinates
+# (codegen.class_forms, see class_gap): a dilated window's masked tile, forward 371 -> 109
+# and dQ 369 -> 104 sm_90 SASS instructions (Triton 3.6, with the tail-free forward).
+# Measured at 64K on an H100 (bench/RESULTS.md, sixteenth session): dilated forward -6..-7%
+# at D=64 and -4..-7% at D=128, forward+backward -1..-2% at D=64. dK/dV keeps the token test
+# (kernels/common.py _walked_mask says why). False: tokens everywhere (A/B row `classmask`).
 CLASS_MASK = True
 
 
