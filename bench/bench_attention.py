@@ -29,8 +29,9 @@ lowering.SCRATCH_FRACTION) given, or ``tailfree`` (forward walks with masked ent
 no TAIL entries run a kernel compiled without the tail test: triton_backend.SKIP_TAIL_MASK)
 or ``classmask`` (residue-order PARTIAL tiles tested on class coordinates:
 lowering.CLASS_MASK; dilated patterns only) turned off, or ``bands`` (an intersection's
-diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window only) turned on, timed in the same run (with the variant's host time per
-forward), each followed by the default timed again: an ablation row compares the variant with
+diagonal bands tested as one interval: codegen.MERGE_BANDS; causal window only) turned on,
+timed in the same run (with the variant's host time per forward), each followed by the
+default timed again: an ablation row compares the variant with
 that re-timed default, since the pattern's own row is timed first and a freshly warmed GPU ran
 2-4% fast then (fourteenth session); the row's first times are kept as ``first_*``.
 

@@ -1,7 +1,8 @@
 """Template: block-sparse attention backward (FlashAttention-2).
 
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
-into each generated module, which defines ``token_mask`` / ``token_mask_t`` first.
+into each generated module, which defines ``token_mask`` / ``token_mask_t`` and
+``class_mask`` (dQ only, see common.py _walked_mask) first.
 
 Two or three passes, one launch each, deterministic:
 

@@ -1,7 +1,8 @@
 """Template: block-sparse attention forward (FlashAttention-2 online softmax).
 
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
-into each generated module, which defines ``token_mask`` (the pattern's predicate) first.
+into each generated module, which defines ``token_mask`` (the pattern's predicate) and
+``class_mask`` (the same on class coordinates, see common.py _mask_coords) first.
 
 Work decomposition (built by patterncc/lowering.py). A *row* of the kernel plan is
 ROW_BLOCK query positions of one head: one layout block, or several stacked (a 128-row

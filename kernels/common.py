@@ -1,9 +1,10 @@
 """Template: helpers shared by patterncc's attention kernels.
 
 Not imported on its own: patterncc/codegen.py pastes everything below the template marker
-into each generated module, after the pattern's token predicate. Tiles are [rows, HEAD_PAD]
-slices of a contiguous [B, H, T, D] tensor; HEAD_PAD is D rounded up to a power of two
-(at least 16, the smallest tl.dot), and the padding columns read as 0 and are never stored.
+into each generated module, after the pattern's token predicate and its class form. Tiles
+are [rows, HEAD_PAD] slices of a contiguous [B, H, T, D] tensor; HEAD_PAD is D rounded up to
+a power of two (at least 16, the smallest tl.dot), and the padding columns read as 0 and are
+never stored.
 
 Kernel positions and tokens. The kernels walk the layout in *kernel order*: normally
 position p is token p. With ``PERMUTED`` a head may run in *residue order* (patterncc's

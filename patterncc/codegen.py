@@ -78,7 +78,6 @@ class PredicatePlan:
     groups: tuple[tuple[tuple[int, ...] | None, ir.Pattern], ...]
     random_nodes: tuple[ir.Random, ...]
     table_nodes: tuple[ir.Global, ...]
-    factors: tuple[int, ...] = ()  # per group: the residue order its heads run in (1: token order)
     class_forms: tuple[ir.Pattern, ...] | None = None  # per group: the predicate class_mask tests
     class_gap: int = 0  # the class coordinates' gap between classes (0: no class_mask)
 
@@ -89,10 +88,7 @@ class PredicatePlan:
 
     def factor(self, head: int) -> int:
         """The residue factor of ``head``'s group (what class_mask assumes the head runs in)."""
-        for (heads, _), d in zip(self.groups, self.factors):
-            if heads is None or head in heads:
-                return d
-        return 1
+        return next(ir.residue_factor(p) for heads, p in self.groups if heads is None or head in heads)
 
 
 @dataclass(frozen=True)
@@ -157,12 +153,12 @@ def analyse(pattern: ir.Pattern) -> PredicatePlan:
     if len(randoms) > MAX_RANDOM_TERMS:
         raise ValueError(f"a pattern may hold at most {MAX_RANDOM_TERMS} distinct random terms "
                          f"inside intersections, got {len(randoms)}")
-    factors, forms, gap = class_forms(tuple(p for _, p in groups))
-    return PredicatePlan(pattern, tuple(groups), tuple(randoms), tuple(tables), factors, forms, gap)
+    forms, gap = class_forms(tuple(p for _, p in groups))
+    return PredicatePlan(pattern, tuple(groups), tuple(randoms), tuple(tables), forms, gap)
 
 
-def class_forms(patterns: tuple[ir.Pattern, ...]) -> tuple[tuple[int, ...], tuple[ir.Pattern, ...] | None, int]:
-    """(residue factor, class-coordinate predicate) per head group, and the gap between classes.
+def class_forms(patterns: tuple[ir.Pattern, ...]) -> tuple[tuple[ir.Pattern, ...] | None, int]:
+    """The class-coordinate predicate of each head group, and the gap between classes.
 
     In residue order d a head's positions are p = c * seg + i (class c, index i), and its
     PARTIAL tiles can be tested on the *class coordinate* u = p + c * gap instead of on
@@ -174,24 +170,24 @@ def class_forms(patterns: tuple[ir.Pattern, ...]) -> tuple[tuple[int, ...], tupl
 
     >>> import patterncc
     >>> pat = patterncc.parse("window(256) | dilate(2)").specialize(0)
-    >>> factors, forms, gap = class_forms((pat,))
-    >>> factors, [str(f) for f in forms], gap
-    ((2,), ['window(256)'], 256)
-    >>> class_forms((patterncc.parse("window(8) | dilate(2) | global([5])").specialize(0),))[1:]
+    >>> forms, gap = class_forms((pat,))
+    >>> [str(f) for f in forms], gap
+    (['window(256)'], 256)
+    >>> class_forms((patterncc.parse("window(8) | dilate(2) | global([5])").specialize(0),))
     (None, 0)
     """
-    factors = tuple(ir.residue_factor(p) for p in patterns)
+    factors = [ir.residue_factor(p) for p in patterns]
     if all(d == 1 for d in factors):
-        return factors, None, 0
+        return None, 0
     forms, gap = [], 1
     for d, p in zip(factors, patterns):
         form = p if d == 1 else (p.class_form(d) if p.keeps_classes(d) else None)
         reach = form.extent() if form is not None and d > 1 else 0
         if form is None or reach is None:
-            return factors, None, 0
+            return None, 0
         forms.append(form)
         gap = max(gap, reach)
-    return factors, tuple(forms), gap
+    return tuple(forms), gap
 
 
 # ----------------------------------------------------------------------------------------

@@ -89,8 +89,10 @@ def check_predicate(layout):
 def check_class_predicate(layout) -> int:
     """The generated class_mask on class coordinates (u = p + (p // seg) * gap, position p
     of the head's kernel order) equals the pattern on the tokens at those positions, for
-    every pair of real tokens of every head, across classes as well as inside one. Returns
-    the gap (0: the kernels keep testing tokens)."""
+    every pair of real tokens of every head that the kernels may mask: every pair of
+    layout blocks except FULL entries (the predicate is not asked there), each with its
+    entry's flag word (random bits) or 0 where no entry lists it; across classes as well as
+    inside one. Returns the gap (0: the kernels keep testing tokens)."""
     pred = codegen.analyse(layout.pattern)
     klay = lowering.kernel_layout(layout, pred)
     gap = lowering.class_gap(klay, pred, enabled=True)
@@ -103,13 +105,20 @@ def check_class_predicate(layout) -> int:
         d, seg = int(klay.dil[h]), int(klay.seg[h])
         pos = np.arange(d * seg if d > 1 else t)
         tok = ir.residue_token(pos, t, d, bs) if d > 1 else pos
-        real = tok < t
-        u = (pos + (pos // seg) * gap)[real]
-        tok = tok[real]
-        want = np.broadcast_to(layout.heads[h].allowed(layout.ctx, tok[:, None], tok[None, :]), (tok.size,) * 2)
-        got = np.broadcast_to(mask_fn(u, u, h, 0, _SeqLen(t), tables), want.shape)
-        bad = np.argwhere(got != want)
-        assert bad.size == 0, (str(layout.heads[h]), h, [tok[i].tolist() for i in bad[:3]])
+        u = pos + (pos // seg) * gap
+        listed = {(int(a), int(b)): int(f) for a, b, f in zip(*klay.head_entries(h))}
+        blocks = [np.flatnonzero(tok[i:i + bs] < t) + i for i in range(0, pos.size, bs)]  # real tokens
+        for qb, rows in enumerate(blocks):
+            for kb, cols in enumerate(blocks):
+                flags = listed.get((qb, kb), 0)
+                if flags & 1 or not rows.size or not cols.size:
+                    continue
+                want = layout.heads[h].allowed(layout.ctx, tok[rows][:, None], tok[cols][None, :])
+                got = mask_fn(u[rows], u[cols], h, flags, _SeqLen(t), tables)
+                bad = np.argwhere(np.broadcast_to(got, (rows.size, cols.size))
+                                  != np.broadcast_to(want, (rows.size, cols.size)))
+                assert bad.size == 0, (str(layout.heads[h]), h, qb, kb,
+                                       [(tok[rows[i]], tok[cols[j]]) for i, j in bad[:3]])
     return gap
 
 
@@ -267,7 +276,8 @@ def test_class_predicate_of_any_pattern_is_exact_or_not_used(case):
 def test_class_forms_merge_equal_head_groups_and_alias_without_forms(monkeypatch, tmp_path):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     plan = codegen.analyse(patterncc.parse("window(8) | dilate(2, heads=[1])"))
-    assert plan.factors == (2, 1) and [str(f) for f in plan.class_forms] == ["window(8)", "window(8)"]
+    assert [plan.factor(h) for h in (0, 1, 2)] == [1, 2, 1]
+    assert [str(f) for f in plan.class_forms] == ["window(8)", "window(8)"]
     body = codegen.render(plan)
     body = body[body.index("def class_mask("):body.index("# ---- kernels/")]
     assert "if " not in body  # both groups test window(8): no branch on the head
