@@ -13,6 +13,12 @@ on this machine use it) and writes $OUT/tune.json with the entries for ``tuning.
     TS=65536 DS=64,128 python bench/tune.py
     STACK_BANDS=1 DS=64 KINDS=fwd,dq python bench/tune.py   # the causal window in the tall class too
 
+SHORTLIST=1 sweeps only SHORTLIST's candidates (the winners and runners-up of the H200's sweeps:
+a GPU of the same die that needs a table of its own at a fraction of the compiles).
+COMPILE_ONLY=1 launches each candidate once and times nothing: several such processes side by
+side (one per D and kernel) fill Triton's cache, so the timed sweep that follows finds every
+kernel compiled (bench/device_tune.sh).
+
 STACK_BANDS=1 turns lowering.TALL_ONLY_GATHERED off for the sweep, so contiguous bands that
 stack well (the causal window) are swept with the tall candidates (the capped 8-warp ones
 among them); it measures, and records nothing in the tuning cache.
@@ -36,6 +42,25 @@ from patterncc.backends import triton_backend as tb, tuning  # noqa: E402
 from bench_attention import PATTERNS  # noqa: E402
 
 
+K = tuning.KernelConfig
+# The first of each list is the baseline the scores are relative to (CANDIDATES' first).
+SHORTLIST = {
+    "fwd": [K(64, 64, 4, 2), K(64, 64, 4, 2, True, 128), K(64, 64, 4, 3, True), K(64, 64, 4, 3),
+            K(128, 64, 4, 3)],
+    "dq": [K(64, 64, 4, 2), K(64, 64, 4, 2, True, 128), K(64, 64, 4, 2, True), K(64, 64, 4, 3, True),
+           K(64, 32, 4, 3)],
+    "dkdv": [K(64, 64, 4, 2), K(32, 64, 4, 3), K(64, 64, 4, 3, True), K(64, 64, 4, 2, True), K(32, 128, 4, 3)],
+}
+
+
+def sweep_candidates(kind: str, tall: bool) -> list:
+    """What the sweep tries for a class: tuning.candidates, or its SHORTLIST part."""
+    cands = tuning.candidates(kind, tall)
+    if os.environ.get("SHORTLIST") == "1":
+        cands = [c for c in SHORTLIST[kind] if c in cands]
+    return cands
+
+
 def kernel_runner(kind, q, k, v, do, layout, scale, out, lse):
     if kind == "fwd":
         return lambda cfg: tb.forward(q, k, v, layout, scale, configs={"fwd": cfg})
@@ -51,6 +76,7 @@ def main():
     kinds = os.environ.get("KINDS", ",".join(tuning.KINDS)).split(",")
     H = int(os.environ.get("HEADS", "16"))
     os.environ["PATTERNCC_AUTOTUNE"] = "0"
+    compile_only = os.environ.get("COMPILE_ONLY") == "1"
     if os.environ.get("STACK_BANDS") == "1":  # tall rows for contiguous bands too (the causal window)
         lowering.TALL_ONLY_GATHERED = False
     dev = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a smoke test of this script
@@ -68,7 +94,7 @@ def main():
                 tall = lowering.row_class(lay, codegen.analyse(lay.pattern), 1, kind)
                 by_class.setdefault(tall, []).append(name)
             for tall, members in sorted(by_class.items()):
-                cands = tuning.candidates(kind, tall)
+                cands = sweep_candidates(kind, tall)
                 ms = {c: [] for c in cands}
                 for name in members:  # candidates back to back per pattern: drift hits them alike
                     layout = layouts[name]
@@ -77,6 +103,9 @@ def main():
                     for cfg in cands:
                         try:
                             run(cfg)
+                            if compile_only:
+                                torch.cuda.synchronize() if dev == "cuda" else None
+                                continue
                             t = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median")
                         except Exception as e:  # registers / shared memory
                             print(f"{kind} D={D} {cfg} {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -84,6 +113,8 @@ def main():
                         ms[cfg].append(t)
                         print(json.dumps({"T": T, "D": D, "kind": kind, "tall": tall, "pattern": name,
                                           "config": vars(cfg), "ms": t}), flush=True)
+                if compile_only:
+                    continue
                 base = ms[cands[0]]
                 rel = {c: math.exp(sum(math.log(t / b) for t, b in zip(ms[c], base)) / len(base)) for c in cands}
                 best = min(cands, key=lambda c: rel[c])
@@ -94,6 +125,8 @@ def main():
                                 "candidates": [{"config": vars(c), "ms": ms[c], "relative": rel[c]} for c in cands]})
                 print(f"== D={D} {kind} {'tall' if tall else 'flat'} ({', '.join(members)}): best {best} at "
                       f"{rel[best]:.3f}x the first candidate ({', '.join(f'{x:.3f}' for x in ms[best])} ms)", flush=True)
+    if compile_only:
+        return
     out_dir = Path(os.environ.get("OUT", "."))
     (out_dir / "tune.json").write_text(json.dumps({"T": T, "device": gpu, "results": results}, indent=1))
     print("\nTUNED table entries:")
