@@ -222,7 +222,7 @@ def host_ms(fn, n: int = 50, ahead: bool = False) -> float:
 
 def tuned_as() -> str | None:
     """``TUNED_AS=<a key of tuning.TUNED>``: this GPU looks its launch configurations up in
-    that GPU's table (an H100, which the table lacks, then runs the H200's measured configs
+    that GPU's table (a GPU the table lacks then runs, say, the H200's measured configs
     rather than DEFAULT under PATTERNCC_AUTOTUNE=0, or a first-use sweep). Recorded in the
     results' meta; call once, before the first op."""
     name = os.environ.get("TUNED_AS")

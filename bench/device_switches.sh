@@ -7,11 +7,11 @@
 #   bash bench/device_switches.sh
 #   DS=128 PATTERNS=dilated,causal_window TESTS=0 SASS=0 bash bench/device_switches.sh
 #   GPU_FILTER="dilated or residue" bash bench/device_switches.sh   (and those tests/gpu tests)
-# A GPU that tuning.TUNED lacks (an H100) borrows the H200's configs (TUNED_AS; '' turns it off).
+# A GPU that tuning.TUNED lacks can borrow another GPU's configs: TUNED_AS="NVIDIA H200".
 # Under $OUT: gpu.txt, gpu-tests.txt, sass.jsonl, bench-$TAG.log and the results JSON.
 set -u
 source bench/device_setup.sh
-export PATTERNCC_AUTOTUNE=0 TUNED_AS="${TUNED_AS-NVIDIA H200}"
+export PATTERNCC_AUTOTUNE=0 TUNED_AS="${TUNED_AS-}"
 logs=$(mktemp -d)
 if [ "${TESTS:-1}" != 0 ]; then
   # Compile-bound: one process per (test, tile configuration), side by side.

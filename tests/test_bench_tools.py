@@ -162,15 +162,15 @@ def test_an_ablation_row_compares_the_variant_with_the_default_timed_right_after
 
 def test_tuned_as_looks_this_gpu_up_in_another_gpus_table_and_refuses_unknown_names(monkeypatch):
     from patterncc.backends import tuning
-    monkeypatch.setattr(bench_attention.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench_attention.torch.cuda, "get_device_name", lambda *a: "NVIDIA B200")
     monkeypatch.setattr(tuning, "TUNED", dict(tuning.TUNED))
     monkeypatch.delenv("TUNED_AS", raising=False)
     assert bench_attention.tuned_as() is None
-    assert tuning.table_config("fwd", 64, bench_attention.torch.bfloat16, "NVIDIA H100 80GB HBM3") is None
+    assert tuning.table_config("fwd", 64, bench_attention.torch.bfloat16, "NVIDIA B200") is None
     monkeypatch.setenv("TUNED_AS", "NVIDIA H200")
     assert bench_attention.tuned_as() == "NVIDIA H200"
     h200 = tuning.TUNED["NVIDIA H200"][("fwd", 64, False)]
-    assert tuning.table_config("fwd", 64, bench_attention.torch.bfloat16, "NVIDIA H100 80GB HBM3") == h200
-    monkeypatch.setenv("TUNED_AS", "NVIDIA B200")
-    with pytest.raises(SystemExit, match="TUNED_AS: unknown NVIDIA B200"):
+    assert tuning.table_config("fwd", 64, bench_attention.torch.bfloat16, "NVIDIA B200") == h200
+    monkeypatch.setenv("TUNED_AS", "NVIDIA GB300")
+    with pytest.raises(SystemExit, match="TUNED_AS: unknown NVIDIA GB300"):
         bench_attention.tuned_as()

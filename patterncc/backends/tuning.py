@@ -80,7 +80,11 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 # tune-fwd.json, with residue-order TMA boxes; D=128 flat dQ from 2026-12-03-NVIDIA-H200-run12-
 # tune-bwd128-20dabc5.json, 2-stage TMA, 0.93x the time of the untuned entry), best geometric mean
 # over the class's reference patterns: flat = longformer, BigBird, causal window; tall =
-# the dilated window in residue order (lowering.row_class).
+# the dilated window in residue order (lowering.row_class). "NVIDIA H100": the 2026-12-06
+# shortlist sweep at T=65536, H=16 (bench/tune.py SHORTLIST=1: the H200 sweeps' winners and
+# runners-up; bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3-run17-tune-shortlist-*.json): the
+# H200's winners again, and for the tall class at D=128 the 2-stage TMA dQ (0.89x the untuned
+# entry's time) and dK/dV (0.88x), which the H200's tall sweeps never tried.
 TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
     "NVIDIA H200": {
         ("fwd", 64, False): K(64, 64, 4, 2, True, 128), ("fwd", 64, True): K(64, 64, 4, 2, True, 128),
@@ -89,6 +93,14 @@ TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
         ("fwd", 128, False): K(64, 64, 4, 3, True), ("fwd", 128, True): K(64, 64, 4, 3, True),
         ("dq", 128, False): K(64, 64, 4, 2, True), ("dq", 128, True): K(64, 64, 4, 2),
         ("dkdv", 128, False): K(64, 64, 4, 3, True), ("dkdv", 128, True): K(64, 64, 4, 2),
+    },
+    "NVIDIA H100": {
+        ("fwd", 64, False): K(64, 64, 4, 2, True, 128), ("fwd", 64, True): K(64, 64, 4, 2, True, 128),
+        ("dq", 64, False): K(64, 64, 4, 2, True, 128), ("dq", 64, True): K(64, 64, 4, 2, True, 128),
+        ("dkdv", 64, False): K(32, 64, 4, 3), ("dkdv", 64, True): K(32, 64, 4, 3),
+        ("fwd", 128, False): K(64, 64, 4, 3, True), ("fwd", 128, True): K(64, 64, 4, 3, True),
+        ("dq", 128, False): K(64, 64, 4, 2, True), ("dq", 128, True): K(64, 64, 4, 2, True),
+        ("dkdv", 128, False): K(64, 64, 4, 3, True), ("dkdv", 128, True): K(64, 64, 4, 2, True),
     },
 }
 
