@@ -175,9 +175,9 @@ def _walked_mask(at_m, first, tok, head, flags, seg, SEQ_LEN, tables, BLOCK: tl.
                  CLASS_GAP: tl.constexpr):
     """The predicate of a PARTIAL tile [rows, walked keys] (forward, dQ): the program's rows
     (``at_m``, from _mask_coords) against the keys first .. first + BLOCK - 1 (tokens ``tok``).
-    dK/dV tests tokens (token_mask_t) whatever CLASS_GAP: with class coordinates its
-    gradients came out wrong on an H100 under Triton 3.6 while the interpreter was exact
-    (bench/RESULTS.md, sixteenth session)."""
+    dK/dV tests tokens (token_mask_t) whatever CLASS_GAP: Triton 3.6 miscompiles the
+    transposed class band there (in its PTX, odd query columns take the lower bound of the
+    even column beside them; bench/RESULTS.md, seventeenth session), Triton 3.9 does not."""
     if CLASS_GAP > 0:
         # A walked tile never spans two classes (they are padded to the layout block): one
         # scalar division per tile, the one its TMA coordinates take too.
