@@ -755,18 +755,21 @@ TAIL_FREE_CASES = [
 def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b, bs, split, tail, tiles,
                                                           monkeypatch):
     """SKIP_TAIL_MASK: a forward walk with no TAIL entry launches the kernel compiled without
-    the tail test (TAIL=False), one with such entries the general one; MERGE_BANDS: diagonal
-    bands tested as one interval. Outputs poisoned, float64 reference."""
+    the tail test (TAIL=False), one with such entries the general one, and compiles the other
+    (warm) for the next length; MERGE_BANDS: diagonal bands tested as one interval. Outputs
+    poisoned, float64 reference."""
     monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
     monkeypatch.setattr(codegen, "MERGE_BANDS", True)
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
-    seen = []
+    seen, warmed = [], []
     real = triton_backend._Launch.launch
     monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
         seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: warmed.append((name, kw["TAIL"])))
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
     assert seen == [tail]
+    assert warmed == [("_attn_fwd", not tail)]
     q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
     walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
     flags = np.concatenate([walk.flags.cpu().numpy(), walk.narrow_flags.cpu().numpy().astype(np.int64)])
@@ -777,15 +780,17 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
 @pytest.mark.parametrize("src,t,bs", [("block(64, width=1)", 192, 64), ("dense", 64, 16)])
 def test_a_walk_of_full_entries_keeps_the_general_forward_kernel(src, t, bs, monkeypatch):
     """SKIP_TAIL_MASK leaves a walk with no masked entry on the TAIL=True kernel (its mask
-    branch never runs there, and that kernel's FULL path is the shorter one)."""
+    branch never runs there, and that kernel's FULL path is the shorter one), and compiles
+    no other variant."""
     monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
-    seen = []
+    seen, warmed = [], []
     real = triton_backend._Launch.launch
     monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
         seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, *a, **kw: warmed.append(a))
     errs, *_ = run_case(src, t, 2, 2, 16, 1, bs)
     assert_close(errs)
-    assert seen == [True]
+    assert seen == [True] and warmed == []
     q, k, _ = _inputs(1, 2, 2, t, 16, torch.float32)
     walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, 2, bs), None).plan.fwd
     assert not walk.has_masked and not walk.has_tail

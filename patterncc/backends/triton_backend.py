@@ -53,7 +53,9 @@ DELTA_IN_DQ = True
 # A forward walk with masked entries and no TAIL entry (T a whole number of blocks, no
 # empty residue slots) runs a kernel compiled without the tail test: its PARTIAL tiles apply
 # the predicate alone (a longformer masked tile 242 -> 86 sm_90 SASS instructions, Triton
-# 3.6; FULL tiles as before). The other variant compiles on the first length with a tail.
+# 3.6; FULL tiles as before). The first use compiles the other variant too (_Launch.warm):
+# a new length with (or without) a tail then finds its kernel compiled, as issue 5's 50 ms
+# to a new length's first launch asks (a dilated window at 16K + 64: 815 ms without it).
 # Measured at 64K, D=64 on an H100 (bench/RESULTS.md, sixteenth session): longformer forward
 # -4..-6%, dilated -3%, causal window -1..-2%. A walk of FULL entries only keeps the general
 # kernel, whose mask branch never runs there (BigBird: its FULL path is 6 instructions
@@ -373,6 +375,7 @@ class _Launch:
         self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
+        self.warmed: set = set()  # (kernel, constexprs) that warm() has compiled
 
     def launch(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
         """Launch the generated kernel ``name`` on ``(*head, *plan tensors, *tail)``, where
@@ -385,6 +388,16 @@ class _Launch:
                                (len(head), len(head) + len(tensors)), pointers)
         else:
             kernel[grid](*head, *(plan[0] if plan else ()), *tail, **kwargs)
+
+    def warm(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
+        """Compile ``name`` for these arguments without launching it (Triton's warmup), once
+        per set of constexprs: a variant that another length will launch. Nothing under the
+        interpreter, which compiles nothing."""
+        key = (name, *kwargs.items())
+        if self.interp or key in self.warmed:
+            return
+        self.warmed.add(key)
+        self.gen.kernel(name).warmup(*head, *(plan[0] if plan else ()), *tail, grid=grid, **kwargs)
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
         """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
@@ -528,14 +541,15 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     bm, bn, opts = run.tiles("fwd")
     tiles = walk.row_block // bm
     kv_tiles, tma = run.walked("fwd", (k, v), bn)
-    run.launch("_attn_fwd", (walk.items.n_items * tiles, run.b),
-        (q, k, v, out, lse, *kv_tiles, *run.scratch(walk, run.d_pad, 1, 1)),
-        run.walk_args(walk, tiles),
-        (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group),
-        ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-        FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
-        TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
-        **run.consts, **opts)
+    args = ((walk.items.n_items * tiles, run.b), (q, k, v, out, lse, *kv_tiles, *run.scratch(walk, run.d_pad, 1, 1)),
+            run.walk_args(walk, tiles), (scale * LOG2E, run.t, walk.rows_per_head, run.b, run.h, run.group))
+    consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
+                  FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
+                  TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
+                  **run.consts, **opts)
+    run.launch("_attn_fwd", *args, **consts)
+    if SKIP_TAIL_MASK and walk.has_masked:  # the TAIL variant a length with(out) a tail launches
+        run.warm("_attn_fwd", *args, **{**consts, "TAIL": not consts["TAIL"]})
     return out, lse
 
 

@@ -197,6 +197,26 @@ def test_long_sequences_sampled_rows(name, t):
         assert torch.isfinite(x.grad).all()
 
 
+def _compiled_count(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.mark.parametrize("name,t", [("dilated", 4096), ("dilated", 4160), ("longformer", 4096)])
+def test_a_new_length_finds_its_forward_compiled(name, t):
+    """The first use compiles both forward variants (with and without the tail test), so a
+    length with a tail after one without (or the other way round) launches at once: issue 5's
+    new length under 50 ms. The dilated window at 4160 has classes with empty slots (a tail)."""
+    from patterncc import codegen
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    kernel = codegen.load(op.layout(t, 4).pattern).kernel("_attn_fwd")  # the module the backend runs
+    with torch.no_grad():
+        op(*_inputs(1, 4, 4, t, 64, torch.bfloat16))
+        before = _compiled_count(kernel)
+        for t2 in (t + 64, t + 1000, t + 4096):
+            op(*_inputs(1, 4, 4, t2, 64, torch.bfloat16))
+    assert before >= 2 and _compiled_count(kernel) == before
+
+
 def test_cuda_graph_capture_and_replay():
     op = patterncc.compile(REFERENCE["card"], block_size=64, backend="triton")
     q, k, v = _inputs(1, 4, 2, 3000, 64, torch.bfloat16)
