@@ -15,7 +15,8 @@ python3 -m pytest tests/gpu -q --collect-only -p no:cacheprovider ${FILTER:+-k "
 echo "$(wc -l < "$logs/nodes.txt") tests in $chunks processes"
 for i in $(seq 0 $((chunks - 1))); do
   awk -v n="$chunks" -v i="$i" 'NR % n == i' "$logs/nodes.txt" > "$logs/chunk-$i.txt"
-  (timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider $(cat "$logs/chunk-$i.txt") \
+  mapfile -t nodes < "$logs/chunk-$i.txt"  # node ids hold spaces and '|' (pattern sources)
+  (timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider "${nodes[@]}" \
      > "$logs/t-$i.txt" 2>&1; echo "rc $? (chunk $i)" >> "$logs/t-$i.txt") &
 done
 wait
