@@ -81,6 +81,9 @@ TALL_ONLY_GATHERED = True  # tall rows only for residue-ordered (gathered) walks
 TALL_ROWS, FLAT_ROWS = 128, 64  # positions per kernel row: tall rows, and at most this if not tall
 SCRATCH_FRACTION = 0.05  # split-row scratch at most this fraction of the output's bytes
 RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, for A/B runs)
+# Larger residue factors stay in token order: the kernels find a position's class by a float
+# reciprocal, exact while the class index is below this (kernels/common.py _class_of).
+MAX_RESIDUE_FACTOR = 2 ** 21
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
 THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query tiles (False: for A/B runs)
@@ -184,7 +187,7 @@ def head_orders(layout: Layout, group: int = 1) -> list[tuple[int, ir.Pattern | 
     for p in layout.heads:
         if p not in by_pattern:
             d = ir.residue_factor(p) if RESIDUE_ORDER else 1
-            moved = p.residue(d, t, layout.block_size) if d > 1 and t > 1 else None
+            moved = p.residue(d, t, layout.block_size) if 1 < d < MAX_RESIDUE_FACTOR and t > 1 else None
             by_pattern[p] = (d, moved) if moved is not None else (1, None)
     orders = [by_pattern[p] for p in layout.heads]
     for g in range(0, len(orders), group):

@@ -827,3 +827,31 @@ def test_class_coordinate_masks_match_reference(src, t, h, hkv, d, b, bs, split,
     assert_close(errs)
     assert {g for name, g in seen if name in ("_attn_fwd", "_attn_bwd_dq")} == {gap}
     assert ("_attn_bwd_dkdv", None) in seen
+
+
+def test_class_of_is_floor_division_for_every_residue_factor_the_lowering_allows():
+    """kernels/common.py _class_of (a float reciprocal and one correction) against integer
+    division, at class boundaries (k * seg and one before) and at random, for class lengths
+    from one 16-token block to 2**24 and classes up to lowering.MAX_RESIDUE_FACTOR."""
+    import triton
+    import triton.language as tl
+    global _CLASS_OF  # a kernel reaches other jit functions through its module's globals
+    _CLASS_OF = codegen.load(patterncc.parse("window(4) | dilate(2)")).module._class_of
+
+    @triton.jit
+    def classes(A, S, Out, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(Out + i, _CLASS_OF(tl.load(A + i), tl.load(S + i)))
+
+    rng = np.random.default_rng(0)
+    n = 4096
+    seg = 16 * rng.integers(1, 2 ** 20, n)
+    seg[:8] = [16, 48, 64, 1008, 2 ** 10 * 3, 2 ** 20, 2 ** 24 - 16, 2 ** 20 + 16]
+    k = np.minimum(rng.integers(0, lowering.MAX_RESIDUE_FACTOR, n), (2 ** 31 - 1) // seg - 1)
+    a = k * seg + rng.choice([0, -1, 1, 15], n)
+    a[n // 2:] = rng.integers(0, np.minimum(seg[n // 2:] * lowering.MAX_RESIDUE_FACTOR, 2 ** 31 - 1))
+    a = np.clip(a, 0, 2 ** 31 - 1)
+    args = [torch.from_numpy(x.astype(np.int32)).to(DEVICE) for x in (a, seg)]
+    out = torch.full((n,), -1, dtype=torch.int32, device=DEVICE)
+    classes[(1,)](*args, out, N=n)
+    np.testing.assert_array_equal(out.cpu().numpy(), a // seg)
