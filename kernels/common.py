@@ -193,7 +193,7 @@ def _walked_mask(at_m, first, tok, head, flags, seg, SEQ_LEN, tables, BLOCK: tl.
     even column beside them; bench/RESULTS.md, seventeenth session), Triton 3.9 does not."""
     if CLASS_GAP > 0:
         # A walked tile never spans two classes (they are padded to the layout block): one
-        # scalar division per tile, the one its TMA coordinates take too.
+        # class per tile, the one its TMA coordinates take too.
         at_n = first + _class_of(first, seg) * CLASS_GAP + tl.arange(0, BLOCK)
         return class_mask(at_m, at_n, head, flags, SEQ_LEN, tables)
     else:

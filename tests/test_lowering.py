@@ -105,6 +105,13 @@ def test_gqa_heads_of_one_kv_head_share_an_order():
     assert mha.dil.tolist() == [2, 2, 2, 1]
 
 
+def test_residue_factors_past_the_kernels_exact_class_index_stay_in_token_order(monkeypatch):
+    """kernels/common.py _class_of is exact for class indices below MAX_RESIDUE_FACTOR."""
+    monkeypatch.setattr(lowering, "MAX_RESIDUE_FACTOR", 3)
+    _, _, klay = _klay("window(4) | dilate(2, heads=[0]) | dilate(3, heads=[1])", 120, 2, 16)
+    assert klay.dil.tolist() == [2, 1]
+
+
 def test_residue_order_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(lowering, "RESIDUE_ORDER", False)
     lay, _, klay = _klay("window(16) | dilate(2)", 200, 1, 16)
