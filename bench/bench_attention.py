@@ -76,13 +76,14 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
              "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
              "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
-             "classmask": {"CLASS_MASK": False}}
+             "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_WALKED_TOKENS": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
            "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
+           "affine": lambda r: r["residue_heads"],
            "tailfree": lambda r: r["kernel_full_fraction"] < 1}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
@@ -90,7 +91,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
           "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
           "tailfree": "tail-free forward kernel off", "bands": "merged diagonal bands on",
-          "classmask": "class-coordinate masks off"}
+          "classmask": "class-coordinate masks off", "affine": "affine walked tokens on"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

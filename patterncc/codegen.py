@@ -59,6 +59,13 @@ MAX_RANDOM_TERMS = 28  # flag bits 1..28 of an int32 word (bits 29, 30: see lowe
 # flatten dK/dV's mask branch into predicated code that FULL tiles run too (559 -> 654).
 # Off until measured on a GPU (bench A/B row `bands`; bench/RESULTS.md, fifteenth session).
 MERGE_BANDS = False
+# A walked tile's tokens in residue order as an affine function of its row (kernels/common.py
+# _walked_tokens; the lowering pads classes to whole layout blocks, so a walked tile lies in
+# one class). sm_90 SASS (Triton 3.6, bf16, D=64): the dilated window's dK/dV FULL tile 443 ->
+# 364 instructions with the tuned 32x64 tiles, 717 -> 596 with 64x64 TMA tiles; forward and
+# dQ unchanged (their TMA loads need no tokens). Off until measured on a GPU (A/B row `affine`;
+# bench/RESULTS.md, seventeenth session).
+AFFINE_WALKED_TOKENS = False
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -286,6 +293,12 @@ def _template(name: str) -> str:
     return body.strip("\n")
 
 
+def switches() -> tuple:
+    """The switches that change the generated source (MERGE_BANDS, AFFINE_WALKED_TOKENS), as a
+    key: load's module cache and the backend's launch constants carry it."""
+    return (MERGE_BANDS, AFFINE_WALKED_TOKENS)
+
+
 def render(plan: PredicatePlan) -> str:
     """The full source of the generated module for a predicate plan."""
     head = [
@@ -310,6 +323,8 @@ def render(plan: PredicatePlan) -> str:
         "import triton.language as tl",
         "",
         f"PATTERN = {str(plan.pattern)!r}",
+        "# Walked tiles' tokens in residue order: affine in the row (codegen.AFFINE_WALKED_TOKENS).",
+        f"WALKED_AFFINE = tl.constexpr({bool(AFFINE_WALKED_TOKENS)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),
@@ -413,9 +428,9 @@ def load(pattern: ir.Pattern) -> Generated:
     """The generated module of ``pattern``, generated and imported once per process.
 
     Keyed also by TRITON_INTERPRET, which Triton reads when ``@jit`` decorates a function,
-    and by MERGE_BANDS, which changes the generated predicate.
+    and by the switches that change the generated source (:func:`switches`).
     """
-    key = (pattern, interpreting(), MERGE_BANDS)
+    key = (pattern, interpreting(), switches())
     with _lock:
         got = _modules.get(key)
         if got is not None:

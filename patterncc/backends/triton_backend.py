@@ -322,7 +322,7 @@ def launch_for(q: torch.Tensor, k: torch.Tensor, layout: Layout, split: int | No
     if configs:
         return _Launch(q, k, layout, split, configs)
     key = ("triton_launch", q.shape, k.shape[1], q.dtype, q.device, device_name(q), split,
-           codegen.interpreting(), codegen.MERGE_BANDS, lowering.switches(), tuning.fingerprint())
+           codegen.interpreting(), codegen.switches(), lowering.switches(), tuning.fingerprint())
     return layout._cached(key, lambda: _Launch(q, k, layout, split))
 
 
