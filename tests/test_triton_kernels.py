@@ -228,8 +228,8 @@ def test_split_rows_merge_in_kernel_deterministically_and_reset_their_counters()
 
 def test_split_rows_first_changes_the_launch_order_not_the_results(monkeypatch):
     pattern = patterncc.parse("window(4) | global([0, -1])")
-    layout = get_layout(pattern, 600, 2, 16)
-    q, k, v = _inputs(1, 2, 1, 600, 16, torch.float32)
+    layout = get_layout(pattern, 320, 2, 16)
+    q, k, v = _inputs(1, 2, 1, 320, 16, torch.float32)
     runs = []
     orders = []
     for first in (False, True):
