@@ -11,3 +11,27 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+# gpu_tests_start DIR [FILTER]: tests/gpu (those matching -k FILTER) split into ${CHUNKS:-6}
+# pytest processes started in the background (the tests are compile-bound), logs in DIR;
+# after `wait`, gpu_tests_report DIR writes each chunk's failures and tail to $OUT/gpu-tests.txt.
+gpu_tests_start() {
+  local dir=$1 filter=${2:-} chunks=${CHUNKS:-6} i
+  python3 -m pytest tests/gpu -q --collect-only -p no:cacheprovider ${filter:+-k "$filter"} 2>/dev/null \
+    | grep "::" > "$dir/nodes.txt"
+  echo "$(wc -l < "$dir/nodes.txt") GPU tests in $chunks processes"
+  for i in $(seq 0 $((chunks - 1))); do
+    mapfile -t nodes < <(awk -v n="$chunks" -v i="$i" 'NR % n == i' "$dir/nodes.txt")  # ids hold spaces, '|'
+    [ ${#nodes[@]} -gt 0 ] || continue
+    (timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -p no:cacheprovider "${nodes[@]}" \
+       > "$dir/t-$i.txt" 2>&1; echo "rc $? (chunk $i)" >> "$dir/t-$i.txt") &
+  done
+}
+gpu_tests_report() {
+  local f
+  for f in "$1"/t-*.txt; do
+    [ -e "$f" ] || continue
+    echo "== $(basename "$f")"; grep -E "FAILED|Error" "$f" | head -20; tail -n 3 "$f"
+  done > "$OUT/gpu-tests.txt"
+  grep -hE "^== |passed|failed|rc " "$OUT/gpu-tests.txt"
+}

@@ -5,18 +5,13 @@
 #   bash bench/device_tune.sh                                  (SHORTLIST=1, T=65536, D=64,128)
 #   SHORTLIST=0 DS=64 KINDS=fwd bash bench/device_tune.sh     (every candidate of one kernel)
 #   GPU_FILTER=candidate bash bench/device_tune.sh             (and those tests/gpu tests)
-# Under $OUT: gpu.txt, tune.log (one JSON line per timing), tune.json, gpu-tests.txt.
+# Under $OUT: gpu.txt, tune.log (one JSON line per timing), tune.json, gpu-tests.txt (GPU_FILTER).
 set -u
 source bench/device_setup.sh
 export PATTERNCC_AUTOTUNE=0 SHORTLIST=${SHORTLIST:-1} TS=${TS:-65536}
 DS=${DS:-64,128} KINDS=${KINDS:-fwd,dq,dkdv}
 logs=$(mktemp -d)
-if [ -n "${GPU_FILTER:-}" ]; then  # one pytest per reference pattern: compile-bound
-  for p in longformer bigbird dilated card causal_window; do
-    (timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_gpu_kernels.py -q -p no:cacheprovider \
-       -k "($GPU_FILTER) and $p" > "$logs/t-$p.txt" 2>&1; echo "rc $? ($p)" >> "$logs/t-$p.txt") &
-  done
-fi
+[ -n "${GPU_FILTER:-}" ] && gpu_tests_start "$logs" "$GPU_FILTER"  # beside the compiles
 # Compiles: one process per (D, kernel); each launches every candidate once, timing nothing.
 for d in ${DS//,/ }; do
   for kind in ${KINDS//,/ }; do
@@ -25,7 +20,7 @@ for d in ${DS//,/ }; do
   done
 done
 wait
-for f in "$logs"/t-*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 15 "$f"; }; done > "$OUT/gpu-tests.txt"
-grep -hE "^== |passed|failed|rc " "$OUT/gpu-tests.txt"; tail -qn 2 "$logs"/c-*.txt
+[ -n "${GPU_FILTER:-}" ] && gpu_tests_report "$logs"
+tail -qn 2 "$logs"/c-*.txt
 DS=$DS KINDS=$KINDS timeout ${TUNE_TIMEOUT:-240} python3 bench/tune.py > "$OUT/tune.log" 2>&1; echo "tune exit $?"
 grep -E "^==|Error|error" "$OUT/tune.log" | head -30; sed -n '/TUNED table/,$p' "$OUT/tune.log"
