@@ -777,6 +777,20 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
     assert walk.has_masked and ((flags & 1) == 0).any()
 
 
+def test_an_explicit_launch_configuration_compiles_no_other_variant(monkeypatch):
+    """The autotuner's candidates (forward(configs=...)) do not warm the other TAIL variant:
+    only the configuration a layout keeps does."""
+    monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
+    warmed = []
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: warmed.append(kw["TAIL"]))
+    q, k, v = _inputs(1, 2, 2, 96, 16, torch.float32)
+    layout = get_layout(patterncc.parse("window(10) & causal"), 96, 2, 32)
+    triton_backend.forward(q, k, v, layout, 0.25, configs={"fwd": triton_backend.KernelConfig(32, 32)})
+    assert warmed == []
+    triton_backend.forward(q, k, v, layout, 0.25)
+    assert warmed == [True]  # no tail at T=96: the tail variant is the other one
+
+
 @pytest.mark.parametrize("src,t,bs", [("block(64, width=1)", 192, 64), ("dense", 64, 16)])
 def test_a_walk_of_full_entries_keeps_the_general_forward_kernel(src, t, bs, monkeypatch):
     """SKIP_TAIL_MASK leaves a walk with no masked entry on the TAIL=True kernel (its mask

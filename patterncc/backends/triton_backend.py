@@ -375,7 +375,7 @@ class _Launch:
         self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
-        self.warmed: set = set()  # (kernel, constexprs) that warm() has compiled
+        self.warmed: set = set()  # kernels whose other variant warm() has compiled
 
     def launch(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
         """Launch the generated kernel ``name`` on ``(*head, *plan tensors, *tail)``, where
@@ -389,15 +389,15 @@ class _Launch:
         else:
             kernel[grid](*head, *(plan[0] if plan else ()), *tail, **kwargs)
 
-    def warm(self, name: str, grid: tuple, head: tuple, plan: tuple = (), tail: tuple = (), **kwargs) -> None:
-        """Compile ``name`` for these arguments without launching it (Triton's warmup), once
-        per set of constexprs: a variant that another length will launch. Nothing under the
+    def warm(self, name: str, grid: tuple, head: tuple, plan: tuple, tail: tuple, consts: dict, **changes) -> None:
+        """Compile ``name`` for a launch's arguments with ``changes`` to its constexprs, without
+        launching it (Triton's warmup): a variant another length will launch. Once per kernel
+        and launch constants (a repeated call only tests a set); nothing under the
         interpreter, which compiles nothing."""
-        key = (name, *kwargs.items())
-        if self.interp or key in self.warmed:
+        if self.interp or name in self.warmed:
             return
-        self.warmed.add(key)
-        self.gen.kernel(name).warmup(*head, *(plan[0] if plan else ()), *tail, grid=grid, **kwargs)
+        self.warmed.add(name)
+        self.gen.kernel(name).warmup(*head, *(plan[0] if plan else ()), *tail, grid=grid, **{**consts, **changes})
 
     def tiles(self, kind: str) -> tuple[int, int, dict]:
         """(BLOCK_M, BLOCK_N, launch options) of one kernel: the owned axis is at most its
@@ -548,8 +548,8 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
                   TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
                   **run.consts, **opts)
     run.launch("_attn_fwd", *args, **consts)
-    if SKIP_TAIL_MASK and walk.has_masked:  # the TAIL variant a length with(out) a tail launches
-        run.warm("_attn_fwd", *args, **{**consts, "TAIL": not consts["TAIL"]})
+    if SKIP_TAIL_MASK and walk.has_masked and not configs:  # not for each autotuner candidate
+        run.warm("_attn_fwd", *args, consts, TAIL=not consts["TAIL"])  # what a length with(out) a tail launches
     return out, lse
 
 
