@@ -76,14 +76,16 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "direct": {"DIRECT_LAUNCH": False}, "pointers": {"POINTER_ARGS": False},
              "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
              "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
-             "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_WALKED_TOKENS": True}}
+             "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
+             "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
            "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
-           "affine": lambda r: r["residue_heads"],
+           "affine": lambda r: r["residue_heads"] and r["D"] <= 64,
+           "affine128": lambda r: r["residue_heads"] and r["D"] > 64,
            "tailfree": lambda r: r["kernel_full_fraction"] < 1}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
@@ -91,7 +93,8 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "direct": "direct launches off", "pointers": "tensors, not addresses, to direct launches",
           "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
           "tailfree": "tail-free forward kernel off", "bands": "merged diagonal bands on",
-          "classmask": "class-coordinate masks off", "affine": "affine walked tokens on"}
+          "classmask": "class-coordinate masks off", "affine": "affine walked tokens off",
+          "affine128": "affine walked tokens at every head dim"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -399,13 +402,15 @@ def switched(switches: dict):
 
 def op_timings(op, q, k, v, do, what: str) -> dict:
     """The forward (do_bench, host, CUDA-graph replay) and forward+backward (do_bench, kernel
-    sum) times of ``op`` as it is switched now."""
+    sum, and that sum per kernel) times of ``op`` as it is switched now."""
     op(q, k, v)
     def pfb():
         op(q, k, v).backward(do)
+    per_kernel: dict = {}
     return {"fwd": bench(lambda: op(q, k, v)), "host": host_ms(lambda: op(q, k, v)),
             "graph": bench_graph(lambda: op(q, k, v), what),  # GPU time alone: 16K eager may be host-bound
-            "fwdbwd": bench(pfb, [q, k, v]), "kernels": kernel_ms(pfb, [q, k, v])}
+            "fwdbwd": bench(pfb, [q, k, v]), "kernels": kernel_ms(pfb, [q, k, v], by_name=per_kernel),
+            "per_kernel": {n: round(ms, 4) for n, ms in per_kernel.items()}}
 
 
 def _ratio(a, b):
@@ -428,6 +433,7 @@ def ablation_row(what: str, name: str, op, lay, q, k, v, do, base: dict) -> dict
             "pcc_fwd_graph_ms": var["graph"], "pcc_fwdbwd_kernel_ms": var["kernels"],
             "with_fwd_ms": ref["fwd"], "with_fwdbwd_ms": ref["fwdbwd"], "with_host_fwd_ms": ref["host"],
             "with_fwd_graph_ms": ref["graph"], "with_fwdbwd_kernel_ms": ref["kernels"],
+            "pcc_fwdbwd_kernels": var["per_kernel"], "with_fwdbwd_kernels": ref["per_kernel"],
             "gain_fwd": _ratio(var["fwd"], ref["fwd"]), "gain_fwdbwd": _ratio(var["fwdbwd"], ref["fwdbwd"]),
             "gain_fwd_graph": _ratio(var["graph"], ref["graph"]),
             "gain_fwdbwd_kernel": _ratio(var["kernels"], ref["kernels"]),

@@ -119,7 +119,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
                UPCAST: tl.constexpr):
     """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
-    tok_m, valid_m = _walked_tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    tok_m, valid_m = _walked_tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED, HEAD_PAD)
     q = _walked_tile(Q, Qd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
                      HEAD_PAD, PERMUTED, USE_TMA)
     do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
@@ -287,7 +287,7 @@ def _dq_step(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags
              UPCAST: tl.constexpr, CLASS_GAP: tl.constexpr):
     """dQ contribution of keys n_first .. n_first + BLOCK_N (FULL: no mask; see the module notes;
     ``at_m``: the rows as the predicate reads them, see _mask_coords)."""
-    tok_n, valid_n = _walked_tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    tok_n, valid_n = _walked_tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED, HEAD_PAD)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
                      PERMUTED, USE_TMA)
     v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,

@@ -181,7 +181,7 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
     qk * qk_scale - m is one FFMA per score; the row max is taken unscaled and scaled once
     (max commutes with a positive factor). Else the scores are scaled first (and the later
     factor is 1)."""
-    tok_n, valid_n = _walked_tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED)
+    tok_n, valid_n = _walked_tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED, HEAD_PAD)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
                      PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)

@@ -169,13 +169,16 @@ def _tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexp
 
 
 @triton.jit
-def _walked_tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexpr):
+def _walked_tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.constexpr,
+                   HEAD_PAD: tl.constexpr):
     """_tokens of a walked tile (K/V in the forward and dQ, Q/dO in dK/dV: at most a layout
-    block, inside one). With WALKED_AFFINE (codegen.AFFINE_WALKED_TOKENS): the lowering pads
-    residue classes to whole layout blocks, so the tile lies in one class c, and its tokens
-    (first - c * seg + j) * d + c are affine in j, with no per-element class test (dK/dV's
-    FULL tile, which needs the tokens of its Q, dO, LSE and Delta loads, is 18% shorter)."""
-    if WALKED_AFFINE and PERMUTED:
+    block, inside one). Up to AFFINE_MAX_HEAD_PAD (codegen.AFFINE_TOKENS_MAX_HEAD_PAD): the
+    lowering pads residue classes to whole layout blocks, so the tile lies in one class c,
+    and its tokens (first - c * seg + j) * d + c are affine in j, with no per-element class
+    test (dK/dV's FULL tile, which needs the tokens of its Q, dO, LSE and Delta loads, is 18%
+    shorter). Wider heads keep the general form: there dK/dV already spills registers, and
+    the affine one, whose tokens stay live across the tile, spilled more and ran slower."""
+    if PERMUTED and HEAD_PAD <= AFFINE_MAX_HEAD_PAD:
         c = _class_of(first, seg)
         tok = (first - c * seg) * dil + c + tl.arange(0, BLOCK) * dil
         valid = tok < SEQ_LEN  # the empty slots at a class's end

@@ -61,11 +61,13 @@ MAX_RANDOM_TERMS = 28  # flag bits 1..28 of an int32 word (bits 29, 30: see lowe
 MERGE_BANDS = False
 # A walked tile's tokens in residue order as an affine function of its row (kernels/common.py
 # _walked_tokens; the lowering pads classes to whole layout blocks, so a walked tile lies in
-# one class). sm_90 SASS (Triton 3.6, bf16, D=64): the dilated window's dK/dV FULL tile 443 ->
-# 364 instructions with the tuned 32x64 tiles, 717 -> 596 with 64x64 TMA tiles; forward and
-# dQ unchanged (their TMA loads need no tokens). Off until measured on a GPU (A/B row `affine`;
-# bench/RESULTS.md, seventeenth session).
-AFFINE_WALKED_TOKENS = False
+# one class), in kernels whose HEAD_PAD is at most this (0: never). sm_90 SASS (Triton 3.6,
+# bf16): the dilated window's dK/dV FULL tile 443 -> 364 instructions at D=64 (tuned 32x64
+# tiles); forward and dQ unchanged (their TMA loads need no tokens). Measured on an H100
+# (eighteenth session): dilated dK/dV -9% at D=64, but +7% at D=128, where dK/dV already
+# spills at 252 registers and the affine form spills more (47 -> 77 spill instructions);
+# hence 64. A/B rows `affine` (off) and `affine128` (every head dim).
+AFFINE_TOKENS_MAX_HEAD_PAD = 64
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -294,9 +296,9 @@ def _template(name: str) -> str:
 
 
 def switches() -> tuple:
-    """The switches that change the generated source (MERGE_BANDS, AFFINE_WALKED_TOKENS), as a
-    key: load's module cache and the backend's launch constants carry it."""
-    return (MERGE_BANDS, AFFINE_WALKED_TOKENS)
+    """The switches that change the generated source (MERGE_BANDS, AFFINE_TOKENS_MAX_HEAD_PAD),
+    as a key: load's module cache and the backend's launch constants carry it."""
+    return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD))
 
 
 def render(plan: PredicatePlan) -> str:
@@ -323,8 +325,9 @@ def render(plan: PredicatePlan) -> str:
         "import triton.language as tl",
         "",
         f"PATTERN = {str(plan.pattern)!r}",
-        "# Walked tiles' tokens in residue order: affine in the row (codegen.AFFINE_WALKED_TOKENS).",
-        f"WALKED_AFFINE = tl.constexpr({bool(AFFINE_WALKED_TOKENS)})",
+        "# Walked tiles' tokens in residue order: affine in the row up to this HEAD_PAD",
+        "# (codegen.AFFINE_TOKENS_MAX_HEAD_PAD; beyond it the affine form spills registers).",
+        f"AFFINE_MAX_HEAD_PAD = tl.constexpr({int(AFFINE_TOKENS_MAX_HEAD_PAD)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),

@@ -302,15 +302,16 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
     assert codegen.load(p).source != merged_module.source
 
 
-def test_affine_walked_tokens_switch_changes_one_constexpr_and_the_module_key(monkeypatch, tmp_path):
+def test_affine_tokens_limit_changes_one_constexpr_and_the_module_key(monkeypatch, tmp_path):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     p = patterncc.parse("window(6) | dilate(2)")
-    plain = codegen.load(p)
-    assert "WALKED_AFFINE = tl.constexpr(False)" in plain.source
-    monkeypatch.setattr(codegen, "AFFINE_WALKED_TOKENS", True)
-    affine = codegen.load(p)  # a new module: launches built under the other value are not reused
-    assert affine.source == plain.source.replace("WALKED_AFFINE = tl.constexpr(False)", "WALKED_AFFINE = tl.constexpr(True)")
-    assert affine.module is not plain.module
+    default = codegen.load(p)
+    assert "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)" in default.source
+    monkeypatch.setattr(codegen, "AFFINE_TOKENS_MAX_HEAD_PAD", 0)
+    off = codegen.load(p)  # a new module: launches built under the other value are not reused
+    assert off.source == default.source.replace("AFFINE_MAX_HEAD_PAD = tl.constexpr(64)",
+                                                "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)")
+    assert off.module is not default.module
 
 
 def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):

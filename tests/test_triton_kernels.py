@@ -843,9 +843,11 @@ def test_class_coordinate_masks_match_reference(src, t, h, hkv, d, b, bs, split,
     assert ("_attn_bwd_dkdv", None) in seen
 
 
-# Residue-order walks for AFFINE_WALKED_TOKENS: full classes, empty slots, a token-order head
-# beside, GQA, split rows and thin tiles (a global), short classes (order mode 2), batches.
-AFFINE_CASES = [c[:8] for c in CLASS_CASES[:6]] + [
+# Residue-order walks with codegen.AFFINE_TOKENS_MAX_HEAD_PAD = 0: the other tests, at head
+# dims up to 64, run the affine walked tokens; these run the general form. Full classes, empty
+# slots, a token-order head beside, GQA, split rows and thin tiles (a global), short classes
+# (order mode 2), batches.
+WALKED_CASES = [c[:8] for c in CLASS_CASES[:6]] + [
     ("window(5) | global([0, 7]) | dilate(2)", 301, 2, 1, 16, 1, 16, 5),       # thin tiles, split rows, tails
     ("(window(8) & causal) | dilate(3)", 400, 2, 2, 32, 1, 32, None),          # classes longer than tiles
     ("window(3) | dilate(4)", 40, 1, 1, 16, 2, 16, None),                      # classes of 10 in 16 slots
@@ -854,21 +856,22 @@ AFFINE_CASES = [c[:8] for c in CLASS_CASES[:6]] + [
 
 # Every case with the default tiles; the ones with empty slots and GQA also with
 # stacked rows and TMA tiles (the interpreter's time is the CI's budget).
-AFFINE_RUNS = [(c, "default") for c in AFFINE_CASES] + [(AFFINE_CASES[i], t) for i in (1, 4) for t in ("stacked", "tma")]
+WALKED_RUNS = [(c, "default") for c in WALKED_CASES] + [(WALKED_CASES[i], t) for i in (1, 4) for t in ("stacked", "tma")]
 
 
-@pytest.mark.parametrize("case,tiles", AFFINE_RUNS, indirect=["tiles"],
-                         ids=[f"{c[0][:40]}-T{c[1]}-{t}" for c, t in AFFINE_RUNS])
-def test_affine_walked_tokens_match_reference(case, tiles, monkeypatch):
-    """codegen.AFFINE_WALKED_TOKENS: walked tiles' tokens affine in the row, in every pass;
-    against the float64 reference, poisoned."""
+@pytest.mark.parametrize("case,tiles", WALKED_RUNS, indirect=["tiles"],
+                         ids=[f"{c[0][:40]}-T{c[1]}-{t}" for c, t in WALKED_RUNS])
+def test_general_walked_tokens_match_reference(case, tiles, monkeypatch):
+    """Walked tiles' tokens by the general residue form (as for head dims past
+    codegen.AFFINE_TOKENS_MAX_HEAD_PAD), in every pass; against the float64 reference,
+    poisoned."""
     src, t, h, hkv, d, b, bs, split = case
-    monkeypatch.setattr(codegen, "AFFINE_WALKED_TOKENS", True)
+    monkeypatch.setattr(codegen, "AFFINE_TOKENS_MAX_HEAD_PAD", 0)
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
     q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
     assert triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).consts["PERMUTED"]
-    assert "WALKED_AFFINE = tl.constexpr(True)" in codegen.load(patterncc.parse(src)).source
+    assert "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)" in codegen.load(patterncc.parse(src)).source
 
 
 def test_class_of_is_floor_division_for_every_residue_factor_the_lowering_allows():
