@@ -11,9 +11,11 @@ measures what the counts turn into.
     python bench/sass_loops.py                       # the switches as they are
     SWITCHES=SKIP_TAIL_MASK,MERGE_BANDS,CLASS_MASK python bench/sass_loops.py   # those turned on
     KERNELS=_attn_fwd,_attn_bwd_dq PATTERNS=causal_window python bench/sass_loops.py
+    HEAD_DIM=128 SWITCHES=AFFINE_TOKENS_MAX_HEAD_PAD=0 PATTERNS=dilated python bench/sass_loops.py
 
 Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
-sections (nested ones listed too), and the FULL path. Counts depend on the Triton version
+sections (nested ones listed too), the FULL path, and the kernel's local-memory (register
+spill) instructions. SWITCHES takes NAME (set True) or NAME=integer. Counts depend on the Triton version
 (the device runs 3.6: ``pip install triton==3.6.0`` into a venv to match it).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 _INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;?\s*$")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+_SPILL = re.compile(r"\b(?:STL|LDL)\b")  # local memory: what ptxas spilled
 
 
 def parse(sass: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -106,17 +109,22 @@ def main() -> None:
     names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
     kernels = os.environ.get("KERNELS", "_attn_fwd,_attn_bwd_dq,_attn_bwd_dkdv").split(",")
     on = [s for s in os.environ.get("SWITCHES", "").split(",") if s]
-    with switched({s: True for s in on}):
+    head_dim = int(os.environ.get("HEAD_DIM", "64"))
+    values = {s.partition("=")[0]: int(s.partition("=")[2]) if "=" in s else True for s in on}
+    with switched(values):
         tail = not triton_backend.SKIP_TAIL_MASK  # the bench's lengths have no tail entries
         for name in names:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
-            compiled = aot_compile(gen, "bf16", 64, 64, 64, permuted, 4, tma=True, tail=tail, class_gap=gap)
+            compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, 4, tma=True, tail=tail, class_gap=gap)
             for kernel in kernels:
-                for n, loop in enumerate(main_loops(sass_of(compiled[kernel].asm["cubin"]))):
+                sass = sass_of(compiled[kernel].asm["cubin"])
+                spills = len(_SPILL.findall(sass))
+                for n, loop in enumerate(main_loops(sass)):
                     print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,
-                                      "switches_on": on, **loop}), flush=True)
+                                      "head_dim": head_dim, "switches_on": on, "spill_instructions": spills,
+                                      **loop}), flush=True)
 
 
 if __name__ == "__main__":
