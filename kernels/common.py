@@ -177,7 +177,7 @@ def _walked_tokens(first, BLOCK: tl.constexpr, dil, seg, SEQ_LEN, PERMUTED: tl.c
     and its tokens (first - c * seg + j) * d + c are affine in j, with no per-element class
     test (dK/dV's FULL tile, which needs the tokens of its Q, dO, LSE and Delta loads, is 18%
     shorter). Wider heads keep the general form: there dK/dV already spills registers, and
-    the affine one, whose tokens stay live across the tile, spilled more and ran slower."""
+    with the affine form ptxas spilled more and the kernel ran slower (bench/RESULTS.md)."""
     if PERMUTED and HEAD_PAD <= AFFINE_MAX_HEAD_PAD:
         c = _class_of(first, seg)
         tok = (first - c * seg) * dil + c + tl.arange(0, BLOCK) * dil

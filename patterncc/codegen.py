@@ -326,7 +326,7 @@ def render(plan: PredicatePlan) -> str:
         "",
         f"PATTERN = {str(plan.pattern)!r}",
         "# Walked tiles' tokens in residue order: affine in the row up to this HEAD_PAD",
-        "# (codegen.AFFINE_TOKENS_MAX_HEAD_PAD; beyond it the affine form spills registers).",
+        "# (codegen.AFFINE_TOKENS_MAX_HEAD_PAD; past it the affine form made dK/dV spill more).",
         f"AFFINE_MAX_HEAD_PAD = tl.constexpr({int(AFFINE_TOKENS_MAX_HEAD_PAD)})",
         "",
         "",
