@@ -236,10 +236,22 @@ def tuned_as() -> str | None:
     return name
 
 
+def source_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """sha256 (16 hex digits) of the package and kernel template sources as they run: which
+    code a result measured, where the machine's copy has no reliable git metadata (the lent
+    GPU's did not). Run on a checkout of a commit, it gives that commit's value."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted([*(root / "patterncc").rglob("*.py"), *(root / "kernels").glob("*.py")]):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict:
     import triton
     return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "patterncc": patterncc.__version__,
+            "source": source_digest(),
             "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "tuned_as": os.environ.get("TUNED_AS")}
 

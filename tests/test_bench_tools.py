@@ -174,3 +174,14 @@ def test_tuned_as_looks_this_gpu_up_in_another_gpus_table_and_refuses_unknown_na
     monkeypatch.setenv("TUNED_AS", "NVIDIA GB300")
     with pytest.raises(SystemExit, match="TUNED_AS: unknown NVIDIA GB300"):
         bench_attention.tuned_as()
+
+
+def test_the_source_digest_names_the_package_and_kernel_sources_that_ran(tmp_path):
+    import shutil
+    root = Path(bench_attention.__file__).resolve().parents[1]
+    for d in ("patterncc", "kernels"):
+        shutil.copytree(root / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = bench_attention.source_digest(tmp_path)
+    assert digest == bench_attention.source_digest(root) and len(digest) == 16
+    (tmp_path / "kernels" / "common.py").write_text((root / "kernels" / "common.py").read_text() + "\n# edited\n")
+    assert bench_attention.source_digest(tmp_path) != digest
