@@ -12,11 +12,14 @@ measures what the counts turn into.
     SWITCHES=SKIP_TAIL_MASK,MERGE_BANDS,CLASS_MASK python bench/sass_loops.py   # those turned on
     KERNELS=_attn_fwd,_attn_bwd_dq PATTERNS=causal_window python bench/sass_loops.py
     HEAD_DIM=128 SWITCHES=AFFINE_TOKENS_MAX_HEAD_PAD=0 PATTERNS=dilated python bench/sass_loops.py
+    MAXNREG=168 STAGES=3 KERNELS=_attn_fwd python bench/sass_loops.py   # a register cap, 3 stages
 
 Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
-sections (nested ones listed too), the FULL path, and the kernel's local-memory (register
-spill) instructions. SWITCHES takes NAME (set True) or NAME=integer. Counts depend on the Triton version
-(the device runs 3.6: ``pip install triton==3.6.0`` into a venv to match it).
+sections (nested ones listed too), the FULL path, the kernel's local-memory (register
+spill) instructions, and its registers, shared memory and programs per SM (4 warps).
+SWITCHES takes NAME (set True) or NAME=integer; MAXNREG caps registers, STAGES sets
+num_stages (default 2) for every kernel. Counts depend on the Triton version (the device
+runs 3.6: ``pip install triton==3.6.0`` into a venv to match it).
 """
 from __future__ import annotations
 
@@ -97,6 +100,24 @@ def sass_of(cubin: bytes) -> str:
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def resources(compiled, num_warps: int) -> dict:
+    """Registers per thread (ptxas, read back by cuobjdump), shared memory per program, and how
+    many programs of ``num_warps`` warps fit on an sm_90 SM by each (64K registers, 228 KB with
+    1 KB reserved per program): the kernels are latency-bound, so this decides as much as the
+    instruction counts do (bench/RESULTS.md, nineteenth session)."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    shared = int(compiled.metadata.shared)
+    per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * num_warps), (228 * 1024) // (shared + 1024))
+    return {"registers": regs, "shared_bytes": shared, "programs_per_sm": per_sm}
+
+
 def main() -> None:
     import triton
     import patterncc
@@ -110,6 +131,8 @@ def main() -> None:
     kernels = os.environ.get("KERNELS", "_attn_fwd,_attn_bwd_dq,_attn_bwd_dkdv").split(",")
     on = [s for s in os.environ.get("SWITCHES", "").split(",") if s]
     head_dim = int(os.environ.get("HEAD_DIM", "64"))
+    maxnreg = int(os.environ.get("MAXNREG", "0")) or None
+    stages = int(os.environ.get("STAGES", "2"))
     values = {s.partition("=")[0]: int(s.partition("=")[2]) if "=" in s else True for s in on}
     with switched(values):
         tail = not triton_backend.SKIP_TAIL_MASK  # the bench's lengths have no tail entries
@@ -117,13 +140,16 @@ def main() -> None:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
-            compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, 4, tma=True, tail=tail, class_gap=gap)
+            compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, 4, stages, tma=True, tail=tail,
+                                   class_gap=gap, maxnreg=maxnreg)
             for kernel in kernels:
                 sass = sass_of(compiled[kernel].asm["cubin"])
                 spills = len(_SPILL.findall(sass))
+                use = resources(compiled[kernel], 4)
                 for n, loop in enumerate(main_loops(sass)):
                     print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,
-                                      "head_dim": head_dim, "switches_on": on, "spill_instructions": spills,
+                                      "head_dim": head_dim, "switches_on": on, "maxnreg": maxnreg,
+                                      "stages": stages, "spill_instructions": spills, **use,
                                       **loop}), flush=True)
 
 
