@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 
 _INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;?\s*$")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -114,11 +113,21 @@ def resources(compiled, num_warps: int) -> dict:
                                check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     shared = int(compiled.metadata.shared)
-    per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * num_warps), (228 * 1024) // (shared + 1024))
-    return {"registers": regs, "shared_bytes": shared, "programs_per_sm": per_sm}
+    return {"registers": regs, "shared_bytes": shared, "programs_per_sm": programs_per_sm(regs, shared, num_warps)}
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps that fit on one sm_90 SM at once: by registers (64K
+    per SM, allocated per warp in units of 8 per thread) and by shared memory (228 KB, 1 KB
+    of it reserved per program), whichever is fewer (the 32-program and 64-warp limits
+    never bind here)."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * num_warps)
+    by_shared = (228 * 1024) // (shared_bytes + 1024)
+    return min(by_registers, by_shared)
 
 
 def main() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter (before triton's import)
     import triton
     import patterncc
     from patterncc import codegen, lowering

@@ -1,5 +1,6 @@
-"""The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py) and
-the benchmark's checks that need no GPU (bench/bench_attention.py, bench/ab_interleaved.py)."""
+"""The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py,
+bench/sass_loops.py's parsing) and the benchmark's checks that need no GPU
+(bench/bench_attention.py, bench/ab_interleaved.py)."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import ab_interleaved  # noqa: E402
 import bench_attention  # noqa: E402
+import sass_loops  # noqa: E402
 import schedule_model  # noqa: E402
 
 
@@ -185,3 +187,37 @@ def test_the_source_digest_names_the_package_and_kernel_sources_that_ran(tmp_pat
     assert digest == bench_attention.source_digest(root) and len(digest) == 16
     (tmp_path / "kernels" / "common.py").write_text((root / "kernels" / "common.py").read_text() + "\n# edited\n")
     assert bench_attention.source_digest(tmp_path) != digest
+
+
+@pytest.mark.parametrize("regs,shared,warps,expect", [
+    (128, 40996, 4, 4),    # the H100 table's D=64 forward: four by registers, five by shared memory
+    (220, 114760, 4, 2),   # its D=128 forward: two by either
+    (180, 73780, 4, 2),    # a 64x128 pair tile at D=64 (nineteenth session): registers bind
+    (239, 213080, 4, 1),   # and at D=128: shared memory binds
+    (137, 122952, 8, 1),
+])
+def test_programs_per_sm_take_the_tighter_of_registers_and_shared_memory(regs, shared, warps, expect):
+    assert sass_loops.programs_per_sm(regs, shared, warps) == expect
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/              @P0 BRA `(.L_x_2) ;
+        /*0040*/                   FSEL R3, R3, -INF, P1 ;
+        /*0050*/                   FSEL R4, R4, -INF, P1 ;
+.L_x_2:
+        /*0060*/                   MUFU.EX2 R5, R5 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R40, R8, gdesc[UR12], R40 ;
+        /*0080*/                   HGMMA.64x64x16.F32.BF16 R40, R12, gdesc[UR16], R40 ;
+        /*0090*/              @P2 BRA `(.L_x_1) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_sass_main_loops_split_the_full_path_from_what_a_branch_skips():
+    (loop,) = sass_loops.main_loops(SASS)
+    assert loop["products"] == ["64x64"]
+    assert loop["instructions"] == 9 and loop["skipped"] == [2] and loop["full_path"] == 7
