@@ -194,7 +194,7 @@ def test_the_source_digest_names_the_package_and_kernel_sources_that_ran(tmp_pat
     (220, 114760, 4, 2),   # its D=128 forward: two by either
     (180, 73780, 4, 2),    # a 64x128 pair tile at D=64 (nineteenth session): registers bind
     (239, 213080, 4, 1),   # and at D=128: shared memory binds
-    (137, 122952, 8, 1),
+    (137, 122952, 8, 1),   # an 8-warp 64x64 tile at D=128, 3 stages: one by either
 ])
 def test_programs_per_sm_take_the_tighter_of_registers_and_shared_memory(regs, shared, warps, expect):
     assert sass_loops.programs_per_sm(regs, shared, warps) == expect
