@@ -1,5 +1,6 @@
 """Interleaved A/B of one bench switch on one pattern: default and variant timed in
-alternating rounds (forward+backward, do_bench median and the profiler's kernel sum), so
+alternating rounds (forward+backward, do_bench median, the profiler's kernel sum and its
+kernels by name; the forward alone from CUDA-graph replay, the results table's metric), so
 an order effect of bench_attention.py's ablation rows (the variant is always timed after
 the default) shows as a difference between rounds rather than between variants. Each
 round also records the allocator's device allocations and frees during its timing: a
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import (ABLATIONS, PATTERNS, bench, checked_names, kernel_ms, settle, switched,  # noqa: E402
-                             tuned_as)
+from bench_attention import (ABLATIONS, PATTERNS, bench, bench_graph, checked_names, kernel_ms, settle,  # noqa: E402
+                             switched, tuned_as)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patterncc  # noqa: E402
@@ -30,12 +31,17 @@ def allocator_counts() -> tuple[int, int]:
     return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
 
 
-def timed_round(step, grads: list) -> dict:
+def timed_round(step, grads: list, forward=None) -> dict:
     a0, f0 = allocator_counts()
     ms = bench(step, grads)
     a1, f1 = allocator_counts()
-    return {"fwdbwd_ms": ms, "kernel_ms": kernel_ms(step, grads),
-            "device_allocs": a1 - a0, "device_frees": f1 - f0}
+    per_kernel: dict = {}
+    row = {"fwdbwd_ms": ms, "kernel_ms": kernel_ms(step, grads, by_name=per_kernel),
+           "kernels": {n: round(t, 4) for n, t in per_kernel.items()},
+           "device_allocs": a1 - a0, "device_frees": f1 - f0}
+    if forward is not None:
+        row["fwd_graph_ms"] = bench_graph(forward, "forward")
+    return row
 
 
 def chosen() -> tuple[str, str]:
@@ -66,7 +72,7 @@ def main() -> None:
             with switched(ABLATIONS[what] if variant != "default" else {}):
                 row = {"T": T, "D": D, "pattern": name, "round": r, "variant": variant,
                        "device": torch.cuda.get_device_name(), "tuned_as": os.environ.get("TUNED_AS")}
-                print(json.dumps(row | timed_round(step, [q, k, v])), flush=True)
+                print(json.dumps(row | timed_round(step, [q, k, v], lambda: op(q, k, v))), flush=True)
 
 
 if __name__ == "__main__":
