@@ -31,17 +31,14 @@ def allocator_counts() -> tuple[int, int]:
     return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
 
 
-def timed_round(step, grads: list, forward=None) -> dict:
+def timed_round(step, grads: list, forward) -> dict:
     a0, f0 = allocator_counts()
     ms = bench(step, grads)
     a1, f1 = allocator_counts()
     per_kernel: dict = {}
-    row = {"fwdbwd_ms": ms, "kernel_ms": kernel_ms(step, grads, by_name=per_kernel),
-           "kernels": {n: round(t, 4) for n, t in per_kernel.items()},
-           "device_allocs": a1 - a0, "device_frees": f1 - f0}
-    if forward is not None:
-        row["fwd_graph_ms"] = bench_graph(forward, "forward")
-    return row
+    return {"fwdbwd_ms": ms, "kernel_ms": kernel_ms(step, grads, by_name=per_kernel),
+            "kernels": {n: round(t, 4) for n, t in per_kernel.items()},
+            "device_allocs": a1 - a0, "device_frees": f1 - f0, "fwd_graph_ms": bench_graph(forward, "forward")}
 
 
 def chosen() -> tuple[str, str]:

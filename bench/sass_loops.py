@@ -142,6 +142,7 @@ def main() -> None:
     head_dim = int(os.environ.get("HEAD_DIM", "64"))
     maxnreg = int(os.environ.get("MAXNREG", "0")) or None
     stages = int(os.environ.get("STAGES", "2"))
+    warps = 4
     values = {s.partition("=")[0]: int(s.partition("=")[2]) if "=" in s else True for s in on}
     with switched(values):
         tail = not triton_backend.SKIP_TAIL_MASK  # the bench's lengths have no tail entries
@@ -149,12 +150,12 @@ def main() -> None:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
-            compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, 4, stages, tma=True, tail=tail,
+            compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, warps, stages, tma=True, tail=tail,
                                    class_gap=gap, maxnreg=maxnreg)
             for kernel in kernels:
                 sass = sass_of(compiled[kernel].asm["cubin"])
                 spills = len(_SPILL.findall(sass))
-                use = resources(compiled[kernel], 4)
+                use = resources(compiled[kernel], warps)
                 for n, loop in enumerate(main_loops(sass)):
                     print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,
                                       "head_dim": head_dim, "switches_on": on, "maxnreg": maxnreg,
