@@ -86,7 +86,10 @@ RESIDUE_ORDER = True  # run dilated heads in residue order (False: token order, 
 MAX_RESIDUE_FACTOR = 2 ** 21
 THIN_COLUMNS = True  # walk thin global key columns as 16-key tiles (False: whole blocks, for A/B runs)
 FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the general mode 2, for A/B runs)
-THIN_ROWS = True  # walk global query rows' far blocks with 16-row / 16-query tiles (False: for A/B runs)
+# Walk global query rows' far blocks with 16-row / 16-query tiles (False: for A/B runs). Longformer
+# at 64K on an H100 (bench/RESULTS.md, twentieth session, interleaved A/B): forward level, dQ 2-3%
+# and dK/dV 2-6% slower without them.
+THIN_ROWS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
@@ -165,7 +168,7 @@ def switches() -> tuple:
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
             FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS,
-            CLASS_MASK)
+            CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):

@@ -112,6 +112,18 @@ def test_residue_factors_past_the_kernels_exact_class_index_stay_in_token_order(
     assert klay.dil.tolist() == [2, 1]
 
 
+@pytest.mark.parametrize("name", ["STACK_WASTE", "TALL_ONLY_GATHERED", "SCRATCH_FRACTION", "RESIDUE_ORDER",
+                                  "THIN_COLUMNS", "THIN_ROWS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST", "FOLD_SCALE",
+                                  "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
+                                  "MAX_RESIDUE_FACTOR"])
+def test_every_plan_switch_is_in_the_cache_key(name, monkeypatch):
+    """A plan or launch built under one value of a switch is not reused under another."""
+    before = lowering.switches()
+    value = getattr(lowering, name)
+    monkeypatch.setattr(lowering, name, (not value) if isinstance(value, bool) else value * 2 + 1)
+    assert lowering.switches() != before
+
+
 def test_residue_order_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(lowering, "RESIDUE_ORDER", False)
     lay, _, klay = _klay("window(16) | dilate(2)", 200, 1, 16)
