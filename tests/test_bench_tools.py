@@ -221,3 +221,15 @@ def test_sass_main_loops_split_the_full_path_from_what_a_branch_skips():
     (loop,) = sass_loops.main_loops(SASS)
     assert loop["products"] == ["64x64"]
     assert loop["instructions"] == 9 and loop["skipped"] == [2] and loop["full_path"] == 7
+
+
+def test_the_gluon_prototypes_schedule_gives_each_program_its_rows_tiles_in_order():
+    """bench/gluon_fwd.py: row i goes to program i % programs; each program's tiles list its
+    rows' key blocks in order, the first and last tile of each row marked in the row code."""
+    gluon_fwd = pytest.importorskip("gluon_fwd")
+    starts, ends = np.array([0, 2, 3, 6]), np.array([2, 3, 6, 7])
+    kblock = np.arange(100, 107)
+    prog_start, tiles, codes = gluon_fwd.schedule(np.arange(4), starts, ends, kblock, 3)
+    assert prog_start.tolist() == [0, 3, 4, 7]
+    assert tiles.tolist() == [100, 101, 106, 102, 103, 104, 105]  # program 0: rows 0 and 3
+    assert codes.tolist() == [0 * 4 + 1, 0 * 4 + 2, 3 * 4 + 3, 1 * 4 + 3, 2 * 4 + 1, 2 * 4, 2 * 4 + 2]

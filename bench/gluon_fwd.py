@@ -1,0 +1,230 @@
+"""A producer-warp forward in Gluon for rows of FULL blocks: a prototype, to measure the idea.
+
+bench/RESULTS.md (twentieth session) finds that a row's fixed cost in patterncc's forward is
+mostly the pass of Q, K, V and O through memory, paid beside the tiles' compute: the warps
+that compute also wait for every load. Here a 1-warp loader partition streams each program's
+Q tiles (a two-slot ring) and K/V tiles (a STAGES-slot ring) by TMA, signalled by mbarriers,
+running ahead across rows, while the 4-warp default partition only computes: S = Q K^T and
+O += P V by warpgroup MMA (P from registers), the online softmax between them, the output and
+LSE of a row on its last tile. Programs are persistent (one per resident slot), each walking
+the tiles of rows pid, pid + P, ... in one loop, like the flat forward of the same session.
+
+Scope: B = 1, bf16, every entry FULL (block-diagonal patterns), T a multiple of 64, no masks,
+no split rows -- enough to time the idea against `_attn_fwd` on the same layout, not a kernel
+of the package (which would need the generated predicate in Gluon's layouts). Written
+against Triton 3.6 (the GPU machine's): Gluon's API moves between releases.
+
+    python3 bench/gluon_fwd.py                 # on the GPU machine: check, then time
+    PYTHONPATH=/tmp/tr36/x python bench/gluon_fwd.py --aot   # compile for sm_90 here, print SASS counts
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma  # noqa: E402
+
+BLOCK = 64
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo, hi, T, NR, GROUP,
+            STAGES: gl.constexpr):
+    """The producer: per tile, its row's Q tile when the row starts (two slots), then its K and
+    V tiles into the ring as slots free up. Barriers: 0-1 Q slot full, 2-3 Q slot free,
+    4 + s K slot s full, 4 + STAGES + s V slot s full, 4 + 2 * STAGES + s K/V slot s free."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    rows = 0
+    for i in range(lo, hi):
+        j = i - lo
+        code = gl.load(sched_work + i)
+        kb = gl.load(sched_tile + i)
+        w = code >> 2
+        head = w // NR
+        if (code & 1) != 0:
+            qs = rows % 2
+            # Fresh barriers read as having completed the phase before phase 0: no wait on a first pass.
+            mbarrier.wait(bars.index(2 + qs), ((rows // 2) & 1) ^ 1)
+            mbarrier.expect(bars.index(qs), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [head * T + (w % NR) * BM, 0], bars.index(qs), q_smem.index(qs))
+            rows += 1
+        s = j % STAGES
+        mbarrier.wait(bars.index(4 + 2 * STAGES + s), ((j // STAGES) & 1) ^ 1)
+        kv_row = (head // GROUP) * T + kb * BM
+        mbarrier.expect(bars.index(4 + s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(4 + s), k_smem.index(s))
+        mbarrier.expect(bars.index(4 + STAGES + s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(4 + STAGES + s), v_smem.index(s))
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T, NR,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """The 4 compute warps: the online softmax over each row's tiles, its output and LSE
+    (base 2, scores scaled by qk_scale) stored on the row's last tile."""
+    BM: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BM], 0.0, gl.float32, row_s)
+    acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+    rows = 0
+    for i in range(lo, hi):
+        j = i - lo
+        code = gl.load(sched_work + i)
+        qs = rows % 2
+        if (code & 1) != 0:
+            mbarrier.wait(bars.index(qs), (rows // 2) & 1)
+            m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+            l_i = gl.full([BM], 0.0, gl.float32, row_s)
+            acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+        s = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(bars.index(4 + s), phase)
+        sc = warpgroup_mma(q_smem.index(qs), k_smem.index(s).permute((1, 0)),
+                           gl.full([BM, BM], 0.0, gl.float32, s_layout), use_acc=False)
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+        p = gl.exp2(sc * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.wait(bars.index(4 + STAGES + s), phase)
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(s), acc)
+        mbarrier.arrive(bars.index(4 + 2 * STAGES + s), count=1)
+        if (code & 2) != 0:
+            mbarrier.arrive(bars.index(2 + qs), count=1)
+            w = code >> 2
+            first = (w // NR) * T + (w % NR) * BM
+            r = gl.arange(0, BM, layout=row_o)
+            c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            l_o = gl.convert_layout(l_i, row_o)
+            out = acc / l_o[:, None]
+            gl.store(out_ptr + (first + r)[:, None] * HEAD_DIM + c[None, :], out.to(gl.bfloat16))
+            gl.store(lse_ptr + first + r, gl.convert_layout(m_i + gl.log2(l_i), row_o))
+            rows += 1
+
+
+@gluon.jit
+def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, qk_scale, T, NR,
+               GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    lo = gl.load(prog_start + gl.program_id(0))
+    hi = gl.load(prog_start + gl.program_id(0) + 1)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [4 + 3 * STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(4 + 3 * STAGES):
+        mbarrier.init(bars.index(b), count=1)
+    gl.warp_specialize([(_consumer, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T,
+                                     NR, HEAD_DIM, STAGES)),
+                        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo,
+                                   hi, T, NR, GROUP, STAGES))], [1], [48])
+
+
+def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int):
+    """Rows to programs round-robin (row i to program i % programs), each program's tiles in
+    row order: (prog_start, key block per tile, row code per tile = row * 4 + 1 on the first
+    tile + 2 on the last)."""
+    owner = np.arange(len(row)) % programs
+    order = np.lexsort((np.arange(len(row)), owner))
+    runs = (end - start)[order].astype(np.int64)
+    prog_start = np.concatenate([[0], np.cumsum(np.bincount(owner, weights=end - start, minlength=programs))])
+    first = np.concatenate([[0], np.cumsum(runs)[:-1]])
+    offs = np.arange(int(runs.sum())) - np.repeat(first, runs)
+    entry = np.repeat(start[order].astype(np.int64), runs) + offs
+    code = np.repeat(row[order].astype(np.int64) * 4, runs) + (offs == 0) + 2 * (offs == np.repeat(runs, runs) - 1)
+    return prog_start.astype(np.int32), kblock[entry].astype(np.int32), code.astype(np.int32)
+
+
+def aot(head_dim: int, stages: int) -> None:
+    """Compile for sm_90 without a GPU and print what the SASS holds."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from sass_loops import sass_of
+    shared = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
+    desc = f"tensordesc<bf16[64, {head_dim}],{shared}>"
+    sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16", "lse_ptr": "*fp32",
+           "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "qk_scale": "fp32", "T": "i32",
+           "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr"}
+    k = triton.compile(GluonASTSource(_gluon_fwd, sig, {"HEAD_DIM": head_dim, "STAGES": stages}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    sass = sass_of(k.asm["cubin"])
+    print(json.dumps({"head_dim": head_dim, "stages": stages, "shared": k.metadata.shared,
+                      "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
+                      "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL")}))
+
+
+def main() -> None:
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.testing import do_bench_cudagraph
+    import patterncc
+    from patterncc.backends import triton_backend as tb
+
+    out_dir = os.environ.get("OUT", ".")
+    T, H = int(os.environ.get("T", "65536")), 16
+    LOG2E = 1.4426950408889634
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for D in (64, 128):
+        q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        layout = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gl.bfloat16)
+        descs = [TensorDescriptor.from_tensor(x.view(H * T, D), [BLOCK, D], layout) for x in (q, k, v)]
+        for src in os.environ.get("PATS", "block(64);block(512);block(1024)").split(";"):
+            lay = patterncc.compile(src).layout(T, H)
+            ref_out, ref_lse = tb.forward(q, k, v, lay, D ** -0.5)
+            walk = tb.launch_for(q, k, lay).plan.fwd
+            assert walk.row_block == BLOCK and not walk.items.n_slots and bool((walk.flags & 1).all())
+            host = [x.cpu().numpy() for x in (walk.items.row, walk.items.start, walk.items.end, walk.block)]
+            rec = {"D": D, "pattern": src, "T": T,
+                   "patterncc_ms": do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)}
+            # (programs per SM, pipeline stages, register cap): the kernel runs 8 warps (the loader's
+            # warp is padded to a warpgroup), so uncapped (255 registers) one program fits per SM,
+            # capped at 128 two (ptxas needs at least 94: three never fit)
+            for per_sm, stages, cap in ((1, 2, None), (1, 3, None), (2, 2, 128), (2, 3, 128)):
+                if D == 128 and stages == 3:
+                    continue  # two programs' shared memory would not fit
+                programs = sms * per_sm
+                sched = [torch.from_numpy(a).cuda() for a in schedule(*host, programs)]
+                out = torch.full_like(q, float("nan"))
+                lse = torch.full((1, H, T), float("nan"), device="cuda")
+                opts = {"maxnreg": cap} if cap else {}
+
+                def run():
+                    _gluon_fwd[(programs,)](*descs, out, lse, *sched, D ** -0.5 * LOG2E, T, walk.rows_per_head,
+                                            1, HEAD_DIM=D, STAGES=stages, num_warps=4, **opts)
+                key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "")
+                try:
+                    run()
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
+                    rec[key] = f"{type(e).__name__}: {str(e)[:200]}"
+                    continue
+                err = (out.float() - ref_out.float()).abs().max().item()
+                lse_err = (lse - ref_lse).abs().max().item()
+                rec[key] = {"ms": do_bench_cudagraph(run, rep=100), "max_err": err, "lse_err": lse_err}
+            print(json.dumps(rec), flush=True)
+            with open(f"{out_dir}/gluon_fwd.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    if "--aot" in sys.argv:
+        os.environ.pop("TRITON_INTERPRET", None)
+        for d, s in ((64, 2), (64, 3), (128, 2)):
+            aot(d, s)
+    else:
+        main()
