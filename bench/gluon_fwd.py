@@ -15,7 +15,10 @@ of the package (which would need the generated predicate in Gluon's layouts). Wr
 against Triton 3.6 (the GPU machine's): Gluon's API moves between releases. Measured in
 bench/RESULTS.md (twentieth session): bitwise equal to `_attn_fwd`; with two programs per SM
 (a 128-register cap) 3% faster at D=128 on rows of 8-16 tiles, 6-9% slower at D=64, its
-products synchronous (the next step: the next tile's Q K^T issued before this tile's softmax).
+products synchronous. ``ASYNC=True`` takes `_consumer_async` instead (FlashAttention-3's
+overlap inside one warpgroup: tile i's Q K^T and tile i - 1's P V issued together, tile i's
+softmax while P V runs): compiled for sm_90 without spills, not yet run on a GPU (the
+twentieth session's device time ran out first).
 
     python3 bench/gluon_fwd.py                 # on the GPU machine: check, then time
     PYTHONPATH=/tmp/tr36/x python bench/gluon_fwd.py --aot   # compile for sm_90 here, print SASS counts
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402,E501
 
 BLOCK = 64
 
@@ -121,8 +124,97 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
 
 
 @gluon.jit
+def _softmax_step(sc, m_i, l_i, qk_scale):
+    """One online-softmax step on scores ``sc``: (p, alpha, new m, new l)."""
+    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+    p = gl.exp2(sc * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _store_row(acc, m_i, l_i, code, out_ptr, lse_ptr, T, NR, HEAD_DIM: gl.constexpr, row_o: gl.constexpr,
+               o_layout: gl.constexpr):
+    BM: gl.constexpr = 64
+    w = code >> 2
+    first = (w // NR) * T + (w % NR) * BM
+    r = gl.arange(0, BM, layout=row_o)
+    c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    out = acc / gl.convert_layout(l_i, row_o)[:, None]
+    gl.store(out_ptr + (first + r)[:, None] * HEAD_DIM + c[None, :], out.to(gl.bfloat16))
+    gl.store(lse_ptr + first + r, gl.convert_layout(m_i + gl.log2(l_i), row_o))
+
+
+@gluon.jit
+def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T, NR,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """_consumer with FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile
+    i - 1's P V are issued together, and tile i's softmax runs while P V still does. The row's
+    state is rescaled (or, on a new row's first tile, the finished row stored) once P V is in."""
+    BM: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    zeros_s = gl.full([BM, BM], 0.0, gl.float32, s_layout)
+    if lo < hi:
+        # Tile lo: always a row's first.
+        code_acc = gl.load(sched_work + lo)
+        mbarrier.wait(bars.index(0), 0)
+        mbarrier.wait(bars.index(4), 0)
+        sc = warpgroup_mma(q_smem.index(0), k_smem.index(0).permute((1, 0)), zeros_s, use_acc=False)
+        p, alpha, m_i, l_i = _softmax_step(sc, gl.full([BM], float("-inf"), gl.float32, row_s),
+                                           gl.full([BM], 0.0, gl.float32, row_s), qk_scale)
+        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+        qs_acc = 0
+        rows = 1
+        for i in range(lo + 1, hi):
+            j = i - lo
+            code = gl.load(sched_work + i)
+            first = (code & 1) != 0
+            qs = gl.where(first, rows % 2, qs_acc)
+            mbarrier.wait(bars.index(qs), (rows // 2) & 1, pred=first)
+            s = j % STAGES
+            mbarrier.wait(bars.index(4 + s), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem.index(qs), k_smem.index(s).permute((1, 0)), zeros_s, use_acc=False,
+                                  is_async=True)
+            sp = (j - 1) % STAGES
+            mbarrier.wait(bars.index(4 + STAGES + sp), ((j - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
+            sc = warpgroup_mma_wait(1, deps=[s_tok])
+            m_run = gl.where(first, float("-inf"), m_i)
+            l_run = gl.where(first, 0.0, l_i)
+            p, alpha, m_new, l_new = _softmax_step(sc, m_run, l_run, qk_scale)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(bars.index(4 + 2 * STAGES + sp), count=1)
+            if first:  # tile i - 1 closed a row: store it, free its Q slot, start afresh
+                _store_row(acc, m_i, l_i, code_acc, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+                mbarrier.arrive(bars.index(2 + qs_acc), count=1)
+                acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+                code_acc = code
+                qs_acc = qs
+                rows += 1
+            else:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            m_i = m_new
+            l_i = l_new
+            p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        # The last tile's P V, then its row.
+        j = hi - lo
+        sp = (j - 1) % STAGES
+        mbarrier.wait(bars.index(4 + STAGES + sp), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_prev, v_smem.index(sp), acc)
+        mbarrier.arrive(bars.index(4 + 2 * STAGES + sp), count=1)
+        _store_row(acc, m_i, l_i, code_acc, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+        mbarrier.arrive(bars.index(2 + qs_acc), count=1)
+
+
+@gluon.jit
 def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, qk_scale, T, NR,
-               GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+               GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False):
     lo = gl.load(prog_start + gl.program_id(0))
     hi = gl.load(prog_start + gl.program_id(0) + 1)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -131,11 +223,18 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
     bars = gl.allocate_shared_memory(gl.int64, [4 + 3 * STAGES, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(4 + 3 * STAGES):
         mbarrier.init(bars.index(b), count=1)
-    gl.warp_specialize([(_consumer, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T,
-                                     NR, HEAD_DIM, STAGES)),
-                        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo,
-                                   hi, T, NR, GROUP, STAGES))], [1], [48])
-
+    # (the partitions' arguments are spelled out per call: a tuple built first would turn the
+    # constexprs in it into tensors)
+    if ASYNC:
+        gl.warp_specialize([(_consumer_async, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
+                                               qk_scale, T, NR, HEAD_DIM, STAGES)),
+                            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
+                                       lo, hi, T, NR, GROUP, STAGES))], [1], [48])
+    else:
+        gl.warp_specialize([(_consumer, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
+                                         qk_scale, T, NR, HEAD_DIM, STAGES)),
+                            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
+                                       lo, hi, T, NR, GROUP, STAGES))], [1], [48])
 
 def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int):
     """Rows to programs round-robin (row i to program i % programs), each program's tiles in
@@ -152,7 +251,7 @@ def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.nda
     return prog_start.astype(np.int32), kblock[entry].astype(np.int32), code.astype(np.int32)
 
 
-def aot(head_dim: int, stages: int) -> None:
+def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None = None) -> None:
     """Compile for sm_90 without a GPU and print what the SASS holds."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -162,11 +261,13 @@ def aot(head_dim: int, stages: int) -> None:
     desc = f"tensordesc<bf16[64, {head_dim}],{shared}>"
     sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16", "lse_ptr": "*fp32",
            "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "qk_scale": "fp32", "T": "i32",
-           "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr"}
-    k = triton.compile(GluonASTSource(_gluon_fwd, sig, {"HEAD_DIM": head_dim, "STAGES": stages}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+           "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr", "ASYNC": "constexpr"}
+    k = triton.compile(GluonASTSource(_gluon_fwd, sig, {"HEAD_DIM": head_dim, "STAGES": stages, "ASYNC": use_async}),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
     sass = sass_of(k.asm["cubin"])
-    print(json.dumps({"head_dim": head_dim, "stages": stages, "shared": k.metadata.shared,
+    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg,
+                      "shared": k.metadata.shared,
                       "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
                       "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL")}))
 
@@ -194,12 +295,12 @@ def main() -> None:
             host = [x.cpu().numpy() for x in (walk.items.row, walk.items.start, walk.items.end, walk.block)]
             rec = {"D": D, "pattern": src, "T": T,
                    "patterncc_ms": do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)}
-            # (programs per SM, pipeline stages, register cap): the kernel runs 8 warps (the loader's
-            # warp is padded to a warpgroup), so uncapped (255 registers) one program fits per SM,
-            # capped at 128 two (ptxas needs at least 94: three never fit)
-            for per_sm, stages, cap in ((1, 2, None), (1, 3, None), (2, 2, 128), (2, 3, 128)):
-                if D == 128 and stages == 3:
-                    continue  # two programs' shared memory would not fit
+            # (programs per SM, pipeline stages, register cap, asynchronous products): the kernel
+            # runs 8 warps (the loader's warp is padded to a warpgroup), so uncapped (255
+            # registers) one program fits per SM, capped at 128 two (ptxas needs at least 94)
+            configs = ((2, 3, 128, False), (2, 2, 128, True), (2, 3, 128, True)) if D == 64 else \
+                ((2, 2, 128, False), (2, 2, 128, True), (1, 3, None, True))
+            for per_sm, stages, cap, use_async in configs:
                 programs = sms * per_sm
                 sched = [torch.from_numpy(a).cuda() for a in schedule(*host, programs)]
                 out = torch.full_like(q, float("nan"))
@@ -208,8 +309,8 @@ def main() -> None:
 
                 def run():
                     _gluon_fwd[(programs,)](*descs, out, lse, *sched, D ** -0.5 * LOG2E, T, walk.rows_per_head,
-                                            1, HEAD_DIM=D, STAGES=stages, num_warps=4, **opts)
-                key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "")
+                                            1, HEAD_DIM=D, STAGES=stages, ASYNC=use_async, num_warps=4, **opts)
+                key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "") + ("-async" if use_async else "")
                 try:
                     run()
                     torch.cuda.synchronize()
@@ -227,7 +328,7 @@ def main() -> None:
 if __name__ == "__main__":
     if "--aot" in sys.argv:
         os.environ.pop("TRITON_INTERPRET", None)
-        for d, s in ((64, 2), (64, 3), (128, 2)):
-            aot(d, s)
+        for d, s, a, cap in ((64, 2, False, None), (64, 3, False, 128), (64, 3, True, 128), (128, 2, True, 128)):
+            aot(d, s, a, cap)
     else:
         main()
