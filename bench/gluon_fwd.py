@@ -1,4 +1,4 @@
-"""A producer-warp forward in Gluon for rows of FULL blocks: a prototype, to measure the idea.
+"""A producer-warp forward in Gluon for plain token-order rows: a prototype, to measure the idea.
 
 bench/RESULTS.md (twentieth session) finds that a row's fixed cost in patterncc's forward is
 mostly the pass of Q, K, V and O through memory, paid beside the tiles' compute: the warps
@@ -9,16 +9,17 @@ O += P V by warpgroup MMA (P from registers), the online softmax between them, t
 LSE of a row on its last tile. Programs are persistent (one per resident slot), each walking
 the tiles of rows pid, pid + P, ... in one loop, like the flat forward of the same session.
 
-Scope: B = 1, bf16, every entry FULL (block-diagonal patterns), T a multiple of 64, no masks,
-no split rows -- enough to time the idea against `_attn_fwd` on the same layout, not a kernel
-of the package (which would need the generated predicate in Gluon's layouts). Written
-against Triton 3.6 (the GPU machine's): Gluon's API moves between releases. Measured in
-bench/RESULTS.md (twentieth session): bitwise equal to `_attn_fwd`; with two programs per SM
-(a 128-register cap) 3% faster at D=128 on rows of 8-16 tiles, 6-9% slower at D=64, its
-products synchronous. ``ASYNC=True`` takes `_consumer_async` instead (FlashAttention-3's
-overlap inside one warpgroup: tile i's Q K^T and tile i - 1's P V issued together, tile i's
-softmax while P V runs): compiled for sm_90 without spills, not yet run on a GPU (the
-twentieth session's device time ran out first).
+Scope: B = 1, bf16, token order, T a multiple of 64, no split rows, thin columns or membership
+tables -- enough to time the idea against `_attn_fwd` on the same layout, not a kernel of the
+package. Written against Triton 3.6 (the GPU machine's): Gluon's API moves between releases.
+Measured in bench/RESULTS.md (twentieth session), on rows of FULL blocks: bitwise equal to
+`_attn_fwd`; with two programs per SM (a 128-register cap) 3% faster at D=128 on rows of 8-16
+tiles, 6-9% slower at D=64, its products synchronous. ``ASYNC=True`` takes `_consumer_async`
+instead (FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile i - 1's P V
+issued together, tile i's softmax while P V runs), which alone also masks the tiles whose entry
+is not FULL, with the pattern's generated predicate under ``gluon.jit`` (gluon_predicate), so
+that windows and the causal window run too: both compiled for sm_90 without spills, not yet
+run on a GPU (the twentieth session's device time ran out first).
 
     python3 bench/gluon_fwd.py                 # on the GPU machine: check, then time
     PYTHONPATH=/tmp/tr36/x python bench/gluon_fwd.py --aot   # compile for sm_90 here, print SASS counts
@@ -39,6 +40,27 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402,E501
 
 BLOCK = 64
+
+
+def gluon_predicate(pattern: str):
+    """The pattern's generated token predicate (``token_mask`` of patterncc's generated module:
+    elementwise operations on the query and key token vectors) as a Gluon function: the same
+    text under ``gluon.jit``, written to a file beside the generated module and imported."""
+    import importlib.util
+    import patterncc
+    from patterncc import codegen
+    gen = codegen.load(patterncc.parse(pattern))
+    if gen.plan.table_nodes:
+        raise ValueError(f"{pattern!r}: membership tables are not wired into the Gluon prototype")
+    body = gen.source[gen.source.index("def token_mask("):]
+    body = body[:body.index("\n\n@triton.jit")]
+    path = gen.path.with_name(gen.path.stem + "_gluon.py")
+    path.write_text("from triton.experimental import gluon\nfrom triton.experimental.gluon import language as tl\n\n\n"
+                    "@gluon.jit\n" + body + "\n")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.token_mask
 
 
 @gluon.jit
@@ -124,12 +146,29 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
 
 
 @gluon.jit
-def _softmax_step(sc, m_i, l_i, qk_scale):
-    """One online-softmax step on scores ``sc``: (p, alpha, new m, new l)."""
+def _softmax_step(sc, m_i, l_i, qk_scale, MASKED: gl.constexpr = False):
+    """One online-softmax step on scores ``sc``: (p, alpha, new m, new l). With MASKED a row
+    may have seen no allowed key yet (m = -inf): it subtracts 0, so p and alpha are 0, not NaN."""
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    p = gl.exp2(sc * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    m_sub = m_new
+    if MASKED:
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(sc * qk_scale - m_sub[:, None])
+    alpha = gl.exp2(m_i - m_sub)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _masked(sc, i, code, sched_tile, sched_flags, T, NR, mask_fn: gl.constexpr):
+    """Tile i's scores with the pattern's predicate applied where its entry is not FULL."""
+    BM: gl.constexpr = sc.shape[0]
+    flags = gl.load(sched_flags + i)
+    if (flags & 1) == 0:
+        w = code >> 2
+        offs_m = (w % NR) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, sc.type.layout))
+        offs_n = gl.load(sched_tile + i) * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, sc.type.layout))
+        sc = gl.where(mask_fn(offs_m, offs_n, w // NR, flags, T, sched_flags), sc, float("-inf"))
+    return sc
 
 
 @gluon.jit
@@ -140,17 +179,22 @@ def _store_row(acc, m_i, l_i, code, out_ptr, lse_ptr, T, NR, HEAD_DIM: gl.conste
     first = (w // NR) * T + (w % NR) * BM
     r = gl.arange(0, BM, layout=row_o)
     c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    out = acc / gl.convert_layout(l_i, row_o)[:, None]
+    l_o = gl.convert_layout(l_i, row_o)
+    empty = l_o == 0.0  # a row no key reaches: output 0, LSE +inf
+    out = gl.where(empty[:, None], 0.0, acc / gl.where(empty, 1.0, l_o)[:, None])
     gl.store(out_ptr + (first + r)[:, None] * HEAD_DIM + c[None, :], out.to(gl.bfloat16))
-    gl.store(lse_ptr + first + r, gl.convert_layout(m_i + gl.log2(l_i), row_o))
+    lse = gl.where(empty, float("inf"), gl.convert_layout(m_i, row_o) + gl.log2(gl.where(empty, 1.0, l_o)))
+    gl.store(lse_ptr + first + r, lse)
 
 
 @gluon.jit
 def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T, NR,
-                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+                    sched_tile, sched_flags, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_FN: gl.constexpr):
     """_consumer with FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile
     i - 1's P V are issued together, and tile i's softmax runs while P V still does. The row's
-    state is rescaled (or, on a new row's first tile, the finished row stored) once P V is in."""
+    state is rescaled (or, on a new row's first tile, the finished row stored) once P V is in.
+    With a predicate ``MASK_FN`` (gluon_predicate), tiles whose entry is not FULL are masked."""
+    MASKED: gl.constexpr = MASK_FN is not None
     BM: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -165,8 +209,10 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
         mbarrier.wait(bars.index(0), 0)
         mbarrier.wait(bars.index(4), 0)
         sc = warpgroup_mma(q_smem.index(0), k_smem.index(0).permute((1, 0)), zeros_s, use_acc=False)
+        if MASKED:
+            sc = _masked(sc, lo, code_acc, sched_tile, sched_flags, T, NR, MASK_FN)
         p, alpha, m_i, l_i = _softmax_step(sc, gl.full([BM], float("-inf"), gl.float32, row_s),
-                                           gl.full([BM], 0.0, gl.float32, row_s), qk_scale)
+                                           gl.full([BM], 0.0, gl.float32, row_s), qk_scale, MASKED)
         p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
         acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
         qs_acc = 0
@@ -185,9 +231,11 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
             mbarrier.wait(bars.index(4 + STAGES + sp), ((j - 1) // STAGES) & 1)
             o_tok = warpgroup_mma(p_prev, v_smem.index(sp), acc, is_async=True)
             sc = warpgroup_mma_wait(1, deps=[s_tok])
+            if MASKED:
+                sc = _masked(sc, i, code, sched_tile, sched_flags, T, NR, MASK_FN)
             m_run = gl.where(first, float("-inf"), m_i)
             l_run = gl.where(first, 0.0, l_i)
-            p, alpha, m_new, l_new = _softmax_step(sc, m_run, l_run, qk_scale)
+            p, alpha, m_new, l_new = _softmax_step(sc, m_run, l_run, qk_scale, MASKED)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(bars.index(4 + 2 * STAGES + sp), count=1)
             if first:  # tile i - 1 closed a row: store it, free its Q slot, start afresh
@@ -213,8 +261,11 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
 
 
 @gluon.jit
-def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, qk_scale, T, NR,
-               GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False):
+def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, sched_flags, qk_scale,
+               T, NR, GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False,
+               MASK_FN: gl.constexpr = None):
+    """The forward over each program's tiles (schedule()); ASYNC takes _consumer_async, which
+    alone applies a predicate MASK_FN to tiles whose entry is not FULL."""
     lo = gl.load(prog_start + gl.program_id(0))
     hi = gl.load(prog_start + gl.program_id(0) + 1)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -227,7 +278,7 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
     # constexprs in it into tensors)
     if ASYNC:
         gl.warp_specialize([(_consumer_async, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
-                                               qk_scale, T, NR, HEAD_DIM, STAGES)),
+                                               qk_scale, T, NR, sched_tile, sched_flags, HEAD_DIM, STAGES, MASK_FN)),
                             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
                                        lo, hi, T, NR, GROUP, STAGES))], [1], [48])
     else:
@@ -236,10 +287,11 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
                             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
                                        lo, hi, T, NR, GROUP, STAGES))], [1], [48])
 
-def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int):
+def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int,
+             flags: np.ndarray | None = None):
     """Rows to programs round-robin (row i to program i % programs), each program's tiles in
     row order: (prog_start, key block per tile, row code per tile = row * 4 + 1 on the first
-    tile + 2 on the last)."""
+    tile + 2 on the last, and with ``flags`` (per entry) each tile's entry flags)."""
     owner = np.arange(len(row)) % programs
     order = np.lexsort((np.arange(len(row)), owner))
     runs = (end - start)[order].astype(np.int64)
@@ -248,10 +300,12 @@ def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.nda
     offs = np.arange(int(runs.sum())) - np.repeat(first, runs)
     entry = np.repeat(start[order].astype(np.int64), runs) + offs
     code = np.repeat(row[order].astype(np.int64) * 4, runs) + (offs == 0) + 2 * (offs == np.repeat(runs, runs) - 1)
-    return prog_start.astype(np.int32), kblock[entry].astype(np.int32), code.astype(np.int32)
+    out = (prog_start.astype(np.int32), kblock[entry].astype(np.int32), code.astype(np.int32))
+    return out if flags is None else (*out, flags[entry].astype(np.int32))
 
 
-def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None = None) -> None:
+def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None = None,
+        pattern: str | None = None) -> None:
     """Compile for sm_90 without a GPU and print what the SASS holds."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -260,13 +314,16 @@ def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None
     shared = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     desc = f"tensordesc<bf16[64, {head_dim}],{shared}>"
     sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16", "lse_ptr": "*fp32",
-           "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "qk_scale": "fp32", "T": "i32",
-           "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr", "ASYNC": "constexpr"}
-    k = triton.compile(GluonASTSource(_gluon_fwd, sig, {"HEAD_DIM": head_dim, "STAGES": stages, "ASYNC": use_async}),
+           "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "sched_flags": "*i32", "qk_scale": "fp32",
+           "T": "i32", "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr",
+           "ASYNC": "constexpr", "MASK_FN": "constexpr"}
+    consts = {"HEAD_DIM": head_dim, "STAGES": stages, "ASYNC": use_async,
+              "MASK_FN": gluon_predicate(pattern) if pattern else None}
+    k = triton.compile(GluonASTSource(_gluon_fwd, sig, consts),
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
     sass = sass_of(k.asm["cubin"])
-    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg,
+    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg, "pattern": pattern,
                       "shared": k.metadata.shared,
                       "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
                       "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL")}))
@@ -287,29 +344,38 @@ def main() -> None:
         q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         layout = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(x.view(H * T, D), [BLOCK, D], layout) for x in (q, k, v)]
-        for src in os.environ.get("PATS", "block(64);block(512);block(1024)").split(";"):
+        pats = "block(64);block(512);block(1024);window(256);window(1023) & causal"
+        for src in os.environ.get("PATS", pats).split(";"):
             lay = patterncc.compile(src).layout(T, H)
             ref_out, ref_lse = tb.forward(q, k, v, lay, D ** -0.5)
-            walk = tb.launch_for(q, k, lay).plan.fwd
-            assert walk.row_block == BLOCK and not walk.items.n_slots and bool((walk.flags & 1).all())
-            host = [x.cpu().numpy() for x in (walk.items.row, walk.items.start, walk.items.end, walk.block)]
+            run_ = tb.launch_for(q, k, lay)
+            walk = run_.plan.fwd
+            assert walk.row_block == BLOCK and not walk.items.n_slots and not walk.n_narrow and not run_.plan.permuted
+            masked = not bool((walk.flags & 1).all())
+            mask_fn = gluon_predicate(src) if masked else None
+            host = [x.cpu().numpy() for x in (walk.items.row, walk.items.start, walk.items.end, walk.block, walk.flags)]
             rec = {"D": D, "pattern": src, "T": T,
                    "patterncc_ms": do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)}
             # (programs per SM, pipeline stages, register cap, asynchronous products): the kernel
             # runs 8 warps (the loader's warp is padded to a warpgroup), so uncapped (255
-            # registers) one program fits per SM, capped at 128 two (ptxas needs at least 94)
+            # registers) one program fits per SM, capped at 128 two (ptxas needs at least 94).
+            # Masked tiles only in the asynchronous consumer.
             configs = ((2, 3, 128, False), (2, 2, 128, True), (2, 3, 128, True)) if D == 64 else \
                 ((2, 2, 128, False), (2, 2, 128, True), (1, 3, None, True))
             for per_sm, stages, cap, use_async in configs:
+                if masked and not use_async:
+                    continue
                 programs = sms * per_sm
-                sched = [torch.from_numpy(a).cuda() for a in schedule(*host, programs)]
+                prog_start, tiles, codes, flags = (torch.from_numpy(a).cuda() for a in schedule(*host[:4], programs,
+                                                                                               host[4]))
                 out = torch.full_like(q, float("nan"))
                 lse = torch.full((1, H, T), float("nan"), device="cuda")
                 opts = {"maxnreg": cap} if cap else {}
 
                 def run():
-                    _gluon_fwd[(programs,)](*descs, out, lse, *sched, D ** -0.5 * LOG2E, T, walk.rows_per_head,
-                                            1, HEAD_DIM=D, STAGES=stages, ASYNC=use_async, num_warps=4, **opts)
+                    _gluon_fwd[(programs,)](*descs, out, lse, prog_start, tiles, codes, flags, D ** -0.5 * LOG2E, T,
+                                            walk.rows_per_head, 1, HEAD_DIM=D, STAGES=stages, ASYNC=use_async,
+                                            MASK_FN=mask_fn, num_warps=4, **opts)
                 key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "") + ("-async" if use_async else "")
                 try:
                     run()
@@ -328,7 +394,9 @@ def main() -> None:
 if __name__ == "__main__":
     if "--aot" in sys.argv:
         os.environ.pop("TRITON_INTERPRET", None)
-        for d, s, a, cap in ((64, 2, False, None), (64, 3, False, 128), (64, 3, True, 128), (128, 2, True, 128)):
-            aot(d, s, a, cap)
+        for d, s, a, cap, pat in ((64, 2, False, None, None), (64, 3, False, 128, None), (64, 3, True, 128, None),
+                                  (128, 2, True, 128, None), (64, 3, True, 128, "window(256)"),
+                                  (128, 2, True, 128, "window(1023) & causal")):
+            aot(d, s, a, cap, pat)
     else:
         main()

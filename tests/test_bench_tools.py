@@ -229,7 +229,21 @@ def test_the_gluon_prototypes_schedule_gives_each_program_its_rows_tiles_in_orde
     gluon_fwd = pytest.importorskip("gluon_fwd")
     starts, ends = np.array([0, 2, 3, 6]), np.array([2, 3, 6, 7])
     kblock = np.arange(100, 107)
-    prog_start, tiles, codes = gluon_fwd.schedule(np.arange(4), starts, ends, kblock, 3)
+    prog_start, tiles, codes, flags = gluon_fwd.schedule(np.arange(4), starts, ends, kblock, 3, kblock - 100)
     assert prog_start.tolist() == [0, 3, 4, 7]
     assert tiles.tolist() == [100, 101, 106, 102, 103, 104, 105]  # program 0: rows 0 and 3
     assert codes.tolist() == [0 * 4 + 1, 0 * 4 + 2, 3 * 4 + 3, 1 * 4 + 3, 2 * 4 + 1, 2 * 4, 2 * 4 + 2]
+    assert flags.tolist() == (tiles - 100).tolist()  # each tile carries its own entry's flags
+
+
+def test_the_gluon_prototypes_predicate_is_the_generated_one_under_gluon(tmp_path, monkeypatch):
+    """bench/gluon_fwd.py takes the pattern's generated token predicate as it is, under
+    gluon.jit; patterns with membership tables are refused, not silently mis-masked."""
+    gluon_fwd = pytest.importorskip("gluon_fwd")
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    fn = gluon_fwd.gluon_predicate("window(256)")
+    assert type(fn).__module__.startswith("triton.experimental.gluon")
+    assert "<= 256" in fn.src and "@triton.jit" not in fn.src
+    many = "global([" + ", ".join(str(5 * i) for i in range(20)) + "]) & causal"
+    with pytest.raises(ValueError, match="membership tables"):
+        gluon_fwd.gluon_predicate(many)
