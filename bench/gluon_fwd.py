@@ -337,6 +337,14 @@ def main() -> None:
     from patterncc.backends import triton_backend as tb
 
     out_dir = os.environ.get("OUT", ".")
+
+    def emit(rec: dict) -> None:
+        """Print the pattern's record so far and append it to $OUT/gluon_fwd.jsonl (the last
+        line of a pattern is its whole record)."""
+        print(json.dumps(rec), flush=True)
+        with open(f"{out_dir}/gluon_fwd.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     T, H = int(os.environ.get("T", "65536")), 16
     LOG2E = 1.4426950408889634
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -382,13 +390,16 @@ def main() -> None:
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
                     rec[key] = f"{type(e).__name__}: {str(e)[:200]}"
+                    emit(rec)
                     continue
                 err = (out.float() - ref_out.float()).abs().max().item()
                 lse_err = (lse - ref_lse).abs().max().item()
-                rec[key] = {"ms": do_bench_cudagraph(run, rep=100), "max_err": err, "lse_err": lse_err}
-            print(json.dumps(rec), flush=True)
-            with open(f"{out_dir}/gluon_fwd.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                # checked before timed, and recorded at once: a config that hangs the GPU (a
+                # barrier phase gone wrong) leaves every earlier result on record
+                rec[key] = {"max_err": err, "lse_err": lse_err}
+                emit(rec)
+                rec[key]["ms"] = do_bench_cudagraph(run, rep=100)
+                emit(rec)
 
 
 if __name__ == "__main__":
