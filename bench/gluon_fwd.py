@@ -9,17 +9,19 @@ O += P V by warpgroup MMA (P from registers), the online softmax between them, t
 LSE of a row on its last tile. Programs are persistent (one per resident slot), each walking
 the tiles of rows pid, pid + P, ... in one loop, like the flat forward of the same session.
 
-Scope: B = 1, bf16, token order, T a multiple of 64, no split rows, thin columns or membership
-tables -- enough to time the idea against `_attn_fwd` on the same layout, not a kernel of the
-package. Written against Triton 3.6 (the GPU machine's): Gluon's API moves between releases.
+Scope: B = 1, bf16, token order, T a multiple of 64, no thin columns or thin rows (the plan is
+built with lowering.THIN_COLUMNS and THIN_ROWS off) or membership tables -- enough to time the
+idea against `_attn_fwd` on the same layout, not a kernel of the package. Written against Triton 3.6 (the GPU machine's): Gluon's API moves between releases.
 Measured in bench/RESULTS.md (twentieth session), on rows of FULL blocks: bitwise equal to
 `_attn_fwd`; with two programs per SM (a 128-register cap) 3% faster at D=128 on rows of 8-16
 tiles, 6-9% slower at D=64, its products synchronous. ``ASYNC=True`` takes `_consumer_async`
 instead (FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile i - 1's P V
 issued together, tile i's softmax while P V runs), which alone also masks the tiles whose entry
-is not FULL, with the pattern's generated predicate under ``gluon.jit`` (gluon_predicate), so
-that windows and the causal window run too: both compiled for sm_90 without spills, not yet
-run on a GPU (the twentieth session's device time ran out first).
+is not FULL, with the pattern's generated predicate under ``gluon.jit`` (gluon_predicate), and
+merges the pieces of split rows (SPLIT, _finish_item: partials in scratch slots, the last piece
+to arrive merges by log-sum-exp), so that windows, the causal window and longformer run too:
+all compiled for sm_90 without spills, not yet run on a GPU (the twentieth session's device
+time ran out first).
 
     python3 bench/gluon_fwd.py                 # on the GPU machine: check, then time
     PYTHONPATH=/tmp/tr36/x python bench/gluon_fwd.py --aot   # compile for sm_90 here, print SASS counts
@@ -188,12 +190,59 @@ def _store_row(acc, m_i, l_i, code, out_ptr, lse_ptr, T, NR, HEAD_DIM: gl.conste
 
 
 @gluon.jit
+def _finish_item(acc, m_i, l_i, code, t, out_ptr, lse_ptr, T, NR, sched_slot, sched_merge, scratch_o, scratch_m,
+                 scratch_l, count, merge_start, merge_end, HEAD_DIM: gl.constexpr, row_o: gl.constexpr,
+                 o_layout: gl.constexpr, SPLIT: gl.constexpr):
+    """An item whose last tile is t is done: store its row, or (SPLIT, a piece of a split row)
+    write its unnormalised partial to its scratch slot, and if it is the row's last piece to
+    arrive, merge the row's partials by log-sum-exp and store the row (as _attn_fwd does)."""
+    BM: gl.constexpr = 64
+    if not SPLIT:
+        _store_row(acc, m_i, l_i, code, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+    else:
+        slot = gl.load(sched_slot + t)
+        if slot < 0:
+            _store_row(acc, m_i, l_i, code, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+        else:
+            r = gl.arange(0, BM, layout=row_o)
+            c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            gl.store(scratch_o + (slot * BM + r)[:, None] * HEAD_DIM + c[None, :], acc)
+            gl.store(scratch_m + slot * BM + r, gl.convert_layout(m_i, row_o))
+            gl.store(scratch_l + slot * BM + r, gl.convert_layout(l_i, row_o))
+            gl.thread_barrier()  # every thread's partial stored before the release below
+            merged = gl.load(sched_merge + t)
+            s0 = gl.load(merge_start + merged)
+            s1 = gl.load(merge_end + merged)
+            arrived = gl.atomic_add(count + merged, 1, sem="acq_rel")
+            if arrived == s1 - s0 - 1:
+                gl.store(count + merged, 0)  # reset for the next call
+                m_r = gl.full([BM], float("-inf"), gl.float32, row_o)
+                l_r = gl.full([BM], 0.0, gl.float32, row_o)
+                acc_r = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+                for sl in range(s0, s1):
+                    m_s = gl.load(scratch_m + sl * BM + r, cache_modifier=".cg")
+                    l_s = gl.load(scratch_l + sl * BM + r, cache_modifier=".cg")
+                    o_s = gl.load(scratch_o + (sl * BM + r)[:, None] * HEAD_DIM + c[None, :], cache_modifier=".cg")
+                    m_new = gl.maximum(m_r, m_s)
+                    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = gl.exp2(m_r - m_sub)
+                    beta = gl.exp2(m_s - m_sub)
+                    l_r = l_r * alpha + l_s * beta
+                    acc_r = acc_r * alpha[:, None] + o_s * beta[:, None]
+                    m_r = m_new
+                _store_row(acc_r, m_r, l_r, code, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+
+
+@gluon.jit
 def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr, qk_scale, T, NR,
-                    sched_tile, sched_flags, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_FN: gl.constexpr):
+                    sched_tile, sched_flags, sched_slot, sched_merge, scratch_o, scratch_m, scratch_l, count,
+                    merge_start, merge_end, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_FN: gl.constexpr,
+                    SPLIT: gl.constexpr):
     """_consumer with FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile
     i - 1's P V are issued together, and tile i's softmax runs while P V still does. The row's
     state is rescaled (or, on a new row's first tile, the finished row stored) once P V is in.
-    With a predicate ``MASK_FN`` (gluon_predicate), tiles whose entry is not FULL are masked."""
+    With a predicate ``MASK_FN`` (gluon_predicate), tiles whose entry is not FULL are masked;
+    with SPLIT, items may be pieces of split rows (see _finish_item)."""
     MASKED: gl.constexpr = MASK_FN is not None
     BM: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
@@ -239,7 +288,9 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(bars.index(4 + 2 * STAGES + sp), count=1)
             if first:  # tile i - 1 closed a row: store it, free its Q slot, start afresh
-                _store_row(acc, m_i, l_i, code_acc, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+                _finish_item(acc, m_i, l_i, code_acc, i - 1, out_ptr, lse_ptr, T, NR, sched_slot, sched_merge,
+                             scratch_o, scratch_m, scratch_l, count, merge_start, merge_end, HEAD_DIM, row_o, o_layout,
+                             SPLIT)
                 mbarrier.arrive(bars.index(2 + qs_acc), count=1)
                 acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
                 code_acc = code
@@ -256,16 +307,19 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
         mbarrier.wait(bars.index(4 + STAGES + sp), ((j - 1) // STAGES) & 1)
         acc = warpgroup_mma(p_prev, v_smem.index(sp), acc)
         mbarrier.arrive(bars.index(4 + 2 * STAGES + sp), count=1)
-        _store_row(acc, m_i, l_i, code_acc, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+        _finish_item(acc, m_i, l_i, code_acc, hi - 1, out_ptr, lse_ptr, T, NR, sched_slot, sched_merge, scratch_o,
+                     scratch_m, scratch_l, count, merge_start, merge_end, HEAD_DIM, row_o, o_layout, SPLIT)
         mbarrier.arrive(bars.index(2 + qs_acc), count=1)
 
 
 @gluon.jit
 def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, sched_flags, qk_scale,
-               T, NR, GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False,
-               MASK_FN: gl.constexpr = None):
+               T, NR, GROUP, sched_slot, sched_merge, scratch_o, scratch_m, scratch_l, count, merge_start, merge_end,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False,
+               MASK_FN: gl.constexpr = None, SPLIT: gl.constexpr = False):
     """The forward over each program's tiles (schedule()); ASYNC takes _consumer_async, which
-    alone applies a predicate MASK_FN to tiles whose entry is not FULL."""
+    alone applies a predicate MASK_FN to tiles whose entry is not FULL and (SPLIT) merges the
+    pieces of split rows."""
     lo = gl.load(prog_start + gl.program_id(0))
     hi = gl.load(prog_start + gl.program_id(0) + 1)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -278,7 +332,9 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
     # constexprs in it into tensors)
     if ASYNC:
         gl.warp_specialize([(_consumer_async, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
-                                               qk_scale, T, NR, sched_tile, sched_flags, HEAD_DIM, STAGES, MASK_FN)),
+                                               qk_scale, T, NR, sched_tile, sched_flags, sched_slot, sched_merge,
+                                               scratch_o, scratch_m, scratch_l, count, merge_start, merge_end,
+                                               HEAD_DIM, STAGES, MASK_FN, SPLIT)),
                             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
                                        lo, hi, T, NR, GROUP, STAGES))], [1], [48])
     else:
@@ -288,10 +344,11 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
                                        lo, hi, T, NR, GROUP, STAGES))], [1], [48])
 
 def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int,
-             flags: np.ndarray | None = None):
-    """Rows to programs round-robin (row i to program i % programs), each program's tiles in
-    row order: (prog_start, key block per tile, row code per tile = row * 4 + 1 on the first
-    tile + 2 on the last, and with ``flags`` (per entry) each tile's entry flags)."""
+             flags: np.ndarray | None = None, per_item: tuple = ()):
+    """Items (``row``: each item's row) to programs round-robin (item i to program i % programs),
+    each program's tiles in item order: (prog_start, key block per tile, row code per tile =
+    row * 4 + 1 on the item's first tile + 2 on its last; with ``flags`` (per entry) each
+    tile's entry flags; then each array of ``per_item`` (per item) repeated for its tiles)."""
     owner = np.arange(len(row)) % programs
     order = np.lexsort((np.arange(len(row)), owner))
     runs = (end - start)[order].astype(np.int64)
@@ -301,11 +358,13 @@ def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.nda
     entry = np.repeat(start[order].astype(np.int64), runs) + offs
     code = np.repeat(row[order].astype(np.int64) * 4, runs) + (offs == 0) + 2 * (offs == np.repeat(runs, runs) - 1)
     out = (prog_start.astype(np.int32), kblock[entry].astype(np.int32), code.astype(np.int32))
-    return out if flags is None else (*out, flags[entry].astype(np.int32))
+    if flags is not None:
+        out += (flags[entry].astype(np.int32),)
+    return out + tuple(np.repeat(a[order], runs).astype(np.int32) for a in per_item)
 
 
 def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None = None,
-        pattern: str | None = None) -> None:
+        pattern: str | None = None, split: bool = False) -> None:
     """Compile for sm_90 without a GPU and print what the SASS holds."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -315,15 +374,17 @@ def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None
     desc = f"tensordesc<bf16[64, {head_dim}],{shared}>"
     sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16", "lse_ptr": "*fp32",
            "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "sched_flags": "*i32", "qk_scale": "fp32",
-           "T": "i32", "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr",
-           "ASYNC": "constexpr", "MASK_FN": "constexpr"}
+           "T": "i32", "NR": "i32", "GROUP": "i32", "sched_slot": "*i32", "sched_merge": "*i32",
+           "scratch_o": "*fp32", "scratch_m": "*fp32", "scratch_l": "*fp32", "count": "*i32", "merge_start": "*i32",
+           "merge_end": "*i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr", "ASYNC": "constexpr",
+           "MASK_FN": "constexpr", "SPLIT": "constexpr"}
     consts = {"HEAD_DIM": head_dim, "STAGES": stages, "ASYNC": use_async,
-              "MASK_FN": gluon_predicate(pattern) if pattern else None}
+              "MASK_FN": gluon_predicate(pattern) if pattern else None, "SPLIT": split}
     k = triton.compile(GluonASTSource(_gluon_fwd, sig, consts),
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
     sass = sass_of(k.asm["cubin"])
-    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg, "pattern": pattern,
+    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg, "pattern": pattern, "split": split,
                       "shared": k.metadata.shared,
                       "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
                       "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL")}))
@@ -335,6 +396,7 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
     import patterncc
     from patterncc.backends import triton_backend as tb
+    from bench_attention import switched
 
     out_dir = os.environ.get("OUT", ".")
 
@@ -352,16 +414,23 @@ def main() -> None:
         q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         layout = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(x.view(H * T, D), [BLOCK, D], layout) for x in (q, k, v)]
-        pats = "block(64);block(512);block(1024);window(256);window(1023) & causal"
+        pats = "block(64);block(512);block(1024);window(256);window(1023) & causal;window(256) | global([0])"
         for src in os.environ.get("PATS", pats).split(";"):
             lay = patterncc.compile(src).layout(T, H)
-            ref_out, ref_lse = tb.forward(q, k, v, lay, D ** -0.5)
-            run_ = tb.launch_for(q, k, lay)
+            ref_out, ref_lse = tb.forward(q, k, v, lay, D ** -0.5)  # the package as it is
+            # The prototype has no thin columns or thin rows: a global key is a masked entry of
+            # every row, a global query's row is cut into pieces that merge (SPLIT)
+            with switched({"THIN_COLUMNS": False, "THIN_ROWS": False}):
+                run_ = tb.launch_for(q, k, lay)
             walk = run_.plan.fwd
-            assert walk.row_block == BLOCK and not walk.items.n_slots and not walk.n_narrow and not run_.plan.permuted
+            assert walk.row_block == BLOCK and not walk.n_narrow and not walk.items.n_thin and not run_.plan.permuted
             masked = not bool((walk.flags & 1).all())
             mask_fn = gluon_predicate(src) if masked else None
-            host = [x.cpu().numpy() for x in (walk.items.row, walk.items.start, walk.items.end, walk.block, walk.flags)]
+            split = walk.items.n_slots > 0
+            it = walk.items
+            host = [x.cpu().numpy() for x in (it.row, it.start, it.end, walk.block, walk.flags, it.slot, it.merge)]
+            scratch = [torch.empty(max(1, it.n_slots) * BLOCK * w, device="cuda") for w in (D, 1, 1)]
+            merges = (walk.counters(1, 1), it.merge_start, it.merge_end)
             rec = {"D": D, "pattern": src, "T": T,
                    "patterncc_ms": do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)}
             # (programs per SM, pipeline stages, register cap, asynchronous products): the kernel
@@ -371,19 +440,20 @@ def main() -> None:
             configs = ((2, 3, 128, False), (2, 2, 128, True), (2, 3, 128, True)) if D == 64 else \
                 ((2, 2, 128, False), (2, 2, 128, True), (1, 3, None, True))
             for per_sm, stages, cap, use_async in configs:
-                if masked and not use_async:
+                if (masked or split) and not use_async:
                     continue
                 programs = sms * per_sm
-                prog_start, tiles, codes, flags = (torch.from_numpy(a).cuda() for a in schedule(*host[:4], programs,
-                                                                                               host[4]))
+                prog_start, tiles, codes, flags, slots, merge = (
+                    torch.from_numpy(a).cuda() for a in schedule(*host[:4], programs, host[4], host[5:]))
                 out = torch.full_like(q, float("nan"))
                 lse = torch.full((1, H, T), float("nan"), device="cuda")
                 opts = {"maxnreg": cap} if cap else {}
 
                 def run():
                     _gluon_fwd[(programs,)](*descs, out, lse, prog_start, tiles, codes, flags, D ** -0.5 * LOG2E, T,
-                                            walk.rows_per_head, 1, HEAD_DIM=D, STAGES=stages, ASYNC=use_async,
-                                            MASK_FN=mask_fn, num_warps=4, **opts)
+                                            walk.rows_per_head, 1, slots, merge, *scratch, *merges, HEAD_DIM=D,
+                                            STAGES=stages, ASYNC=use_async, MASK_FN=mask_fn, SPLIT=split,
+                                            num_warps=4, **opts)
                 key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "") + ("-async" if use_async else "")
                 try:
                     run()
@@ -409,5 +479,7 @@ if __name__ == "__main__":
                                   (128, 2, True, 128, None), (64, 3, True, 128, "window(256)"),
                                   (128, 2, True, 128, "window(1023) & causal")):
             aot(d, s, a, cap, pat)
+        aot(64, 3, True, 128, "window(256) | global([0])", split=True)
+        aot(128, 2, True, 128, "window(256) | global([0])", split=True)
     else:
         main()

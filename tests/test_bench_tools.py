@@ -224,12 +224,15 @@ def test_sass_main_loops_split_the_full_path_from_what_a_branch_skips():
 
 
 def test_the_gluon_prototypes_schedule_gives_each_program_its_rows_tiles_in_order():
-    """bench/gluon_fwd.py: row i goes to program i % programs; each program's tiles list its
-    rows' key blocks in order, the first and last tile of each row marked in the row code."""
+    """bench/gluon_fwd.py: item i goes to program i % programs; each program's tiles list its
+    items' key blocks in order, the first and last tile of each item marked in the row code,
+    with each tile's entry flags and its item's per-item values (scratch slot, merge)."""
     gluon_fwd = pytest.importorskip("gluon_fwd")
     starts, ends = np.array([0, 2, 3, 6]), np.array([2, 3, 6, 7])
     kblock = np.arange(100, 107)
-    prog_start, tiles, codes, flags = gluon_fwd.schedule(np.arange(4), starts, ends, kblock, 3, kblock - 100)
+    prog_start, tiles, codes, flags, slots = gluon_fwd.schedule(np.arange(4), starts, ends, kblock, 3, kblock - 100,
+                                                                (np.array([-1, 5, -1, 7]),))
+    assert slots.tolist() == [-1, -1, 7, 5, -1, -1, -1]  # each item's value on each of its tiles
     assert prog_start.tolist() == [0, 3, 4, 7]
     assert tiles.tolist() == [100, 101, 106, 102, 103, 104, 105]  # program 0: rows 0 and 3
     assert codes.tolist() == [0 * 4 + 1, 0 * 4 + 2, 3 * 4 + 3, 1 * 4 + 3, 2 * 4 + 1, 2 * 4, 2 * 4 + 2]
