@@ -65,6 +65,13 @@ def gluon_predicate(pattern: str):
     return module.token_mask
 
 
+@gluon.constexpr_function
+def _mma_layout(n):
+    """The register layout of a 64 x n warpgroup-MMA result over the 4 compute warps (scores:
+    n = 64; the output accumulator: n = HEAD_DIM)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo, hi, T, NR, GROUP,
             STAGES: gl.constexpr):
@@ -101,9 +108,8 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
     """The 4 compute warps: the online softmax over each row's tiles, its output and LSE
     (base 2, scores scaled by qk_scale) stored on the row's last tile."""
     BM: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BM)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -245,9 +251,8 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
     with SPLIT, items may be pieces of split rows (see _finish_item)."""
     MASKED: gl.constexpr = MASK_FN is not None
     BM: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BM)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
