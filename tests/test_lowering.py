@@ -375,7 +375,8 @@ def test_tall_rows_only_where_they_cover_few_extra_pairs(src, tall, gathered_onl
         lay = get_layout(patterncc.parse(src), t, 16, 64)
         pred = codegen.analyse(lay.pattern)
         assert [lowering.row_class(lay, pred, 1, kind) for kind in ("fwd", "dq", "dkdv")] == [tall] * 3
-    assert lowering.row_class(get_layout(patterncc.parse(src), 4096, 2, 128), pred, 1, "fwd")  # 128 blocks: tall already
+    wide = get_layout(patterncc.parse(src), 4096, 2, 128)
+    assert lowering.row_class(wide, pred, 1, "fwd")  # 128-wide blocks are tall already
 
 
 def _walked_once_with_thin_rows(lay, klay):
