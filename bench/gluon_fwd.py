@@ -74,10 +74,12 @@ def _mma_layout(n):
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo, hi, T, NR, GROUP,
-            STAGES: gl.constexpr):
+            STAGES: gl.constexpr, PROBE: gl.constexpr = 0):
     """The producer: per tile, its row's Q tile when the row starts (two slots), then its K and
     V tiles into the ring as slots free up. Barriers: 0-1 Q slot full, 2-3 Q slot free,
-    4 + s K slot s full, 4 + STAGES + s V slot s full, 4 + 2 * STAGES + s K/V slot s free."""
+    4 + s K slot s full, 4 + STAGES + s V slot s full, 4 + 2 * STAGES + s K/V slot s free.
+    PROBE = 2 (a timing probe, results wrong): once each slot has been filled, slots are
+    signalled full without a copy, so the consumer computes on stale tiles with no traffic."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     rows = 0
     for i in range(lo, hi):
@@ -90,16 +92,24 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sc
             qs = rows % 2
             # Fresh barriers read as having completed the phase before phase 0: no wait on a first pass.
             mbarrier.wait(bars.index(2 + qs), ((rows // 2) & 1) ^ 1)
-            mbarrier.expect(bars.index(qs), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [head * T + (w % NR) * BM, 0], bars.index(qs), q_smem.index(qs))
+            if PROBE == 2 and rows >= 2:
+                mbarrier.arrive(bars.index(qs), count=1)
+            else:
+                mbarrier.expect(bars.index(qs), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [head * T + (w % NR) * BM, 0], bars.index(qs),
+                                                q_smem.index(qs))
             rows += 1
         s = j % STAGES
         mbarrier.wait(bars.index(4 + 2 * STAGES + s), ((j // STAGES) & 1) ^ 1)
-        kv_row = (head // GROUP) * T + kb * BM
-        mbarrier.expect(bars.index(4 + s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(4 + s), k_smem.index(s))
-        mbarrier.expect(bars.index(4 + STAGES + s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(4 + STAGES + s), v_smem.index(s))
+        if PROBE == 2 and j >= STAGES:
+            mbarrier.arrive(bars.index(4 + s), count=1)
+            mbarrier.arrive(bars.index(4 + STAGES + s), count=1)
+        else:
+            kv_row = (head // GROUP) * T + kb * BM
+            mbarrier.expect(bars.index(4 + s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(4 + s), k_smem.index(s))
+            mbarrier.expect(bars.index(4 + STAGES + s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(4 + STAGES + s), v_smem.index(s))
 
 
 @gluon.jit
@@ -150,6 +160,26 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
             out = acc / l_o[:, None]
             gl.store(out_ptr + (first + r)[:, None] * HEAD_DIM + c[None, :], out.to(gl.bfloat16))
             gl.store(lse_ptr + first + r, gl.convert_layout(m_i + gl.log2(l_i), row_o))
+            rows += 1
+
+
+@gluon.jit
+def _consumer_loads(bars, sched_work, lo, hi, STAGES: gl.constexpr):
+    """A timing probe (PROBE = 1; no output): the consumer only waits for each tile's K and V
+    and frees the slot, so the kernel takes the time of its loads alone."""
+    rows = 0
+    for i in range(lo, hi):
+        j = i - lo
+        code = gl.load(sched_work + i)
+        qs = rows % 2
+        if (code & 1) != 0:
+            mbarrier.wait(bars.index(qs), (rows // 2) & 1)
+        s = j % STAGES
+        mbarrier.wait(bars.index(4 + s), (j // STAGES) & 1)
+        mbarrier.wait(bars.index(4 + STAGES + s), (j // STAGES) & 1)
+        mbarrier.arrive(bars.index(4 + 2 * STAGES + s), count=1)
+        if (code & 2) != 0:
+            mbarrier.arrive(bars.index(2 + qs), count=1)
             rows += 1
 
 
@@ -321,7 +351,7 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
 def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, sched_flags, qk_scale,
                T, NR, GROUP, sched_slot, sched_merge, scratch_o, scratch_m, scratch_l, count, merge_start, merge_end,
                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ASYNC: gl.constexpr = False,
-               MASK_FN: gl.constexpr = None, SPLIT: gl.constexpr = False):
+               MASK_FN: gl.constexpr = None, SPLIT: gl.constexpr = False, PROBE: gl.constexpr = 0):
     """The forward over each program's tiles (schedule()); ASYNC takes _consumer_async, which
     alone applies a predicate MASK_FN to tiles whose entry is not FULL and (SPLIT) merges the
     pieces of split rows."""
@@ -335,18 +365,175 @@ def _gluon_fwd(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile,
         mbarrier.init(bars.index(b), count=1)
     # (the partitions' arguments are spelled out per call: a tuple built first would turn the
     # constexprs in it into tensors)
-    if ASYNC:
+    if PROBE == 1:
+        gl.warp_specialize([(_consumer_loads, (bars, sched_work, lo, hi, STAGES)),
+                            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
+                                       lo, hi, T, NR, GROUP, STAGES))], [1], [48])
+    elif ASYNC:
         gl.warp_specialize([(_consumer_async, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
                                                qk_scale, T, NR, sched_tile, sched_flags, sched_slot, sched_merge,
                                                scratch_o, scratch_m, scratch_l, count, merge_start, merge_end,
                                                HEAD_DIM, STAGES, MASK_FN, SPLIT)),
                             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
-                                       lo, hi, T, NR, GROUP, STAGES))], [1], [48])
+                                       lo, hi, T, NR, GROUP, STAGES, PROBE))], [1], [48])
     else:
         gl.warp_specialize([(_consumer, (q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr,
                                          qk_scale, T, NR, HEAD_DIM, STAGES)),
                             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
                                        lo, hi, T, NR, GROUP, STAGES))], [1], [48])
+
+@gluon.jit
+def _pair_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo, hi, T, NR,
+                 GROUP, STAGES: gl.constexpr):
+    """The producer of the paired forward: per pair, both rows' Q tiles (consumer c's two slots
+    c * 2 + 0/1), then each tile of the union of their key blocks once, for both consumers.
+    Barriers: 4 c + slot Q full, 4 c + 2 + slot Q free; 8 + s K full, 8 + STAGES + s V full,
+    8 + 2 STAGES + s K/V slot free (two arrivals: both consumers)."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    pairs = 0
+    for i in range(lo, hi):
+        j = i - lo
+        code = gl.load(sched_work + i)
+        kb = gl.load(sched_tile + i)
+        w = code >> 3
+        head = w // NR
+        if (code & 1) != 0:
+            qs = pairs % 2
+            for c in gl.static_range(2):
+                mbarrier.wait(bars.index(4 * c + 2 + qs), ((pairs // 2) & 1) ^ 1)
+                if c == 0 or (code & 4) != 0:
+                    mbarrier.expect(bars.index(4 * c + qs), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [head * T + (w % NR + c) * BM, 0], bars.index(4 * c + qs),
+                                                    q_smem.index(2 * c + qs))
+                else:  # no second row: its slot reads as filled, so both consumers keep one phase count
+                    mbarrier.arrive(bars.index(4 * c + qs), count=1)
+            pairs += 1
+        s = j % STAGES
+        mbarrier.wait(bars.index(8 + 2 * STAGES + s), ((j // STAGES) & 1) ^ 1)
+        kv_row = (head // GROUP) * T + kb * BM
+        mbarrier.expect(bars.index(8 + s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(8 + s), k_smem.index(s))
+        mbarrier.expect(bars.index(8 + STAGES + s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(8 + STAGES + s), v_smem.index(s))
+
+
+@gluon.jit
+def _pair_consumer(q_smem, k_smem, v_smem, bars, sched_work, sched_tile, sched_f, lo, hi, out_ptr, lse_ptr,
+                   qk_scale, T, NR, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, C: gl.constexpr,
+                   MASK_FN: gl.constexpr):
+    """Consumer C (0: the pair's first row, 1: its second) of the paired forward: synchronous
+    products as in _consumer, over the union of the pair's key blocks, skipping the tiles
+    whose flag (sched_f, this consumer's) is -1. A skipped tile is still waited for before its
+    slot is released: a release must not run ahead of the tile it releases."""
+    MASKED: gl.constexpr = MASK_FN is not None
+    BM: gl.constexpr = 64
+    s_layout: gl.constexpr = _mma_layout(BM)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BM], 0.0, gl.float32, row_s)
+    acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+    pairs = 0
+    for i in range(lo, hi):
+        j = i - lo
+        code = gl.load(sched_work + i)
+        f = gl.load(sched_f + i)
+        row_code = ((code >> 3) + C) << 2  # the code _masked and _store_row read: row * 4
+        qs = pairs % 2
+        if (code & 1) != 0:
+            mbarrier.wait(bars.index(4 * C + qs), (pairs // 2) & 1)
+            m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
+            l_i = gl.full([BM], 0.0, gl.float32, row_s)
+            acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+        s = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(bars.index(8 + s), phase)
+        if f >= 0:
+            sc = warpgroup_mma(q_smem.index(2 * C + qs), k_smem.index(s).permute((1, 0)),
+                               gl.full([BM, BM], 0.0, gl.float32, s_layout), use_acc=False)
+            if MASKED:
+                sc = _masked(sc, i, row_code, sched_tile, sched_f, T, NR, MASK_FN)
+            p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, qk_scale, MASKED)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            mbarrier.wait(bars.index(8 + STAGES + s), phase)
+            acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(s), acc)
+        mbarrier.arrive(bars.index(8 + 2 * STAGES + s), count=1)
+        if (code & 2) != 0:
+            mbarrier.arrive(bars.index(4 * C + 2 + qs), count=1)
+            if C == 0 or (code & 4) != 0:
+                _store_row(acc, m_i, l_i, row_code, out_ptr, lse_ptr, T, NR, HEAD_DIM, row_o, o_layout)
+            pairs += 1
+
+
+@gluon.jit
+def _gluon_fwd_pairs(q_desc, k_desc, v_desc, out_ptr, lse_ptr, prog_start, sched_tile, sched_work, sched_fa,
+                     sched_fb, qk_scale, T, NR, GROUP, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     MASK_FN: gl.constexpr = None, REGS: gl.constexpr = 128):
+    """The paired forward (schedule_pairs): two 4-warp consumers, each walking one of two
+    adjacent query rows, share one 1-warp producer and one K/V ring, so that a key block both
+    rows attend is loaded once (half the K/V traffic of _gluon_fwd on a band); one program
+    per SM."""
+    lo = gl.load(prog_start + gl.program_id(0))
+    hi = gl.load(prog_start + gl.program_id(0) + 1)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [4] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [8 + 3 * STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(8):
+        mbarrier.init(bars.index(b), count=1)
+    for b in gl.static_range(3 * STAGES):
+        mbarrier.init(bars.index(8 + b), count=2 if b >= 2 * STAGES else 1)
+    gl.warp_specialize([(_pair_consumer, (q_smem, k_smem, v_smem, bars, sched_work, sched_tile, sched_fa, lo, hi,
+                                          out_ptr, lse_ptr, qk_scale, T, NR, HEAD_DIM, STAGES, 0, MASK_FN)),
+                        (_pair_consumer, (q_smem, k_smem, v_smem, bars, sched_work, sched_tile, sched_fb, lo, hi,
+                                          out_ptr, lse_ptr, qk_scale, T, NR, HEAD_DIM, STAGES, 1, MASK_FN)),
+                        (_pair_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work,
+                                        lo, hi, T, NR, GROUP, STAGES))], [4, 1], [REGS, 48])
+
+
+def schedule_pairs(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, flags: np.ndarray,
+                   rows_per_head: int, programs: int):
+    """Rows 2r and 2r + 1 of a head (one item per row: no split rows) as pairs, each pair's
+    tiles the union of the two rows' key blocks in ascending order, pairs to programs
+    round-robin: (prog_start, key block per tile, code per tile = first row * 8 + 1 on the
+    pair's first tile + 2 on its last + 4 when the pair has a second row, the first row's
+    entry flags per tile (-1: not its block), the second row's)."""
+    assert len(np.unique(row)) == len(row), "split rows are not paired"
+    counts = (end - start).astype(np.int64)
+    entry_row = np.repeat(row.astype(np.int64), counts)
+    entry = np.concatenate([np.arange(a, b) for a, b in zip(start, end)]) if len(row) else np.zeros(0, np.int64)
+    kb = kblock[entry].astype(np.int64)
+    fl = flags[entry].astype(np.int64)
+    pair = (entry_row // rows_per_head) * ((rows_per_head + 1) // 2) + (entry_row % rows_per_head) // 2
+    second = (entry_row % rows_per_head) % 2
+    order = np.lexsort((second, kb, pair))
+    pair, kb, fl, second = pair[order], kb[order], fl[order], second[order]
+    new_tile = np.ones(len(kb), bool)
+    new_tile[1:] = (pair[1:] != pair[:-1]) | (kb[1:] != kb[:-1])
+    tile = np.cumsum(new_tile) - 1
+    n = int(tile[-1]) + 1 if len(tile) else 0
+    t_pair = np.zeros(n, np.int64)
+    t_kb = np.zeros(n, np.int64)
+    fa = np.full(n, -1, np.int64)
+    fb = np.full(n, -1, np.int64)
+    t_pair[tile], t_kb[tile] = pair, kb
+    fa[tile[second == 0]] = fl[second == 0]
+    fb[tile[second == 1]] = fl[second == 1]
+    pairs_per_head = (rows_per_head + 1) // 2
+    first_row = (t_pair // pairs_per_head) * rows_per_head + (t_pair % pairs_per_head) * 2
+    has_b = (t_pair % pairs_per_head) * 2 + 1 < rows_per_head
+    uniq, p_start, p_count = np.unique(t_pair, return_index=True, return_counts=True)
+    owner = np.arange(len(uniq)) % programs
+    porder = np.lexsort((np.arange(len(uniq)), owner))
+    runs = p_count[porder]
+    idx = np.concatenate([np.arange(a, a + c) for a, c in zip(p_start[porder], runs)]) if len(uniq) else tile[:0]
+    prog_start = np.concatenate([[0], np.cumsum(np.bincount(owner, weights=p_count, minlength=programs))])
+    offs = np.arange(len(idx)) - np.repeat(np.concatenate([[0], np.cumsum(runs)[:-1]]), runs)
+    code = first_row[idx] * 8 + (offs == 0) + 2 * (offs == np.repeat(runs, runs) - 1) + 4 * has_b[idx]
+    return tuple(a.astype(np.int32) for a in (prog_start, t_kb[idx], code, fa[idx], fb[idx]))
+
 
 def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.ndarray, programs: int,
              flags: np.ndarray | None = None, per_item: tuple = ()):
@@ -369,7 +556,7 @@ def schedule(row: np.ndarray, start: np.ndarray, end: np.ndarray, kblock: np.nda
 
 
 def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None = None,
-        pattern: str | None = None, split: bool = False) -> None:
+        pattern: str | None = None, split: bool = False, probe: int = 0) -> None:
     """Compile for sm_90 without a GPU and print what the SASS holds."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -382,17 +569,42 @@ def aot(head_dim: int, stages: int, use_async: bool = False, maxnreg: int | None
            "T": "i32", "NR": "i32", "GROUP": "i32", "sched_slot": "*i32", "sched_merge": "*i32",
            "scratch_o": "*fp32", "scratch_m": "*fp32", "scratch_l": "*fp32", "count": "*i32", "merge_start": "*i32",
            "merge_end": "*i32", "HEAD_DIM": "constexpr", "STAGES": "constexpr", "ASYNC": "constexpr",
-           "MASK_FN": "constexpr", "SPLIT": "constexpr"}
+           "MASK_FN": "constexpr", "SPLIT": "constexpr", "PROBE": "constexpr"}
     consts = {"HEAD_DIM": head_dim, "STAGES": stages, "ASYNC": use_async,
-              "MASK_FN": gluon_predicate(pattern) if pattern else None, "SPLIT": split}
+              "MASK_FN": gluon_predicate(pattern) if pattern else None, "SPLIT": split,
+              "PROBE": probe}
     k = triton.compile(GluonASTSource(_gluon_fwd, sig, consts),
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
     sass = sass_of(k.asm["cubin"])
-    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg, "pattern": pattern, "split": split,
+    print(json.dumps({"head_dim": head_dim, "stages": stages, "async": use_async, "maxnreg": maxnreg,
+                      "pattern": pattern, "split": split, "probe": probe,
                       "shared": k.metadata.shared,
                       "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
                       "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL")}))
+
+
+def aot_pairs(head_dim: int, stages: int, regs: int, maxnreg: int | None, pattern: str | None = None) -> None:
+    """Compile the paired forward for sm_90 without a GPU and print what the SASS holds."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from sass_loops import sass_of
+    shared = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
+    desc = f"tensordesc<bf16[64, {head_dim}],{shared}>"
+    sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16", "lse_ptr": "*fp32",
+           "prog_start": "*i32", "sched_tile": "*i32", "sched_work": "*i32", "sched_fa": "*i32", "sched_fb": "*i32",
+           "qk_scale": "fp32", "T": "i32", "NR": "i32", "GROUP": "i32", "HEAD_DIM": "constexpr",
+           "STAGES": "constexpr", "MASK_FN": "constexpr", "REGS": "constexpr"}
+    consts = {"HEAD_DIM": head_dim, "STAGES": stages, "MASK_FN": gluon_predicate(pattern) if pattern else None,
+              "REGS": regs}
+    k = triton.compile(GluonASTSource(_gluon_fwd_pairs, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, **({"maxnreg": maxnreg} if maxnreg else {})})
+    sass = sass_of(k.asm["cubin"])
+    print(json.dumps({"pairs": True, "head_dim": head_dim, "stages": stages, "regs": regs, "maxnreg": maxnreg,
+                      "pattern": pattern, "shared": k.metadata.shared, "num_regs": getattr(k, "n_regs", None),
+                      "HGMMA": sass.count("HGMMA"), "UTMALDG": sass.count("UTMALDG"),
+                      "SYNCS": sass.count("SYNCS"), "STL": sass.count("STL"), "SETMAXNREG": sass.count("SETMAXREG")}))
 
 
 def main() -> None:
@@ -444,6 +656,9 @@ def main() -> None:
             # Masked tiles only in the asynchronous consumer.
             configs = ((2, 3, 128, False), (2, 2, 128, True), (2, 3, 128, True)) if D == 64 else \
                 ((2, 2, 128, False), (2, 2, 128, True), (1, 3, None, True))
+            probes = bool(os.environ.get("PROBES"))
+            if probes:  # the fastest asynchronous config of the twenty-first session, and its probes
+                configs = ((2, 3, 128, True),) if D == 64 else ((2, 2, 128, True),)
             for per_sm, stages, cap, use_async in configs:
                 if (masked or split) and not use_async:
                     continue
@@ -454,11 +669,11 @@ def main() -> None:
                 lse = torch.full((1, H, T), float("nan"), device="cuda")
                 opts = {"maxnreg": cap} if cap else {}
 
-                def run():
+                def run(probe=0):
                     _gluon_fwd[(programs,)](*descs, out, lse, prog_start, tiles, codes, flags, D ** -0.5 * LOG2E, T,
                                             walk.rows_per_head, 1, slots, merge, *scratch, *merges, HEAD_DIM=D,
                                             STAGES=stages, ASYNC=use_async, MASK_FN=mask_fn, SPLIT=split,
-                                            num_warps=4, **opts)
+                                            PROBE=probe, num_warps=4, **opts)
                 key = f"{per_sm}x{stages}" + (f"-cap{cap}" if cap else "") + ("-async" if use_async else "")
                 try:
                     run()
@@ -475,6 +690,37 @@ def main() -> None:
                 emit(rec)
                 rec[key]["ms"] = do_bench_cudagraph(run, rep=100)
                 emit(rec)
+                if probes:  # the loads alone (1), the products alone on stale tiles (2)
+                    for probe in (1, 2):
+                        rec[key][f"probe{probe}_ms"] = do_bench_cudagraph(lambda: run(probe), rep=100)
+                        emit(rec)
+            if os.environ.get("PAIRS") and not split:
+                pair_sched = [torch.from_numpy(a).cuda() for a in
+                              schedule_pairs(*host[:5], walk.rows_per_head, sms)]
+                # (stages, the second consumer's registers, the kernel's cap): 12 warps, one
+                # program per SM, so at most 170 registers a thread
+                for stages, regs, cap in (((4, 160, 168), (6, 160, 168)) if D == 64 else
+                                          ((3, 160, 168), (4, 160, 168))):
+                    out = torch.full_like(q, float("nan"))
+                    lse = torch.full((1, H, T), float("nan"), device="cuda")
+
+                    def run_pairs():
+                        _gluon_fwd_pairs[(sms,)](*descs, out, lse, *pair_sched[:3], *pair_sched[3:],
+                                                 D ** -0.5 * LOG2E, T, walk.rows_per_head, 1, HEAD_DIM=D,
+                                                 STAGES=stages, MASK_FN=mask_fn, REGS=regs, num_warps=4, maxnreg=cap)
+                    key = f"pairs-{stages}-r{regs}-cap{cap}"
+                    try:
+                        run_pairs()
+                        torch.cuda.synchronize()
+                    except Exception as e:  # noqa: BLE001
+                        rec[key] = f"{type(e).__name__}: {str(e)[:200]}"
+                        emit(rec)
+                        continue
+                    rec[key] = {"max_err": (out.float() - ref_out.float()).abs().max().item(),
+                                "lse_err": (lse - ref_lse).abs().max().item()}
+                    emit(rec)
+                    rec[key]["ms"] = do_bench_cudagraph(run_pairs, rep=100)
+                    emit(rec)
 
 
 if __name__ == "__main__":
@@ -486,5 +732,7 @@ if __name__ == "__main__":
             aot(d, s, a, cap, pat)
         aot(64, 3, True, 128, "window(256) | global([0])", split=True)
         aot(128, 2, True, 128, "window(256) | global([0])", split=True)
+        for probe in (1, 2):
+            aot(128, 2, True, 128, "window(256)", probe=probe)
     else:
         main()

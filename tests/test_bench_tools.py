@@ -239,6 +239,22 @@ def test_the_gluon_prototypes_schedule_gives_each_program_its_rows_tiles_in_orde
     assert flags.tolist() == (tiles - 100).tolist()  # each tile carries its own entry's flags
 
 
+def test_the_paired_schedule_walks_the_union_of_two_rows_blocks_once():
+    """bench/gluon_fwd.py's paired forward: rows 2r and 2r + 1 of a head share one list of
+    tiles, the union of their key blocks in ascending order, each tile carrying each row's
+    entry flags or -1 where the block is not that row's; an odd last row has no partner."""
+    gluon_fwd = pytest.importorskip("gluon_fwd")
+    # one head of 3 rows: row 0 -> blocks 0, 1; row 1 -> 1, 2; row 2 -> 2
+    kblock = np.array([0, 1, 1, 2, 2])
+    flags = np.array([10, 11, 21, 22, 32])
+    prog_start, tiles, codes, fa, fb = gluon_fwd.schedule_pairs(np.arange(3), np.array([0, 2, 4]),
+                                                                np.array([2, 4, 5]), kblock, flags, 3, 2)
+    assert prog_start.tolist() == [0, 3, 4]
+    assert tiles.tolist() == [0, 1, 2, 2]
+    assert codes.tolist() == [0 * 8 + 1 + 4, 0 * 8 + 4, 0 * 8 + 2 + 4, 2 * 8 + 3]
+    assert fa.tolist() == [10, 11, -1, 32] and fb.tolist() == [-1, 21, 22, -1]
+
+
 def test_the_gluon_prototypes_predicate_is_the_generated_one_under_gluon(tmp_path, monkeypatch):
     """bench/gluon_fwd.py takes the pattern's generated token predicate as it is, under
     gluon.jit; patterns with membership tables are refused, not silently mis-masked."""
