@@ -266,3 +266,29 @@ def test_the_gluon_prototypes_predicate_is_the_generated_one_under_gluon(tmp_pat
     many = "global([" + ", ".join(str(5 * i) for i in range(20)) + "]) & causal"
     with pytest.raises(ValueError, match="membership tables"):
         gluon_fwd.gluon_predicate(many)
+
+
+def test_the_timeline_instruments_only_the_forward_kernel():
+    """bench/timeline.py: `_attn_fwd` reads the clock on entry and records on exit (after
+    both of its branches), nothing else in the generated module changes."""
+    timeline = pytest.importorskip("timeline")
+    import patterncc
+    from patterncc import codegen
+    gen = codegen.load(patterncc.parse("window(256) | global([0])"))
+    src = timeline.instrumented_source(gen.source)
+    body = src[src.index("def _attn_fwd("):src.index("def _merge_if_last")]
+    assert body.count("_clock()") == 1 and body.rstrip().endswith("@triton.jit")
+    assert "\n    _record(tables, _t0)\n" in body and body.index("_t0 = _clock()") < body.index("_query_item(")
+    rest = src.replace("    _t0 = _clock()\n", "", 1).replace("\n    _record(tables, _t0)\n", "", 1)
+    assert rest == gen.source + timeline._PROBES
+
+
+def test_the_timeline_summary_counts_busy_slots_and_kinds():
+    timeline = pytest.importorskip("timeline")
+    t0 = np.array([1000, 1000, 3000, 5000])  # ns
+    t1 = np.array([3000, 9000, 5000, 9000])
+    rec = timeline.summarise(t0, t1, np.array([0, 1, 0, 0]), np.array(["row", "piece", "row", "row"]), 2)
+    assert rec["span_us"] == 8.0 and rec["sms"] == 2
+    assert rec["slot_busy"] == (2 + 8 + 2 + 4) / (8 * 2)
+    assert rec["row"] == {"count": 3, "mean_us": 2.67, "total_us": 8.0, "first_start_us": 0.0, "last_end_us": 8.0}
+    assert rec["piece"]["last_end_us"] == 8.0 and len(rec["running"]) == 20 and rec["running"][0] == 2
