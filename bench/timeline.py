@@ -10,6 +10,7 @@ span, how busy the SMs' program slots were (the sum of durations over span x slo
 many programs were running in each twentieth of the span.
 
     T=65536 PATS="window(256);window(256) | global([0])" python3 bench/timeline.py   # on a GPU
+    VARIANTS="default;SCRATCH_FRACTION=0.2;THIN_ROWS=0" python3 bench/timeline.py   # switches (A/B)
 
 Writes one JSON line per (pattern, head dim) to $OUT/timeline.jsonl (or ./timeline.jsonl).
 """
@@ -82,69 +83,96 @@ def summarise(t0: np.ndarray, t1: np.ndarray, sm: np.ndarray, kinds: np.ndarray,
     return rec
 
 
-def main() -> None:
+def parse_variant(text: str, current) -> dict:
+    """``NAME=value,NAME=value`` (or ``default``) as switch values, each of its switch's type
+    (``current(name)`` reads the switch as it is)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        if part == "default":
+            continue
+        name, _, value = part.partition("=")
+        kind = type(current(name))
+        out[name] = bool(int(value)) if kind is bool else kind(value)
+    return out
+
+
+def timeline_of(q, k, v, src: str, out_dir: Path) -> dict:
+    """The pattern's forward on (q, k, v): its graph-replay time, then one instrumented launch's
+    timeline (summarise) and how the launch was configured."""
     import torch
     import patterncc
     from patterncc.backends import triton_backend as tb
     from sass_loops import programs_per_sm
     from triton.testing import do_bench_cudagraph
 
+    T, H, D = q.shape[2], q.shape[1], q.shape[3]
+    lay = patterncc.compile(src).layout(T, H)
+    ref, _ = tb.forward(q, k, v, lay, D ** -0.5)
+    graph_ms = do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)
+    run = tb.launch_for(q, k, lay)
+    if run.gen.plan.table_nodes:
+        raise SystemExit(f"{src!r}: its membership tables use the argument the timeline takes")
+    walk = run.plan.fwd
+    tiles = walk.row_block // run.tiles("fwd")[0]
+    programs = walk.items.n_items * tiles
+    buf = torch.zeros(programs * 3, dtype=torch.int64, device="cuda")
+    timed = load_instrumented(run.gen, out_dir)
+    tables_at = list(timed.arg_names).index("tables")
+    compiled = []
+
+    class Timed:  # what the backend launches as `_attn_fwd`: the buffer in place of the tables
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args = list(args)
+                args[tables_at] = buf.view(torch.int8)
+                compiled.append((timed[grid](*args, **kwargs), kwargs.get("num_warps", 4)))
+            return launch
+
+    real_kernel = run.gen.kernel
+    run.gen.__dict__["kernel"] = lambda name: Timed() if name == "_attn_fwd" else real_kernel(name)
+    saved, tb.DIRECT_LAUNCH = tb.DIRECT_LAUNCH, False  # every launch through kernel[grid](...)
+    try:
+        for _ in range(3):
+            out, _ = tb.forward(q, k, v, lay, D ** -0.5)
+        torch.cuda.synchronize()
+    finally:
+        del run.gen.__dict__["kernel"]
+        tb.DIRECT_LAUNCH = saved
+    stamps = buf.view(programs, 3).cpu().numpy()
+    it = walk.items
+    item = np.arange(programs) // tiles
+    kinds = np.where(it.thin.cpu().numpy()[item] >= 0, "thin_piece",
+                     np.where(it.slot.cpu().numpy()[item] >= 0, "split_piece", "row"))
+    kernel, warps = compiled[-1]
+    slots = programs_per_sm(kernel.n_regs, kernel.metadata.shared, warps)
+    lengths = np.unique((it.end - it.start).cpu().numpy())
+    return {"pattern": src, "D": D, "T": T, "graph_ms": graph_ms, "exact": bool(torch.equal(out, ref)),
+            "item_lengths": [int(x) for x in lengths[:12]], "registers": kernel.n_regs, "programs_per_sm": slots,
+            **summarise(stamps[:, 0], stamps[:, 1], stamps[:, 2], kinds,
+                        torch.cuda.get_device_properties(0).multi_processor_count * slots)}
+
+
+def main() -> None:
+    import torch
+    from patterncc import codegen, lowering
+    from patterncc.backends import triton_backend as tb
+    from bench_attention import switched
+
     out_dir = Path(os.environ.get("OUT", "."))
     T, H = int(os.environ.get("T", "65536")), 16
     pats = os.environ.get("PATS", "window(256);window(256) | global([0])").split(";")
-    tb.DIRECT_LAUNCH = False  # every launch through kernel[grid](...), which the wrapper below replaces
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = os.environ.get("VARIANTS", "default").split(";")
+    owner = lambda name: next(m for m in (lowering, codegen, tb) if hasattr(m, name))  # noqa: E731
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for D in (64, 128):
         q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for src in pats:
-            lay = patterncc.compile(src).layout(T, H)
-            ref, _ = tb.forward(q, k, v, lay, D ** -0.5)
-            graph_ms = do_bench_cudagraph(lambda: tb.forward(q, k, v, lay, D ** -0.5), rep=100)
-            run = tb.launch_for(q, k, lay)
-            if run.gen.plan.table_nodes:
-                raise SystemExit(f"{src!r}: its membership tables use the argument the timeline takes")
-            walk = run.plan.fwd
-            tiles = walk.row_block // run.tiles("fwd")[0]
-            programs = walk.items.n_items * tiles
-            buf = torch.zeros(programs * 3, dtype=torch.int64, device="cuda")
-            timed = load_instrumented(run.gen, out_dir)
-            names = list(timed.arg_names)
-
-            compiled = []
-
-            class Timed:  # the kernel the backend launches, with the buffer in place of the tables
-                def __getitem__(self, grid):
-                    def launch(*args, **kwargs):
-                        args = list(args)
-                        args[names.index("tables")] = buf.view(torch.int8)
-                        compiled.append((timed[grid](*args, **kwargs), kwargs.get("num_warps", 4)))
-                        return compiled[-1][0]
-                    return launch
-
-            real_kernel = run.gen.kernel
-            run.gen.__dict__["kernel"] = lambda name: Timed() if name == "_attn_fwd" else real_kernel(name)
-            try:
-                for _ in range(3):
-                    out, _ = tb.forward(q, k, v, lay, D ** -0.5)
-                torch.cuda.synchronize()
-            finally:
-                del run.gen.__dict__["kernel"]
-            stamps = buf.view(programs, 3).cpu().numpy()
-            it = walk.items
-            item = np.arange(programs) // tiles
-            kinds = np.where(it.thin.cpu().numpy()[item] >= 0, "thin_piece",
-                             np.where(it.slot.cpu().numpy()[item] >= 0, "split_piece", "row"))
-            kernel, warps = compiled[-1]
-            slots = programs_per_sm(kernel.n_regs, kernel.metadata.shared, warps)
-            used = torch.cuda.get_device_properties(0)
-            rec = {"pattern": src, "D": D, "T": T, "device": used.name, "torch": torch.__version__, "graph_ms": graph_ms,
-                   "exact": bool(torch.equal(out, ref)), "tiles_per_item": [int(x) for x in np.bincount(
-                       (it.end - it.start).cpu().numpy())[1:].nonzero()[0] + 1][:12],
-                   "registers": kernel.n_regs, "programs_per_sm": slots,
-                   **summarise(stamps[:, 0], stamps[:, 1], stamps[:, 2], kinds, sms * slots)}
-            print(json.dumps(rec), flush=True)
-            with open(out_dir / "timeline.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            for variant in variants:
+                with switched(parse_variant(variant, lambda name: getattr(owner(name), name))):
+                    rec = {"variant": variant, **timeline_of(q, k, v, src, out_dir), **meta}
+                print(json.dumps(rec), flush=True)
+                with open(out_dir / "timeline.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

@@ -292,3 +292,11 @@ def test_the_timeline_summary_counts_busy_slots_and_kinds():
     assert rec["slot_busy"] == (2 + 8 + 2 + 4) / (8 * 2)
     assert rec["row"] == {"count": 3, "mean_us": 2.67, "total_us": 8.0, "first_start_us": 0.0, "last_end_us": 8.0}
     assert rec["piece"]["last_end_us"] == 8.0 and len(rec["running"]) == 20 and rec["running"][0] == 2
+
+
+def test_the_timeline_reads_switch_variants_in_each_switch_type():
+    timeline = pytest.importorskip("timeline")
+    current = {"THIN_ROWS": True, "SCRATCH_FRACTION": 0.05, "MIN_SPLIT": 16}.__getitem__
+    assert timeline.parse_variant("default", current) == {}
+    assert timeline.parse_variant("THIN_ROWS=0,SCRATCH_FRACTION=0.2,MIN_SPLIT=8", current) == {
+        "THIN_ROWS": False, "SCRATCH_FRACTION": 0.2, "MIN_SPLIT": 8}
