@@ -91,6 +91,11 @@ FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the g
 # and dK/dV 2-6% slower without them.
 THIN_ROWS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
+# With SPLIT_FIRST: spread the pieces evenly over the first SPREAD_PIECES of the other items
+# instead of launching them all first (0). All first, a global row's pieces sweep K and V
+# through HBM at once, bound by its bandwidth while the rows wait (bench/RESULTS.md,
+# twenty-first session: the forward's timeline); spread, that sweep runs beside the rows.
+SPREAD_PIECES = 0.0
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 # Residue-order forward and dQ launches test PARTIAL tiles on class coordinates
@@ -167,7 +172,7 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS,
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS,
             CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
@@ -672,6 +677,19 @@ def _slots(counts: np.ndarray, split: int) -> int:
     return int((-(-cut // split)).sum())
 
 
+def spread_order(pieces: np.ndarray, others: np.ndarray, spread: float) -> np.ndarray:
+    """``pieces`` and ``others`` (item indices, each in order) as one launch order: piece j
+    just before other item floor(j * spread * len(others) / len(pieces)), so the pieces come
+    evenly over the first ``spread`` of the others (0: all pieces first).
+
+    >>> spread_order(np.array([0, 1]), np.array([2, 3, 4, 5]), 0.5).tolist()
+    [0, 2, 1, 3, 4, 5]
+    """
+    at = np.floor(np.arange(pieces.size) * spread * others.size / max(1, pieces.size)) - 0.5
+    keys = np.concatenate([at, np.arange(others.size, dtype=np.float64)])
+    return np.concatenate([pieces, others])[np.argsort(keys, kind="stable")]
+
+
 def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | None = None,
                segments: tuple | None = None) -> WorkItems:
     """The work items of a walk: every run of entries cut into pieces of at most ``split``.
@@ -710,7 +728,7 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
         # Long pieces first, so they do not start in the grid's last wave (and their merge
         # is not the kernel's tail); the rest keep row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
-        order = np.concatenate([np.flatnonzero(in_cut), np.flatnonzero(~in_cut)])
+        order = spread_order(np.flatnonzero(in_cut), np.flatnonzero(~in_cut), SPREAD_PIECES)
         row, start, end, slot, merge, n_start, n_end, thin = (
             a[order] for a in (row, start, end, slot, merge, n_start, n_end, thin))
     t = lambda a: _dev(a, device)  # noqa: E731

@@ -113,8 +113,8 @@ def test_residue_factors_past_the_kernels_exact_class_index_stay_in_token_order(
 
 
 @pytest.mark.parametrize("name", ["STACK_WASTE", "TALL_ONLY_GATHERED", "SCRATCH_FRACTION", "RESIDUE_ORDER",
-                                  "THIN_COLUMNS", "THIN_ROWS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST", "FOLD_SCALE",
-                                  "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
+                                  "THIN_COLUMNS", "THIN_ROWS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST", "SPREAD_PIECES",
+                                  "FOLD_SCALE", "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
                                   "MAX_RESIDUE_FACTOR"])
 def test_every_plan_switch_is_in_the_cache_key(name, monkeypatch):
     """A plan or launch built under one value of a switch is not reused under another."""
@@ -266,19 +266,35 @@ def test_heavy_rows_are_split_and_balanced_rows_are_not():
     assert lowering.plan_for(dense, codegen.analyse(dense.pattern), "cpu").fwd.items.n_merge == 0
 
 
-@pytest.mark.parametrize("split_first", [False, True])
-def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, split_first):
+@pytest.mark.parametrize("split_first, spread", [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, split_first, spread):
     lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
     base = lowering.make_items(lay.indptr, 16, "cpu")
     monkeypatch.setattr(lowering, "SPLIT_FIRST", split_first)
+    monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
     it = lowering.make_items(lay.indptr, 16, "cpu")
     cut = it.slot.numpy() >= 0
-    assert cut[:it.n_slots].all() == split_first and cut.sum() == it.n_slots > 0
+    assert cut[:it.n_slots].all() == (split_first and not spread) and cut.sum() == it.n_slots > 0
+    if spread:  # evenly over the first half of the other items, in their order
+        at = np.flatnonzero(cut) - np.arange(it.n_slots)  # other items launched before each piece
+        others = it.n_items - it.n_slots
+        assert at[0] == 0 and at[-1] < spread * others and (np.diff(at) > 0).all()
     rest = it.row.numpy()[~cut]
     assert (np.diff(rest) >= 0).all()  # the other items keep row order
     def items(w):
         return sorted(zip(*(a.tolist() for a in (w.row, w.start, w.end, w.slot, w.merge))))
     assert items(it) == items(base)  # the same items, only launched in another order
+
+
+@given(n_pieces=st.integers(0, 50), n_others=st.integers(0, 200), spread=st.floats(0.0, 1.0))
+def test_spread_order_is_a_permutation_keeping_each_kinds_order(n_pieces, n_others, spread):
+    pieces, others = np.arange(n_pieces), np.arange(n_pieces, n_pieces + n_others)
+    order = lowering.spread_order(pieces, others, spread)
+    assert sorted(order.tolist()) == list(range(n_pieces + n_others))
+    is_piece = order < n_pieces
+    assert (np.diff(order[is_piece]) > 0).all() and (np.diff(order[~is_piece]) > 0).all()
+    if spread == 0.0:
+        assert is_piece[:n_pieces].all()
 
 
 @given(counts=st.lists(st.integers(0, 3000), min_size=1, max_size=60), budget=st.integers(1, 400))

@@ -133,15 +133,16 @@ def test_delta_by_the_dq_pass_or_its_own_pass(name, delta_in_dq, monkeypatch):
         assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
 
 
-@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("first, spread", [(True, 0.0), (False, 0.0), (True, 0.7)])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
-def test_split_rows_first_match_reference(src, first, monkeypatch):
-    """lowering.SPLIT_FIRST (on by default) and off: the pieces of split rows launched before
-    all other items, or in row order, in the forward, dQ and dK/dV; GQA, two batches, odd
-    length."""
+def test_split_rows_first_match_reference(src, first, spread, monkeypatch):
+    """lowering.SPLIT_FIRST (on by default) and off, and SPREAD_PIECES: the pieces of split
+    rows launched before all other items, in row order, or spread over the first 70% of the
+    others, in the forward, dQ and dK/dV; GQA, two batches, odd length."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
     monkeypatch.setattr(lowering, "SPLIT_FIRST", first)
+    monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
     op = patterncc.compile(src, block_size=64, backend="triton")
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
