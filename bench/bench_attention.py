@@ -77,7 +77,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "scratch": {"SCRATCH_FRACTION": 0.2}, "delta": {"DELTA_IN_DQ": False},
              "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
              "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
-             "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.8}}
+             "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -95,7 +95,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "scratch": "4x split-row scratch", "delta": "Delta pass of its own",
           "tailfree": "tail-free forward kernel off", "bands": "merged diagonal bands on",
           "classmask": "class-coordinate masks off", "affine": "affine walked tokens off",
-          "affine128": "affine walked tokens at every head dim", "spread": "split pieces spread over 80%"}
+          "affine128": "affine walked tokens at every head dim", "spread": "thin-row pieces first, not spread"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -41,7 +41,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   written. ``split`` is about twice the mean row, raised where needed to keep the scratch
   within ``SCRATCH_FRACTION`` of the output's bytes. With ``SPLIT_FIRST`` (on) the pieces of
   split rows launch first, so the long pieces start in the grid's first waves rather than
-  its last; the other items keep row order (neighbouring rows share K/V blocks in L2).
+  its last, except thin-row pieces, spread over the first ``SPREAD_PIECES`` of the grid; the
+  other items keep row order (neighbouring rows share K/V blocks in L2).
 
 Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
@@ -91,11 +92,13 @@ FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the g
 # and dK/dV 2-6% slower without them.
 THIN_ROWS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
-# With SPLIT_FIRST: spread the pieces evenly over the first SPREAD_PIECES of the other items
-# instead of launching them all first (0). All first, a global row's pieces sweep K and V
-# through HBM at once, bound by its bandwidth while the rows wait (bench/RESULTS.md,
-# twenty-first session: the forward's timeline); spread, that sweep runs beside the rows.
-SPREAD_PIECES = 0.0
+# With SPLIT_FIRST: thin-row pieces (a few global queries against many key blocks) spread
+# evenly over the first SPREAD_PIECES of the other items instead of launched first (0). All
+# first, a global query row's pieces sweep K and V through HBM at once, at its bandwidth while
+# no row computes; spread, the sweep runs beside the rows' compute. At 64K on an H100
+# (bench/RESULTS.md, twenty-first session) longformer's forward -3% (D=64) and -4 to -7%
+# (D=128); pieces of whole rows stay first: spread, BigBird's were 2-6% slower.
+SPREAD_PIECES = 0.8
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 # Residue-order forward and dQ launches test PARTIAL tiles on class coordinates
@@ -172,8 +175,8 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS,
-            CLASS_MASK, MAX_RESIDUE_FACTOR)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS,
+            FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -726,9 +729,12 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
         n_start[lead], n_end[lead] = narrow_ptr[:-1], narrow_ptr[1:]
     if SPLIT_FIRST:
         # Long pieces first, so they do not start in the grid's last wave (and their merge
-        # is not the kernel's tail); the rest keep row order, where neighbours share K/V.
+        # is not the kernel's tail), thin-row pieces spread (SPREAD_PIECES); the rest keep
+        # row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
-        order = spread_order(np.flatnonzero(in_cut), np.flatnonzero(~in_cut), SPREAD_PIECES)
+        light = in_cut & (thin >= 0)  # thin-row pieces: bound by memory, not compute
+        order = np.concatenate([np.flatnonzero(in_cut & ~light),
+                                spread_order(np.flatnonzero(light), np.flatnonzero(~in_cut), SPREAD_PIECES)])
         row, start, end, slot, merge, n_start, n_end, thin = (
             a[order] for a in (row, start, end, slot, merge, n_start, n_end, thin))
     t = lambda a: _dev(a, device)  # noqa: E731
