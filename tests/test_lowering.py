@@ -268,22 +268,38 @@ def test_heavy_rows_are_split_and_balanced_rows_are_not():
 
 @pytest.mark.parametrize("split_first, spread", [(False, 0.0), (True, 0.0), (True, 0.5)])
 def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, split_first, spread):
+    """Pieces of whole rows go first (with SPLIT_FIRST), whatever SPREAD_PIECES says."""
     lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
     base = lowering.make_items(lay.indptr, 16, "cpu")
     monkeypatch.setattr(lowering, "SPLIT_FIRST", split_first)
     monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
     it = lowering.make_items(lay.indptr, 16, "cpu")
     cut = it.slot.numpy() >= 0
-    assert cut[:it.n_slots].all() == (split_first and not spread) and cut.sum() == it.n_slots > 0
-    if spread:  # evenly over the first half of the other items, in their order
-        at = np.flatnonzero(cut) - np.arange(it.n_slots)  # other items launched before each piece
-        others = it.n_items - it.n_slots
-        assert at[0] == 0 and at[-1] < spread * others and (np.diff(at) > 0).all()
+    assert cut[:it.n_slots].all() == split_first and cut.sum() == it.n_slots > 0
     rest = it.row.numpy()[~cut]
     assert (np.diff(rest) >= 0).all()  # the other items keep row order
     def items(w):
         return sorted(zip(*(a.tolist() for a in (w.row, w.start, w.end, w.slot, w.merge))))
     assert items(it) == items(base)  # the same items, only launched in another order
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.5, 0.8])
+def test_thin_row_pieces_spread_over_the_first_part_of_the_launch_order(monkeypatch, spread):
+    """SPREAD_PIECES: a global query row's thin-row pieces come evenly over the first
+    ``spread`` of the other items (0: first); the pieces of its whole row still come first."""
+    monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
+    pattern = patterncc.parse("window(256) | global([0])")
+    lay = get_layout(pattern, 65536, 2, 64)
+    it = lowering.plan_for(lay, codegen.analyse(pattern), "cpu").fwd.items
+    thin, cut = it.thin.numpy() >= 0, it.slot.numpy() >= 0
+    assert it.n_thin > 2 and (cut & ~thin).any()
+    assert cut[:int((cut & ~thin).sum())].all() and not thin[:int((cut & ~thin).sum())].any()
+    others = np.cumsum(~cut)[thin]  # ordinary items launched before each thin piece
+    if spread == 0.0:
+        assert (others == 0).all()
+    else:
+        assert others[0] == 0 and others[-1] < spread * (~cut).sum() and (np.diff(others) > 0).all()
+        assert others[-1] > 0.9 * spread * (~cut).sum() * (it.n_thin - 1) / it.n_thin
 
 
 @given(n_pieces=st.integers(0, 50), n_others=st.integers(0, 200), spread=st.floats(0.0, 1.0))

@@ -242,7 +242,9 @@ def test_split_rows_first_or_spread_changes_the_launch_order_not_the_results(mon
         for walk in (plan.fwd, plan.dq, plan.kv):
             assert 0 < walk.items.n_slots < walk.items.n_items  # some rows split, not all
         orders.append(plan.fwd.items.row.tolist())
-    assert orders[0] == sorted(orders[0]) and len({tuple(o) for o in orders}) == 3
+    # (16-token blocks: no thin-row pieces, so spreading leaves the order as SPLIT_FIRST made it;
+    # the thin-row tests below run with thin pieces spread, the default)
+    assert orders[0] == sorted(orders[0]) and orders[1] != orders[0] and orders[2] == orders[1]
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)  # partials merge in slot order whatever order items run in
