@@ -97,8 +97,10 @@ SPLIT_FIRST = True  # launch the pieces of split rows before all other items (Fa
 # first, a global query row's pieces sweep K and V through HBM at once, at its bandwidth while
 # no row computes; spread, the sweep runs beside the rows' compute. At 64K on an H100
 # (bench/RESULTS.md, twenty-first session) longformer's forward -3% (D=64) and -4 to -7%
-# (D=128); pieces of whole rows stay first: spread, BigBird's were 2-6% slower.
+# (D=128); pieces of whole rows stay first: spread, BigBird's were 2-6% slower. Less where a
+# launch is too short for a piece started that late to end with it (spread_fraction).
 SPREAD_PIECES = 0.8
+SPREAD_SLOTS = 528  # programs a launch runs at once, for spread_fraction: 132 SMs x 4 (an H100, at most)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 # Residue-order forward and dQ launches test PARTIAL tiles on class coordinates
@@ -175,8 +177,8 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT, NARROW, TALL_ROWS,
-            FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, SPREAD_SLOTS, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT,
+            NARROW, TALL_ROWS, FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -680,6 +682,20 @@ def _slots(counts: np.ndarray, split: int) -> int:
     return int((-(-cut // split)).sum())
 
 
+def spread_fraction(piece: int, other_entries: int) -> float:
+    """How far into the launch thin-row pieces of up to ``piece`` entries may be spread:
+    SPREAD_PIECES, less where the ordinary items (``other_entries`` entries in all) launched
+    after the last piece would not outlast it on SPREAD_SLOTS programs at once (a piece's
+    entry taken at 1.5 of an ordinary entry's time), so that a late piece does not become the
+    launch's tail; 0 (all first, as SPLIT_FIRST alone) where even the first would not fit.
+
+    >>> spread_fraction(50, 150_000), spread_fraction(50, 36_000)
+    (0.736, 0.0)
+    """
+    room = 1.0 - 1.5 * piece * SPREAD_SLOTS / max(1, other_entries)
+    return round(max(0.0, min(SPREAD_PIECES, room)), 3)
+
+
 def spread_order(pieces: np.ndarray, others: np.ndarray, spread: float) -> np.ndarray:
     """``pieces`` and ``others`` (item indices, each in order) as one launch order: piece j
     just before other item floor(j * spread * len(others) / len(pieces)), so the pieces come
@@ -733,8 +749,9 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
         # row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
         light = in_cut & (thin >= 0)  # thin-row pieces: bound by memory, not compute
+        spread = spread_fraction(split, int((end - start)[~in_cut].sum()))
         order = np.concatenate([np.flatnonzero(in_cut & ~light),
-                                spread_order(np.flatnonzero(light), np.flatnonzero(~in_cut), SPREAD_PIECES)])
+                                spread_order(np.flatnonzero(light), np.flatnonzero(~in_cut), spread)])
         row, start, end, slot, merge, n_start, n_end, thin = (
             a[order] for a in (row, start, end, slot, merge, n_start, n_end, thin))
     t = lambda a: _dev(a, device)  # noqa: E731

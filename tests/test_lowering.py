@@ -114,7 +114,7 @@ def test_residue_factors_past_the_kernels_exact_class_index_stay_in_token_order(
 
 @pytest.mark.parametrize("name", ["STACK_WASTE", "TALL_ONLY_GATHERED", "SCRATCH_FRACTION", "RESIDUE_ORDER",
                                   "THIN_COLUMNS", "THIN_ROWS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST", "SPREAD_PIECES",
-                                  "FOLD_SCALE", "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
+                                  "SPREAD_SLOTS", "FOLD_SCALE", "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
                                   "MAX_RESIDUE_FACTOR"])
 def test_every_plan_switch_is_in_the_cache_key(name, monkeypatch):
     """A plan or launch built under one value of a switch is not reused under another."""
@@ -283,18 +283,25 @@ def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, sp
     assert items(it) == items(base)  # the same items, only launched in another order
 
 
-@pytest.mark.parametrize("spread", [0.0, 0.5, 0.8])
-def test_thin_row_pieces_spread_over_the_first_part_of_the_launch_order(monkeypatch, spread):
+@pytest.mark.parametrize("spread, slots, t", [(0.0, 8, 65536), (0.5, 8, 65536), (0.8, 8, 65536),
+                                              (0.8, 528, 16384)])
+def test_thin_row_pieces_spread_over_the_first_part_of_the_launch_order(monkeypatch, spread, slots, t):
     """SPREAD_PIECES: a global query row's thin-row pieces come evenly over the first
-    ``spread`` of the other items (0: first); the pieces of its whole row still come first."""
+    ``spread`` of the other items (0: first); the pieces of its whole row still come first.
+    A launch too short for a late piece to end with it (two heads of 16K tokens on
+    SPREAD_SLOTS = 528 programs) keeps them all first."""
     monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
+    monkeypatch.setattr(lowering, "SPREAD_SLOTS", slots)
     pattern = patterncc.parse("window(256) | global([0])")
-    lay = get_layout(pattern, 65536, 2, 64)
+    lay = get_layout(pattern, t, 2, 64)
     it = lowering.plan_for(lay, codegen.analyse(pattern), "cpu").fwd.items
     thin, cut = it.thin.numpy() >= 0, it.slot.numpy() >= 0
     assert it.n_thin > 2 and (cut & ~thin).any()
     assert cut[:int((cut & ~thin).sum())].all() and not thin[:int((cut & ~thin).sum())].any()
     others = np.cumsum(~cut)[thin]  # ordinary items launched before each thin piece
+    assert lowering.spread_fraction(it.split, int((it.end - it.start).numpy()[~cut].sum())) == (
+        0.0 if slots == 528 else spread)
+    spread = lowering.spread_fraction(it.split, int((it.end - it.start).numpy()[~cut].sum()))
     if spread == 0.0:
         assert (others == 0).all()
     else:

@@ -137,12 +137,13 @@ def test_delta_by_the_dq_pass_or_its_own_pass(name, delta_in_dq, monkeypatch):
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 700, 701])"])
 def test_split_rows_first_match_reference(src, first, spread, monkeypatch):
     """lowering.SPLIT_FIRST (on by default) and off, and SPREAD_PIECES: the pieces of split
-    rows launched before all other items, in row order, or spread over the first 70% of the
-    others, in the forward, dQ and dK/dV; GQA, two batches, odd length."""
+    rows launched before all other items, in row order, or thin-row pieces spread over the
+    first 70% of the others, in the forward, dQ and dK/dV; GQA, two batches, odd length."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
     monkeypatch.setattr(lowering, "SPLIT_FIRST", first)
     monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
+    monkeypatch.setattr(lowering, "SPREAD_SLOTS", 1)  # spread even in this short launch
     op = patterncc.compile(src, block_size=64, backend="triton")
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, 64, torch.bfloat16)
