@@ -73,6 +73,16 @@ def _mma_layout(n):
 
 
 @gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, FIRST: gl.constexpr, s, kv_row, STAGES: gl.constexpr):
+    """K and V rows kv_row .. kv_row + 63 into ring slot s by TMA, each signalling its own
+    full barrier (FIRST + s for K, FIRST + STAGES + s for V) when it lands."""
+    mbarrier.expect(bars.index(FIRST + s), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(FIRST + s), k_smem.index(s))
+    mbarrier.expect(bars.index(FIRST + STAGES + s), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(FIRST + STAGES + s), v_smem.index(s))
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sched_work, lo, hi, T, NR, GROUP,
             STAGES: gl.constexpr, PROBE: gl.constexpr = 0):
     """The producer: per tile, its row's Q tile when the row starts (two slots), then its K and
@@ -105,11 +115,7 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_tile, sc
             mbarrier.arrive(bars.index(4 + s), count=1)
             mbarrier.arrive(bars.index(4 + STAGES + s), count=1)
         else:
-            kv_row = (head // GROUP) * T + kb * BM
-            mbarrier.expect(bars.index(4 + s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(4 + s), k_smem.index(s))
-            mbarrier.expect(bars.index(4 + STAGES + s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(4 + STAGES + s), v_smem.index(s))
+            _load_kv(k_desc, v_desc, k_smem, v_smem, bars, 4, s, (head // GROUP) * T + kb * BM, STAGES)
 
 
 @gluon.jit
@@ -410,11 +416,7 @@ def _pair_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, sched_til
             pairs += 1
         s = j % STAGES
         mbarrier.wait(bars.index(8 + 2 * STAGES + s), ((j // STAGES) & 1) ^ 1)
-        kv_row = (head // GROUP) * T + kb * BM
-        mbarrier.expect(bars.index(8 + s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row, 0], bars.index(8 + s), k_smem.index(s))
-        mbarrier.expect(bars.index(8 + STAGES + s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row, 0], bars.index(8 + STAGES + s), v_smem.index(s))
+        _load_kv(k_desc, v_desc, k_smem, v_smem, bars, 8, s, (head // GROUP) * T + kb * BM, STAGES)
 
 
 @gluon.jit
