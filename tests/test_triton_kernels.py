@@ -242,12 +242,31 @@ def test_split_rows_first_or_spread_changes_the_launch_order_not_the_results(mon
         for walk in (plan.fwd, plan.dq, plan.kv):
             assert 0 < walk.items.n_slots < walk.items.n_items  # some rows split, not all
         orders.append(plan.fwd.items.row.tolist())
-    # (16-token blocks: no thin-row pieces, so spreading leaves the order as SPLIT_FIRST made it;
-    # the thin-row tests below run with thin pieces spread, the default)
+    # (16-token blocks: no thin-row pieces, so spreading leaves the order as SPLIT_FIRST made it)
     assert orders[0] == sorted(orders[0]) and orders[1] != orders[0] and orders[2] == orders[1]
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)  # partials merge in slot order whatever order items run in
+
+
+def test_spread_thin_row_pieces_change_the_launch_order_not_the_results(monkeypatch):
+    """lowering.SPREAD_PIECES: a global query's thin-row pieces spread among the other items
+    (even in this short launch: SPREAD_SLOTS = 1) give the results of all pieces first."""
+    pattern = patterncc.parse("window(16) | global([0])")
+    layout = get_layout(pattern, 640, 2, 64)
+    q, k, v = _inputs(1, 2, 1, 640, 16, torch.float32)
+    monkeypatch.setattr(lowering, "SPREAD_SLOTS", 1)
+    runs, orders = [], []
+    for spread in (0.0, 0.8):
+        monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
+        out = triton_backend.attention(q, k, v, layout, 0.25, split=4)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+        items = triton_backend.launch_for(q, k, layout, 4).plan.fwd.items
+        assert items.n_thin > 1
+        orders.append((items.thin.cpu().numpy() >= 0).tolist())
+    assert orders[0] != orders[1] and sum(orders[0]) == sum(orders[1])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 # Forward rows whose far blocks only global queries attend (lowering.THIN_ROWS): odd T,
