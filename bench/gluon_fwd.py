@@ -11,19 +11,24 @@ the tiles of rows pid, pid + P, ... in one loop, like the flat forward of the sa
 
 Scope: B = 1, bf16, token order, T a multiple of 64, no thin columns or thin rows (the plan is
 built with lowering.THIN_COLUMNS and THIN_ROWS off) or membership tables -- enough to time the
-idea against `_attn_fwd` on the same layout, not a kernel of the package. Written against Triton 3.6 (the GPU machine's): Gluon's API moves between releases.
-Measured in bench/RESULTS.md (twentieth session), on rows of FULL blocks: bitwise equal to
-`_attn_fwd`; with two programs per SM (a 128-register cap) 3% faster at D=128 on rows of 8-16
-tiles, 6-9% slower at D=64, its products synchronous. ``ASYNC=True`` takes `_consumer_async`
-instead (FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile i - 1's P V
-issued together, tile i's softmax while P V runs), which alone also masks the tiles whose entry
-is not FULL, with the pattern's generated predicate under ``gluon.jit`` (gluon_predicate), and
-merges the pieces of split rows (SPLIT, _finish_item: partials in scratch slots, the last piece
-to arrive merges by log-sum-exp), so that windows, the causal window and longformer run too:
-all compiled for sm_90 without spills, not yet run on a GPU (the twentieth session's device
-time ran out first).
+idea against `_attn_fwd` on the same layout, not a kernel of the package. Written against
+Triton 3.6 (the GPU machine's): Gluon's API moves between releases. ``ASYNC=True`` takes
+`_consumer_async` (FlashAttention-3's overlap inside one warpgroup: tile i's Q K^T and tile
+i - 1's P V issued together, tile i's softmax while P V runs), which alone also masks the tiles
+whose entry is not FULL, with the pattern's generated predicate under ``gluon.jit``
+(gluon_predicate), and merges the pieces of split rows (SPLIT, _finish_item: partials in
+scratch slots, the last piece to arrive merges by log-sum-exp). ``PROBE`` 1 and 2 time the
+loads alone and the products alone; `_gluon_fwd_pairs` lets two consumers walk two adjacent
+rows over one K/V ring (schedule_pairs).
+
+Measured in bench/RESULTS.md (twentieth and twenty-first sessions, H100): exact everywhere
+(bitwise but for longformer's merge order); 4% faster than `_attn_fwd` on FULL rows at D=128
+(8% paired), level on windows, 9-18% slower at D=64; the asynchronous consumer 1-2% faster
+than the synchronous one; the probes put the tiles' time in the compute warps' work (products
+alone 82-96%, loads alone 32-67%).
 
     python3 bench/gluon_fwd.py                 # on the GPU machine: check, then time
+    PROBES=1 PAIRS=1 PATS="window(256)" python3 bench/gluon_fwd.py   # the probes, the paired form
     PYTHONPATH=/tmp/tr36/x python bench/gluon_fwd.py --aot   # compile for sm_90 here, print SASS counts
 """
 from __future__ import annotations
