@@ -1,18 +1,19 @@
-"""Where a forward's time goes, program by program: each program's start, end and SM from the GPU clock.
+"""Where a forward's time goes, program by program: each program's start, end and SM.
 
-The uninstrumented forward is timed first (CUDA-graph replay, ms). Then the generated forward of a pattern is compiled a second time with two lines added to
-`_attn_fwd`: it reads ``%globaltimer`` when it starts and, when it ends, stores (start, end,
-``%smid``) at its program id in a buffer passed in place of the membership tables, so
-patterns with tables are refused. One eager launch after a warm-up; times in µs from the first
-start. Per kind of work item (an ordinary row, a piece of a split row, a thin-row piece):
-how many, their mean and total duration, when the last one ends; for the whole launch: its
-span, how busy the SMs' program slots were (the sum of durations over span x slots) and how
-many programs were running in each twentieth of the span.
+The uninstrumented forward is timed first (CUDA-graph replay, ms). Then the pattern's
+generated forward is compiled a second time with two lines added to `_attn_fwd`: it reads
+``%globaltimer`` when it starts and, when it ends, stores (start, end, ``%smid``) at its
+program id in a buffer passed in place of the membership tables, so patterns with tables are
+refused. One eager launch after a warm-up; times in µs from the first start. Per kind of work
+item (an ordinary row, a piece of a split row, a thin-row piece): how many, their mean and
+total duration, when the first starts and the last ends; for the whole launch: its span, how
+busy the SMs' program slots were (the sum of durations over span x slots) and how many
+programs were running in each twentieth of the span.
 
     T=65536 PATS="window(256);window(256) | global([0])" python3 bench/timeline.py   # on a GPU
     VARIANTS="default;SCRATCH_FRACTION=0.2;THIN_ROWS=0" python3 bench/timeline.py   # switches (A/B)
 
-Writes one JSON line per (pattern, head dim) to $OUT/timeline.jsonl (or ./timeline.jsonl).
+Writes one JSON line per (head dim, pattern, variant) to $OUT/timeline.jsonl (or ./timeline.jsonl).
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def instrumented_source(source: str) -> str:
     return source[:end] + "\n    _record(tables, _t0)\n" + source[end:] + _PROBES
 
 
-def load_instrumented(gen, directory: Path):
+def load_instrumented(gen):
     """The instrumented `_attn_fwd` of a generated module, imported from a file beside it."""
-    path = directory / (gen.path.stem + "_timeline.py")
+    path = gen.path.with_name(gen.path.stem + "_timeline.py")
     path.write_text(instrumented_source(gen.source))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -96,7 +97,7 @@ def parse_variant(text: str, current) -> dict:
     return out
 
 
-def timeline_of(q, k, v, src: str, out_dir: Path) -> dict:
+def timeline_of(q, k, v, src: str) -> dict:
     """The pattern's forward on (q, k, v): its graph-replay time, then one instrumented launch's
     timeline (summarise) and how the launch was configured."""
     import torch
@@ -116,7 +117,7 @@ def timeline_of(q, k, v, src: str, out_dir: Path) -> dict:
     tiles = walk.row_block // run.tiles("fwd")[0]
     programs = walk.items.n_items * tiles
     buf = torch.zeros(programs * 3, dtype=torch.int64, device="cuda")
-    timed = load_instrumented(run.gen, out_dir)
+    timed = load_instrumented(run.gen)
     tables_at = list(timed.arg_names).index("tables")
     compiled = []
 
@@ -169,7 +170,7 @@ def main() -> None:
         for src in pats:
             for variant in variants:
                 with switched(parse_variant(variant, lambda name: getattr(owner(name), name))):
-                    rec = {"variant": variant, **timeline_of(q, k, v, src, out_dir), **meta}
+                    rec = {"variant": variant, **timeline_of(q, k, v, src), **meta}
                 print(json.dumps(rec), flush=True)
                 with open(out_dir / "timeline.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
