@@ -268,10 +268,11 @@ def test_the_gluon_prototypes_predicate_is_the_generated_one_under_gluon(tmp_pat
         gluon_fwd.gluon_predicate(many)
 
 
-def test_the_timeline_instruments_only_the_forward_kernel():
+def test_the_timeline_instruments_only_the_forward_kernel(tmp_path, monkeypatch):
     """bench/timeline.py: `_attn_fwd` reads the clock on entry and records on exit (after
     both of its branches), nothing else in the generated module changes."""
     timeline = pytest.importorskip("timeline")
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     import patterncc
     from patterncc import codegen
     gen = codegen.load(patterncc.parse("window(256) | global([0])"))
