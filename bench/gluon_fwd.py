@@ -77,6 +77,21 @@ def _mma_layout(n):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
+@gluon.constexpr_function
+def _p_layout(head_dim):
+    """The register layout of P (a 64 x 64 bf16 tile) as the left operand of P V."""
+    return gl.DotOperandLayout(operand_index=0, parent=_mma_layout(head_dim), k_width=2)
+
+
+@gluon.jit
+def _fresh_row(HEAD_DIM: gl.constexpr):
+    """A row's online-softmax state before its first tile: (m = -inf, l = 0, acc = 0) in the
+    layouts of the scores' rows and of the output accumulator."""
+    row_s: gl.constexpr = gl.SliceLayout(1, _mma_layout(64))
+    return (gl.full([64], float("-inf"), gl.float32, row_s), gl.full([64], 0.0, gl.float32, row_s),
+            gl.full([64, HEAD_DIM], 0.0, gl.float32, _mma_layout(HEAD_DIM)))
+
+
 @gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, FIRST: gl.constexpr, s, kv_row, STAGES: gl.constexpr):
     """K and V rows kv_row .. kv_row + 63 into ring slot s by TMA, each signalling its own
@@ -131,12 +146,9 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
     BM: gl.constexpr = 64
     s_layout: gl.constexpr = _mma_layout(BM)
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    p_layout: gl.constexpr = _p_layout(HEAD_DIM)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BM], 0.0, gl.float32, row_s)
-    acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+    m_i, l_i, acc = _fresh_row(HEAD_DIM)
     rows = 0
     for i in range(lo, hi):
         j = i - lo
@@ -144,9 +156,7 @@ def _consumer(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, lse_ptr
         qs = rows % 2
         if (code & 1) != 0:
             mbarrier.wait(bars.index(qs), (rows // 2) & 1)
-            m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-            l_i = gl.full([BM], 0.0, gl.float32, row_s)
-            acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+            m_i, l_i, acc = _fresh_row(HEAD_DIM)
         s = j % STAGES
         phase = (j // STAGES) & 1
         mbarrier.wait(bars.index(4 + s), phase)
@@ -294,7 +304,7 @@ def _consumer_async(q_smem, k_smem, v_smem, bars, sched_work, lo, hi, out_ptr, l
     BM: gl.constexpr = 64
     s_layout: gl.constexpr = _mma_layout(BM)
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    p_layout: gl.constexpr = _p_layout(HEAD_DIM)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     zeros_s = gl.full([BM, BM], 0.0, gl.float32, s_layout)
@@ -436,12 +446,9 @@ def _pair_consumer(q_smem, k_smem, v_smem, bars, sched_work, sched_tile, sched_f
     BM: gl.constexpr = 64
     s_layout: gl.constexpr = _mma_layout(BM)
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    p_layout: gl.constexpr = _p_layout(HEAD_DIM)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BM], 0.0, gl.float32, row_s)
-    acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+    m_i, l_i, acc = _fresh_row(HEAD_DIM)
     pairs = 0
     for i in range(lo, hi):
         j = i - lo
@@ -451,9 +458,7 @@ def _pair_consumer(q_smem, k_smem, v_smem, bars, sched_work, sched_tile, sched_f
         qs = pairs % 2
         if (code & 1) != 0:
             mbarrier.wait(bars.index(4 * C + qs), (pairs // 2) & 1)
-            m_i = gl.full([BM], float("-inf"), gl.float32, row_s)
-            l_i = gl.full([BM], 0.0, gl.float32, row_s)
-            acc = gl.full([BM, HEAD_DIM], 0.0, gl.float32, o_layout)
+            m_i, l_i, acc = _fresh_row(HEAD_DIM)
         s = j % STAGES
         phase = (j // STAGES) & 1
         mbarrier.wait(bars.index(8 + s), phase)
