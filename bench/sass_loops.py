@@ -3,7 +3,7 @@
 Compiles the generated kernels of the reference patterns ahead of time for an H100 (Triton's
 AOT path, as tests/test_codegen.py does: bf16, D=64, 64x64 tiles, 4 warps, 2 stages, TMA),
 disassembles them with the nvdisasm that ships with Triton, finds each kernel's main loop
-(the back-branch whose body holds the tile's HGMMA products) and splits its instructions
+(the back-branch whose body holds the tile's HGMMA or HMMA products) and splits its instructions
 into what every tile runs (the FULL path) and the sections a branch skips (the masks of
 PARTIAL or tail tiles). The basis of bench/RESULTS.md's static predictions; a GPU run
 measures what the counts turn into.
@@ -58,8 +58,9 @@ def parse(sass: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
 
 
 def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -> list[dict]:
-    """Loops (a branch back to an earlier label) holding at least ``min_products`` HGMMA
-    instructions: their size, the sections skipped by forward branches inside them, and the
+    """Loops (a branch back to an earlier label) holding at least ``min_products`` tensor-core
+    products (HGMMA, the warpgroup's; or HMMA, a warp's, which 16-row tiles use): their size,
+    the sections skipped by forward branches inside them, and the
     FULL path (the loop less its outermost skipped sections)."""
     items, labels = parse(sass)
     count = lambda a, b: sum(1 for kind, _ in items[a:b] if kind == "ins")  # noqa: E731
@@ -69,7 +70,7 @@ def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -
         if not m or labels[m.group(1)] >= i:
             continue
         start = labels[m.group(1)]
-        if sum("HGMMA" in t for _, t in items[start:i + 1]) < min_products or count(start, i + 1) > max_instructions:
+        if sum("MMA" in t for _, t in items[start:i + 1]) < min_products or count(start, i + 1) > max_instructions:
             continue
         skips = []
         for j in range(start, i + 1):
@@ -78,7 +79,8 @@ def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -
                 skips.append((j, labels[f.group(1)]))
         outer = [s for s in skips if not any(o[0] < s[0] and s[1] <= o[1] for o in skips)]
         total = count(start, i + 1)
-        shapes = sorted({m.group(1) for _, t in items[start:i + 1] for m in [re.search(r"HGMMA\.(\d+x\d+)x", t)] if m})
+        shapes = sorted({m.group(1) for _, t in items[start:i + 1]
+                         for m in [re.search(r"(HMMA\.\d+|(?<=HGMMA\.)\d+x\d+)", t)] if m})
         loops.append({"span": (start, i), "products": shapes, "instructions": total,
                       "skipped": [count(a + 1, b) for a, b in skips],
                       "full_path": total - sum(count(a + 1, b) for a, b in outer)})
@@ -126,6 +128,17 @@ def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared)
 
 
+def thin_and_narrow(pattern, t: int = 4096, h: int = 16) -> tuple[bool, bool]:
+    """Whether the forward the backend launches for ``pattern`` (T=t, 64-token blocks) has
+    thin-row items and narrow (thin column) entries: its THIN_ROWS and PAIR_* constexprs."""
+    import torch
+    from patterncc.backends import triton_backend
+    from patterncc.layout import get_layout
+    q = torch.empty(1, h, t, 64)
+    walk = triton_backend.launch_for(q, q, get_layout(pattern, t, h, 64), None).plan.fwd
+    return walk.items.n_thin > 0, walk.n_narrow > 0
+
+
 def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter (before triton's import)
     import triton
@@ -150,8 +163,12 @@ def main() -> None:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
+            thin, narrow = thin_and_narrow(patterncc.parse(PATTERNS[name]))
             compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, warps, stages, tma=True, tail=tail,
-                                   class_gap=gap, maxnreg=maxnreg)
+                                   class_gap=gap, maxnreg=maxnreg, thin_rows=thin,
+                                   pair_narrow=triton_backend.PAIR_NARROW and narrow,
+                                   pair_thin=triton_backend.PAIR_THIN and thin
+                                   and lowering.head_pad(head_dim) <= triton_backend.PAIR_THIN_MAX_HEAD_PAD)
             for kernel in kernels:
                 sass = sass_of(compiled[kernel].asm["cubin"])
                 spills = len(_SPILL.findall(sass))

@@ -52,9 +52,10 @@ def _attn_fwd(
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, THIN_ROWS: tl.constexpr,
-    TAIL: tl.constexpr, CLASS_GAP: tl.constexpr,
+    TAIL: tl.constexpr, CLASS_GAP: tl.constexpr, PAIR_NARROW: tl.constexpr, PAIR_THIN: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
+    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     STACKED: tl.constexpr = ROW_BLOCK > LAYOUT_BLOCK
     b, item, tile, start, end, slot, head, dil, seg, m_first, q_row0, kv_bh, kv_row0 = _query_item(
         item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_M,
@@ -66,7 +67,7 @@ def _attn_fwd(
         _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile,
                       slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED, PERMUTED,
-                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+                      USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP, PAIR_THIN)
         _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_start, merge_end, tile, b, B,
                        out_ptrs, Lse + q_row0 + tok_m, valid_m, M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
@@ -79,13 +80,27 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
-        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+        # With PAIR_NARROW the last of them shares one softmax step with the walk's first tile.
+        n_start = tl.load(item_nstart + item)
+        n_end = tl.load(item_nend + item)
+        it_start = start * N_TILES
+        if PAIR_NARROW:
+            if (n_end > n_start) & (end > start):
+                n_end -= 1
+                acc, m_i, l_i = _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh,
+                                             tl.load(nblock + n_end) * NARROW, tl.load(nflags + n_end),
+                                             tl.load(kblock + start) * LAYOUT_BLOCK, tl.load(entry_flags + start),
+                                             at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW, False,
+                                             BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION,
+                                             UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+                it_start += 1
+        for e in range(n_start, n_end):
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
                                     tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                     NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
                                     FOLD_SCALE, TAIL, CLASS_GAP)
-        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
-                                      entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_start, end * N_TILES,
+                                      kblock, entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
                                       PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
         if slot < 0:
@@ -116,15 +131,16 @@ def _merge_if_last(Count, ScratchO, ScratchM, ScratchL, item_merge, item, merge_
 
 
 @triton.jit
-def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock, entry_flags, at_m, sub_row,
-                  head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                  LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
+def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_start, it_end, kblock, entry_flags, at_m,
+                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr,
+                  HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr,
                   PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                   FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
-    """Entries start .. end - 1 of a row folded into (acc, m, l): one flat loop over (entry,
-    key sub-tile), so a 128-token layout block is two 64-key tiles."""
+    """Key tiles it_start .. it_end - 1 of a row folded into (acc, m, l): one flat loop over
+    (entry, key sub-tile), tile ``it`` being sub-tile it % N_TILES of entry it // N_TILES, so
+    a 128-token layout block is two 64-key tiles."""
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
-    for it in range(start * N_TILES, end * N_TILES):
+    for it in range(it_start, it_end):
         e = it // N_TILES
         n_first = tl.load(kblock + e) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, tl.load(entry_flags + e),
@@ -135,12 +151,39 @@ def _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kb
 
 
 @triton.jit
+def _walk_pairs(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_start, it_end, kblock, entry_flags, at_m,
+                sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                LAYOUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr,
+                USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr,
+                TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
+    """_walk_entries two key tiles per softmax step (_attend_pair), an odd last one alone."""
+    N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+    for it in range(it_start, it_end - 1, 2):
+        e_a = it // N_TILES
+        e_b = (it + 1) // N_TILES
+        acc, m_i, l_i = _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh,
+                                     tl.load(kblock + e_a) * LAYOUT_BLOCK + (it % N_TILES) * BLOCK_N,
+                                     tl.load(entry_flags + e_a),
+                                     tl.load(kblock + e_b) * LAYOUT_BLOCK + ((it + 1) % N_TILES) * BLOCK_N,
+                                     tl.load(entry_flags + e_b), at_m, sub_row, head, dil, seg, tables, qk_scale,
+                                     SEQ_LEN, BLOCK_N, USE_TMA, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED,
+                                     USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+    if (it_end - it_start) % 2 == 1:
+        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_end - 1, it_end, kblock,
+                                      entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+                                      HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
+                                      PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
                   b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, SEQ_LEN,
                   HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                   ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                   STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
+                  UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr,
+                  PAIR_THIN: tl.constexpr):
     """A thin-row item's partial for this program's tile of the row: the NARROW rows of
     sub-block ``thin`` against its entries (only global queries attend them, so a 64-row
     tile would compute 48 or more masked rows), and empty (m = -inf, l = 0, acc = 0) for the
@@ -158,11 +201,19 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
         m_i = tl.full([NARROW], float("-inf"), tl.float32)
         l_i = tl.zeros([NARROW], tl.float32)
         acc = tl.zeros([NARROW, HEAD_PAD], tl.float32)
-        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start, end, kblock,
-                                      entry_flags, _mask_coords(t_first, tok_t, NARROW, seg, CLASS_GAP),
-                                      tl.zeros([NARROW], tl.int32), head, dil, seg, tables, qk_scale, SEQ_LEN,
-                                      HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
-                                      PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+        N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+        at_t = _mask_coords(t_first, tok_t, NARROW, seg, CLASS_GAP)
+        sub_t = tl.zeros([NARROW], tl.int32)
+        if PAIR_THIN:  # 16-row tiles have registers to spare for two key tiles a step
+            acc, m_i, l_i = _walk_pairs(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start * N_TILES,
+                                        end * N_TILES, kblock, entry_flags, at_t, sub_t, head, dil, seg, tables,
+                                        qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED,
+                                        PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+        else:
+            acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start * N_TILES,
+                                          end * N_TILES, kblock, entry_flags, at_t, sub_t, head, dil, seg, tables,
+                                          qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED,
+                                          PERMUTED, USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
         r16 = tl.arange(0, NARROW)
         tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD), acc)
         tl.store(ScratchM + s_row + local + r16, m_i)
@@ -181,15 +232,77 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
     qk * qk_scale - m is one FFMA per score; the row max is taken unscaled and scaled once
     (max commutes with a positive factor). Else the scores are scaled first (and the later
     factor is 1)."""
+    qk, tok_n, valid_n = _scores(q, K, Kd, kv_row0, kv_bh, n_first, flags, at_m, sub_row, head, dil, seg, tables,
+                                 qk_scale, SEQ_LEN, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA,
+                                 PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+    late_scale = _late_scale(qk_scale, FOLD_SCALE)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
+    # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
+    # so p and alpha are exp2(-inf) = 0 and never NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * late_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
+                     PERMUTED, USE_TMA)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, a_first, a_flags, b_first, b_flags, at_m,
+                 sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, A_BLOCK: tl.constexpr, A_TMA: tl.constexpr,
+                 B_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, STACKED: tl.constexpr,
+                 PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
+    """_attend over two key tiles in one online-softmax step: tile a (A_BLOCK keys from
+    a_first, through the descriptors only if A_TMA) and tile b (B_BLOCK keys from b_first).
+    One row max, one rescale of acc and l for both: a small tile folded alone pays that
+    bookkeeping and its own chain of waits for a fraction of a tile's products."""
+    qk_a, tok_a, valid_a = _scores(q, K, Kd, kv_row0, kv_bh, a_first, a_flags, at_m, sub_row, head, dil, seg,
+                                   tables, qk_scale, SEQ_LEN, A_BLOCK, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, A_TMA,
+                                   PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+    qk_b, tok_b, valid_b = _scores(q, K, Kd, kv_row0, kv_bh, b_first, b_flags, at_m, sub_row, head, dil, seg,
+                                   tables, qk_scale, SEQ_LEN, B_BLOCK, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED,
+                                   USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+    late_scale = _late_scale(qk_scale, FOLD_SCALE)
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(qk_a, 1), tl.max(qk_b, 1)) * late_scale)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p_a = tl.math.exp2(qk_a * late_scale - m_sub[:, None])
+    p_b = tl.math.exp2(qk_b * late_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
+    v_a = _walked_tile(V, Vd, kv_row0, kv_bh, a_first, tok_a, valid_a, seg, A_BLOCK, HEAD_DIM, HEAD_PAD,
+                       PERMUTED, A_TMA)
+    v_b = _walked_tile(V, Vd, kv_row0, kv_bh, b_first, tok_b, valid_b, seg, B_BLOCK, HEAD_DIM, HEAD_PAD,
+                       PERMUTED, USE_TMA)
+    acc = _mma(p_a.to(v_a.dtype), v_a, acc * alpha[:, None], PRECISION, UPCAST)
+    acc = _mma(p_b.to(v_b.dtype), v_b, acc, PRECISION, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _late_scale(qk_scale, FOLD_SCALE: tl.constexpr):
+    """The factor exp2's argument applies to _scores' output: qk_scale if they are unscaled."""
+    if FOLD_SCALE:
+        return qk_scale
+    else:
+        return 1.0
+
+
+@triton.jit
+def _scores(q, K, Kd, kv_row0, kv_bh, n_first, flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, STACKED: tl.constexpr,
+            PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+            FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
+    """The masked scores of keys n_first .. n_first + BLOCK_N (-inf where a pair is not
+    allowed; scaled unless FOLD_SCALE) and the keys' tokens and validity, for their V tile."""
     tok_n, valid_n = _walked_tokens(n_first, BLOCK_N, dil, seg, SEQ_LEN, PERMUTED, HEAD_PAD)
     k = _walked_tile(K, Kd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
                      PERMUTED, USE_TMA)
     qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
-    if FOLD_SCALE:
-        late_scale = qk_scale
-    else:
+    if not FOLD_SCALE:
         qk = qk * qk_scale
-        late_scale = 1.0
     # A FULL entry (every pair allowed) needs no mask unless its block holds positions that
     # are not tokens (the sequence tail, an empty residue slot: flag bit 30). One `if`, one
     # `where`, no branch inside: an if/else that each rewrite qk made Triton 3.6 compute exp2
@@ -210,17 +323,7 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
         if TAIL:
             allowed = allowed & valid_n[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
-    # A row that has seen no allowed key yet keeps m = -inf: subtract 0 instead,
-    # so p and alpha are exp2(-inf) = 0 and never NaN.
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * late_scale - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _walked_tile(V, Vd, kv_row0, kv_bh, n_first, tok_n, valid_n, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
-                     PERMUTED, USE_TMA)
-    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-    return acc, m_new, l_i
+    return qk, tok_n, valid_n
 
 
 @triton.jit

@@ -304,6 +304,35 @@ def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config
     assert run.tiles("fwd")[0] == run.tiles("dq")[0] == (32 if config == "rows32" else 64)
 
 
+# Narrow (thin column) entries beside walked rows, thin-row pieces of odd and even lengths.
+PAIR_CASES = THIN_ROW_CASES + [("(window(8) & causal) | global([3])", 150, 2, 2, 32, 1, 32, None)]  # narrow, no thin items
+
+
+@pytest.mark.parametrize("pair_narrow,pair_thin", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", PAIR_CASES, ids=[c[0][:40] for c in PAIR_CASES])
+def test_paired_softmax_steps_on_or_off_match_reference(src, t, h, hkv, d, b, bs, split, pair_narrow, pair_thin,
+                                                        monkeypatch):
+    """PAIR_NARROW (a row's last narrow tile and its first walked tile in one online-softmax
+    step) and PAIR_THIN (thin-row items two key tiles a step), each alone and both off (both
+    on is the default every other test runs); the forward launch gets each flag exactly when
+    its walk has what it pairs. Outputs poisoned, float64 reference."""
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    monkeypatch.setattr(triton_backend, "PAIR_NARROW", pair_narrow)
+    monkeypatch.setattr(triton_backend, "PAIR_THIN", pair_thin)
+    seen = []
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
+        seen.append((kw["PAIR_NARROW"], kw["PAIR_THIN"])) if name == "_attn_fwd" else None,
+        real(self, name, *a, **kw))[1])
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
+    walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
+    assert walk.n_narrow > 0 or walk.items.n_thin > 0, "nothing to pair: the case tests nothing new"
+    thin = walk.items.n_thin > 0 and lowering.head_pad(d) <= triton_backend.PAIR_THIN_MAX_HEAD_PAD
+    assert seen == [(pair_narrow and walk.n_narrow > 0, pair_thin and thin)]
+
+
 @pytest.mark.parametrize("src,h,empty_heads", [
     ("global([3]) & causal", 4, ()),          # queries 0..2 see no key
     ("window(2, heads=[0])", 2, (1,)),       # head 1 sees nothing at all

@@ -61,6 +61,16 @@ DELTA_IN_DQ = True
 # kernel, whose mask branch never runs there (BigBird: its FULL path is 6 instructions
 # shorter; the tail-free one measured +0..1%). False: the general kernel always (A/B row).
 SKIP_TAIL_MASK = True
+# The forward folds a row's last thin key column (a 16-key narrow tile, see lowering's
+# THIN_COLUMNS) and its first walked tile in one online-softmax step (one row max, one
+# rescale of acc for both) with PAIR_NARROW; thin-row items walk two key tiles a step with
+# PAIR_THIN, up to heads padded to PAIR_THIN_MAX_HEAD_PAD (at D=128 the pairs' pipeline
+# buffers took a 3-stage forward from 2 programs per SM to 1, sm_90, Triton 3.6). A
+# thin-row block alone is 228 sm_90 SASS instructions at D=64, 198 per block in pairs.
+# False: one key tile a step (A/B rows `pairnarrow`, `pairthin`).
+PAIR_NARROW = True
+PAIR_THIN = True
+PAIR_THIN_MAX_HEAD_PAD = 64
 
 
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
@@ -546,6 +556,8 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
                   FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
                   TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
+                  PAIR_NARROW=PAIR_NARROW and walk.n_narrow > 0,
+                  PAIR_THIN=PAIR_THIN and walk.items.n_thin > 0 and run.d_pad <= PAIR_THIN_MAX_HEAD_PAD,
                   **run.consts, **opts)
     run.launch("_attn_fwd", *args, **consts)
     if SKIP_TAIL_MASK and walk.has_masked and not configs:  # not for each autotuner candidate
