@@ -128,15 +128,14 @@ def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared)
 
 
-def thin_and_narrow(pattern, t: int = 4096, h: int = 16) -> tuple[bool, bool]:
+def has_thin_rows(pattern, t: int = 4096, h: int = 16) -> bool:
     """Whether the forward the backend launches for ``pattern`` (T=t, 64-token blocks) has
-    thin-row items and narrow (thin column) entries: its THIN_ROWS and PAIR_* constexprs."""
+    thin-row items: its THIN_ROWS constexpr (and PAIR_THIN's)."""
     import torch
     from patterncc.backends import triton_backend
     from patterncc.layout import get_layout
     q = torch.empty(1, h, t, 64)
-    walk = triton_backend.launch_for(q, q, get_layout(pattern, t, h, 64), None).plan.fwd
-    return walk.items.n_thin > 0, walk.n_narrow > 0
+    return triton_backend.launch_for(q, q, get_layout(pattern, t, h, 64), None).plan.fwd.items.n_thin > 0
 
 
 def main() -> None:
@@ -163,10 +162,9 @@ def main() -> None:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
-            thin, narrow = thin_and_narrow(patterncc.parse(PATTERNS[name]))
+            thin = has_thin_rows(patterncc.parse(PATTERNS[name]))
             compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, warps, stages, tma=True, tail=tail,
                                    class_gap=gap, maxnreg=maxnreg, thin_rows=thin,
-                                   pair_narrow=triton_backend.PAIR_NARROW and narrow,
                                    pair_thin=triton_backend.PAIR_THIN and thin
                                    and lowering.head_pad(head_dim) <= triton_backend.PAIR_THIN_MAX_HEAD_PAD)
             for kernel in kernels:

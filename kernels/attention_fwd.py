@@ -52,7 +52,7 @@ def _attn_fwd(
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, THIN_ROWS: tl.constexpr,
-    TAIL: tl.constexpr, CLASS_GAP: tl.constexpr, PAIR_NARROW: tl.constexpr, PAIR_THIN: tl.constexpr,
+    TAIL: tl.constexpr, CLASS_GAP: tl.constexpr, PAIR_THIN: tl.constexpr,
 ):
     M_TILES: tl.constexpr = ROW_BLOCK // BLOCK_M
     N_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -80,26 +80,14 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
-        # With PAIR_NARROW the last of them shares one softmax step with the walk's first tile.
         n_start = tl.load(item_nstart + item)
         n_end = tl.load(item_nend + item)
-        it_start = start * N_TILES
-        if PAIR_NARROW:
-            if (n_end > n_start) & (end > start):
-                n_end -= 1
-                acc, m_i, l_i = _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh,
-                                             tl.load(nblock + n_end) * NARROW, tl.load(nflags + n_end),
-                                             tl.load(kblock + start) * LAYOUT_BLOCK, tl.load(entry_flags + start),
-                                             at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW, False,
-                                             BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION,
-                                             UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
-                it_start += 1
         for e in range(n_start, n_end):
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
                                     tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                     NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
                                     FOLD_SCALE, TAIL, CLASS_GAP)
-        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_start, end * N_TILES,
+        acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start * N_TILES, end * N_TILES,
                                       kblock, entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
                                       PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
@@ -166,8 +154,8 @@ def _walk_pairs(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_start, it_end
                                      tl.load(entry_flags + e_a),
                                      tl.load(kblock + e_b) * LAYOUT_BLOCK + ((it + 1) % N_TILES) * BLOCK_N,
                                      tl.load(entry_flags + e_b), at_m, sub_row, head, dil, seg, tables, qk_scale,
-                                     SEQ_LEN, BLOCK_N, USE_TMA, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED,
-                                     USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+                                     SEQ_LEN, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION,
+                                     UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
     if (it_end - it_start) % 2 == 1:
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, it_end - 1, it_end, kblock,
                                       entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
@@ -251,20 +239,19 @@ def _attend(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, n_first, flags, at_m
 
 @triton.jit
 def _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, a_first, a_flags, b_first, b_flags, at_m,
-                 sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, A_BLOCK: tl.constexpr, A_TMA: tl.constexpr,
-                 B_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, STACKED: tl.constexpr,
-                 PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                 FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr, CLASS_GAP: tl.constexpr):
-    """_attend over two key tiles in one online-softmax step: tile a (A_BLOCK keys from
-    a_first, through the descriptors only if A_TMA) and tile b (B_BLOCK keys from b_first).
-    One row max, one rescale of acc and l for both: a small tile folded alone pays that
-    bookkeeping and its own chain of waits for a fraction of a tile's products."""
+                 sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_PAD: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr,
+                 CLASS_GAP: tl.constexpr):
+    """_attend over two key tiles (from a_first and from b_first) in one online-softmax step:
+    one row max and one rescale of acc and l for both. For 16-row tiles, whose steps are
+    short chains of waits (mma.sync through shared memory) more than products."""
     qk_a, tok_a, valid_a = _scores(q, K, Kd, kv_row0, kv_bh, a_first, a_flags, at_m, sub_row, head, dil, seg,
-                                   tables, qk_scale, SEQ_LEN, A_BLOCK, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, A_TMA,
+                                   tables, qk_scale, SEQ_LEN, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA,
                                    PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
     qk_b, tok_b, valid_b = _scores(q, K, Kd, kv_row0, kv_bh, b_first, b_flags, at_m, sub_row, head, dil, seg,
-                                   tables, qk_scale, SEQ_LEN, B_BLOCK, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED,
-                                   USE_TMA, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
+                                   tables, qk_scale, SEQ_LEN, BLOCK_N, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA,
+                                   PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
     late_scale = _late_scale(qk_scale, FOLD_SCALE)
     m_new = tl.maximum(m_i, tl.maximum(tl.max(qk_a, 1), tl.max(qk_b, 1)) * late_scale)
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -272,9 +259,9 @@ def _attend_pair(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, a_first, a_flag
     p_b = tl.math.exp2(qk_b * late_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p_a, 1) + tl.sum(p_b, 1)
-    v_a = _walked_tile(V, Vd, kv_row0, kv_bh, a_first, tok_a, valid_a, seg, A_BLOCK, HEAD_DIM, HEAD_PAD,
-                       PERMUTED, A_TMA)
-    v_b = _walked_tile(V, Vd, kv_row0, kv_bh, b_first, tok_b, valid_b, seg, B_BLOCK, HEAD_DIM, HEAD_PAD,
+    v_a = _walked_tile(V, Vd, kv_row0, kv_bh, a_first, tok_a, valid_a, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
+                       PERMUTED, USE_TMA)
+    v_b = _walked_tile(V, Vd, kv_row0, kv_bh, b_first, tok_b, valid_b, seg, BLOCK_N, HEAD_DIM, HEAD_PAD,
                        PERMUTED, USE_TMA)
     acc = _mma(p_a.to(v_a.dtype), v_a, acc * alpha[:, None], PRECISION, UPCAST)
     acc = _mma(p_b.to(v_b.dtype), v_b, acc, PRECISION, UPCAST)

@@ -339,8 +339,7 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
                 maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
-                delta_from_o: bool = True, tail: bool = True, class_gap: int = 0, pair_narrow: bool = False,
-                pair_thin: bool = False) -> dict:
+                delta_from_o: bool = True, tail: bool = True, class_gap: int = 0, pair_thin: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -353,7 +352,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
                   THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o, TAIL=tail, CLASS_GAP=class_gap,
-                  PAIR_NARROW=pair_narrow, PAIR_THIN=pair_thin)
+                  PAIR_THIN=pair_thin)
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}

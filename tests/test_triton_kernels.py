@@ -304,33 +304,38 @@ def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config
     assert run.tiles("fwd")[0] == run.tiles("dq")[0] == (32 if config == "rows32" else 64)
 
 
-# Narrow (thin column) entries beside walked rows, thin-row pieces of odd and even lengths.
-PAIR_CASES = THIN_ROW_CASES + [("(window(8) & causal) | global([3])", 150, 2, 2, 32, 1, 32, None)]  # narrow, no thin items
-
-
-@pytest.mark.parametrize("pair_narrow,pair_thin", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", PAIR_CASES, ids=[c[0][:40] for c in PAIR_CASES])
-def test_paired_softmax_steps_on_or_off_match_reference(src, t, h, hkv, d, b, bs, split, pair_narrow, pair_thin,
-                                                        monkeypatch):
-    """PAIR_NARROW (a row's last narrow tile and its first walked tile in one online-softmax
-    step) and PAIR_THIN (thin-row items two key tiles a step), each alone and both off (both
-    on is the default every other test runs); the forward launch gets each flag exactly when
-    its walk has what it pairs. Outputs poisoned, float64 reference."""
+@pytest.mark.parametrize("pair_thin", [False, True])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", THIN_ROW_CASES, ids=[c[0][:40] for c in THIN_ROW_CASES])
+def test_thin_row_items_one_or_two_key_tiles_a_step(src, t, h, hkv, d, b, bs, split, pair_thin, monkeypatch):
+    """PAIR_THIN: thin-row items walk two key tiles per online-softmax step (pieces of odd and
+    even lengths), at every head dim here (by default only up to PAIR_THIN_MAX_HEAD_PAD), or
+    one a step; the forward launch gets the flag exactly when its walk has thin-row items.
+    Outputs poisoned, float64 reference."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
-    monkeypatch.setattr(triton_backend, "PAIR_NARROW", pair_narrow)
     monkeypatch.setattr(triton_backend, "PAIR_THIN", pair_thin)
+    monkeypatch.setattr(triton_backend, "PAIR_THIN_MAX_HEAD_PAD", 1024)
     seen = []
     real = triton_backend._Launch.launch
     monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
-        seen.append((kw["PAIR_NARROW"], kw["PAIR_THIN"])) if name == "_attn_fwd" else None,
-        real(self, name, *a, **kw))[1])
+        seen.append(kw["PAIR_THIN"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
-    q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
-    walk = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd
-    assert walk.n_narrow > 0 or walk.items.n_thin > 0, "nothing to pair: the case tests nothing new"
-    thin = walk.items.n_thin > 0 and lowering.head_pad(d) <= triton_backend.PAIR_THIN_MAX_HEAD_PAD
-    assert seen == [(pair_narrow and walk.n_narrow > 0, pair_thin and thin)]
+    assert seen == [pair_thin]
+
+
+def test_thin_row_pairs_only_up_to_their_head_dim(monkeypatch):
+    """By default the forward pairs thin-row tiles at D=64 and not past PAIR_THIN_MAX_HEAD_PAD."""
+    monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    seen = []
+    real = triton_backend._Launch.launch
+    monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
+        seen.append((self.d_pad, kw["PAIR_THIN"])) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
+    layout = get_layout(patterncc.parse("window(16) | global([0, -1])"), 300, 2, 64)
+    for d in (64, 128):
+        q, k, v = _inputs(1, 2, 2, 300, d, torch.float32)
+        assert triton_backend.launch_for(q, k, layout, 2).plan.fwd.items.n_thin > 0
+        triton_backend.forward(q, k, v, layout, 0.1, split=2)
+    assert triton_backend.PAIR_THIN_MAX_HEAD_PAD == 64 and seen == [(64, True), (128, False)]
 
 
 @pytest.mark.parametrize("src,h,empty_heads", [

@@ -61,14 +61,12 @@ DELTA_IN_DQ = True
 # kernel, whose mask branch never runs there (BigBird: its FULL path is 6 instructions
 # shorter; the tail-free one measured +0..1%). False: the general kernel always (A/B row).
 SKIP_TAIL_MASK = True
-# The forward folds a row's last thin key column (a 16-key narrow tile, see lowering's
-# THIN_COLUMNS) and its first walked tile in one online-softmax step (one row max, one
-# rescale of acc for both) with PAIR_NARROW; thin-row items walk two key tiles a step with
-# PAIR_THIN, up to heads padded to PAIR_THIN_MAX_HEAD_PAD (at D=128 the pairs' pipeline
-# buffers took a 3-stage forward from 2 programs per SM to 1, sm_90, Triton 3.6). A
-# thin-row block alone is 228 sm_90 SASS instructions at D=64, 198 per block in pairs.
-# False: one key tile a step (A/B rows `pairnarrow`, `pairthin`).
-PAIR_NARROW = True
+# Thin-row items (16 query rows against many key blocks, see lowering's THIN_ROWS) walk two
+# key tiles per online-softmax step (kernels' _walk_pairs): 198 sm_90 SASS instructions a
+# block instead of 228 at D=64 (Triton 3.6); measured at 64K on an H100 (bench/RESULTS.md,
+# twenty-second session), longformer's forward -1% at D=64. Only up to heads padded to
+# PAIR_THIN_MAX_HEAD_PAD: at D=128 the pairs' pipeline buffers took the 3-stage forward from
+# 2 programs per SM to 1. False: one tile a step (A/B row `pairthin`).
 PAIR_THIN = True
 PAIR_THIN_MAX_HEAD_PAD = 64
 
@@ -556,7 +554,6 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
                   FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
                   TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
-                  PAIR_NARROW=PAIR_NARROW and walk.n_narrow > 0,
                   PAIR_THIN=PAIR_THIN and walk.items.n_thin > 0 and run.d_pad <= PAIR_THIN_MAX_HEAD_PAD,
                   **run.consts, **opts)
     run.launch("_attn_fwd", *args, **consts)

@@ -116,21 +116,20 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
 
 @pytest.mark.parametrize("pairs", ["off", "every head dim"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_paired_softmax_steps_match_reference(pairs, d, monkeypatch):
-    """triton_backend.PAIR_NARROW / PAIR_THIN (two key tiles in one online-softmax step) off,
-    and on at every head dim (PAIR_THIN is on only up to PAIR_THIN_MAX_HEAD_PAD by default,
-    which the other tests run); longformer, GQA, two batches, odd length."""
+def test_thin_row_pairs_match_reference(pairs, d, monkeypatch):
+    """triton_backend.PAIR_THIN (thin-row items two key tiles an online-softmax step) off, and
+    on at every head dim (by default only up to PAIR_THIN_MAX_HEAD_PAD, which the other tests
+    run); longformer, GQA, two batches, odd length."""
     from patterncc import lowering
     from patterncc.backends import triton_backend
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
-    monkeypatch.setattr(triton_backend, "PAIR_NARROW", pairs != "off")
     monkeypatch.setattr(triton_backend, "PAIR_THIN", pairs != "off")
     monkeypatch.setattr(triton_backend, "PAIR_THIN_MAX_HEAD_PAD", 1024)
     op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
     walk = triton_backend.launch_for(q, k, op.layout(t, h)).plan.fwd
-    assert walk.items.n_thin > 0 and walk.n_narrow > 0
+    assert walk.items.n_thin > 0
     _assert_matches_reference(op, q, k, v, t, h)
 
 
