@@ -101,12 +101,6 @@ SPLIT_FIRST = True  # launch the pieces of split rows before all other items (Fa
 # launch is too short for a piece started that late to end with it (spread_fraction).
 SPREAD_PIECES = 0.8
 SPREAD_SLOTS = 528  # programs a launch runs at once, for spread_fraction: 132 SMs x 4 (an H100, at most)
-# The passes whose spread spread_fraction caps. The forward's thin-row pieces end in time
-# even at 16K: there, spread over 80% of the launch, longformer's forward ran 2.5% faster and
-# its dQ pass (the same items, 3 products an entry) 3.5% slower than all first (H100, D=128,
-# bench/RESULTS.md, twenty-second session). So the forward spreads uncapped and dQ keeps the
-# cap, each pass with its own item order where the two differ.
-SPREAD_CAPPED = ("dq",)
 FOLD_SCALE = True  # forward: scale scores inside exp2's FFMA when the scale is > 0 (False: for A/B runs)
 RESIDUE_TMA = True  # residue-order walks through strided TMA boxes where residue_stride allows (False: for A/B runs)
 # Residue-order forward and dQ launches test PARTIAL tiles on class coordinates
@@ -183,8 +177,7 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, SPREAD_SLOTS, SPREAD_CAPPED, FOLD_SCALE, RESIDUE_TMA,
-            MIN_SPLIT,
+            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, SPREAD_SLOTS, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT,
             NARROW, TALL_ROWS, FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
@@ -689,19 +682,16 @@ def _slots(counts: np.ndarray, split: int) -> int:
     return int((-(-cut // split)).sum())
 
 
-def spread_fraction(piece: int, other_entries: int, capped: bool = True) -> float:
+def spread_fraction(piece: int, other_entries: int) -> float:
     """How far into the launch thin-row pieces of up to ``piece`` entries may be spread:
-    SPREAD_PIECES; if ``capped``, less where the ordinary items (``other_entries`` entries in
-    all) launched after the last piece would not outlast it on SPREAD_SLOTS programs at once
-    (a piece's entry taken at 1.5 of an ordinary entry's time), so that a late piece does not
-    become the launch's tail; 0 (all first, as SPLIT_FIRST alone) where even the first would
-    not fit.
+    SPREAD_PIECES, less where the ordinary items (``other_entries`` entries in all) launched
+    after the last piece would not outlast it on SPREAD_SLOTS programs at once (a piece's
+    entry taken at 1.5 of an ordinary entry's time), so that a late piece does not become the
+    launch's tail; 0 (all first, as SPLIT_FIRST alone) where even the first would not fit.
 
-    >>> spread_fraction(50, 150_000), spread_fraction(50, 36_000), spread_fraction(50, 36_000, False)
-    (0.736, 0.0, 0.8)
+    >>> spread_fraction(50, 150_000), spread_fraction(50, 36_000)
+    (0.736, 0.0)
     """
-    if not capped:
-        return SPREAD_PIECES
     room = 1.0 - 1.5 * piece * SPREAD_SLOTS / max(1, other_entries)
     return round(max(0.0, min(SPREAD_PIECES, room)), 3)
 
@@ -720,14 +710,13 @@ def spread_order(pieces: np.ndarray, others: np.ndarray, spread: float) -> np.nd
 
 
 def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | None = None,
-               segments: tuple | None = None, spread_capped: bool = True) -> WorkItems:
+               segments: tuple | None = None) -> WorkItems:
     """The work items of a walk: every run of entries cut into pieces of at most ``split``.
 
     A run is a row's entries, or with ``segments`` (row, start, end, sub) from
     :func:`thin_rows` each of its runs (a row's regular run first). A row of more than one
     piece is split: its pieces write scratch slots that its last one merges. The first
-    piece of a row walks its narrow entries (``narrow_ptr``, per row). Thin-row pieces are
-    spread by :func:`spread_fraction` (``spread_capped``: with its cap).
+    piece of a row walks its narrow entries (``narrow_ptr``, per row).
     """
     n_rows = indptr.size - 1
     if segments is None:
@@ -760,7 +749,7 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
         # row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
         light = in_cut & (thin >= 0)  # thin-row pieces: bound by memory, not compute
-        spread = spread_fraction(split, int((end - start)[~in_cut].sum()), spread_capped)
+        spread = spread_fraction(split, int((end - start)[~in_cut].sum()))
         order = np.concatenate([np.flatnonzero(in_cut & ~light),
                                 spread_order(np.flatnonzero(light), np.flatnonzero(~in_cut), spread)])
         row, start, end, slot, merge, n_start, n_end, thin = (
@@ -908,7 +897,7 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
     klay = kernel_layout(layout, pred, group)
     t = lambda a: _dev(a, device)  # noqa: E731
 
-    def walk(factor, indptr, block, flags, head=None, narrow=None, segments=None, thin=None, spread_capped=True):
+    def walk(factor, indptr, block, flags, head=None, narrow=None, segments=None, thin=None):
         row_block = factor * klay.block
         counts = np.diff(indptr)
         s = split or choose_split(counts, max_slots(layout, head_dim, itemsize, row_block))
@@ -917,30 +906,22 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
         n_flags64 = n_flags.astype(np.int64)
         has_tail = bool(np.any(flags & TAIL) or np.any(n_flags64 & TAIL))
         has_masked = bool(np.any((flags & 1) == 0) or np.any((n_flags64 & 1) == 0))
-        return Walk(make_items(indptr, s, device, n_ptr, segments, spread_capped), t(block), t(flags & ~(COLUMN | ROW)),
+        return Walk(make_items(indptr, s, device, n_ptr, segments), t(block), t(flags & ~(COLUMN | ROW)),
                     None if head is None else t(head), t(n_block), t(n_flags), row_block,
                     -(-klay.nblocks // factor), n_narrow, has_tail, has_masked)
 
-    rows, walks, passes = {}, {}, {}
+    walks = {}
     for name in ("fwd", "dq"):
         factor = getattr(tiles, name)
-        if factor not in rows:
+        if factor not in walks:
             regular, narrow = _stacked(klay, factor)
             *regular, segments = thin_rows(klay, *regular) if factor == 1 else (*regular, None)
-            rows[factor] = regular, narrow, segments
-        regular, narrow, segments = rows[factor]
-        # The two passes share a walk unless their thin-row pieces are spread differently.
-        thin_pieces = segments is not None and bool((segments[3] >= 0).any())
-        capped = name in SPREAD_CAPPED
-        key = (factor, capped if thin_pieces and SPLIT_FIRST else None)
-        if key not in walks:
-            walks[key] = walk(factor, *regular, narrow=narrow, segments=segments, spread_capped=capped)
-        passes[name] = walks[key]
+            walks[factor] = walk(factor, *regular, narrow=narrow, segments=segments)
     kv = _kv(klay, group, tiles.kv)
     *kv, kv_thin = thin_query_entries(klay, *kv) if tiles.kv == 1 else (*kv, None)
     kv_ptr, kv_qb, kv_qh, kv_flags = kv
     return KernelPlan(
-        fwd=passes["fwd"], dq=passes["dq"], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh, thin=kv_thin),
+        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh, thin=kv_thin),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )

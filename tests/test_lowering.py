@@ -283,31 +283,30 @@ def test_split_first_puts_split_pieces_first_and_keeps_each_item(monkeypatch, sp
     assert items(it) == items(base)  # the same items, only launched in another order
 
 
-@pytest.mark.parametrize("walked", ["fwd", "dq"])
 @pytest.mark.parametrize("spread, slots, t", [(0.0, 8, 65536), (0.5, 8, 65536), (0.8, 8, 65536),
                                               (0.8, 528, 16384)])
-def test_thin_row_pieces_spread_over_the_first_part_of_the_launch_order(monkeypatch, spread, slots, t, walked):
+def test_thin_row_pieces_spread_over_the_first_part_of_the_launch_order(monkeypatch, spread, slots, t):
     """SPREAD_PIECES: a global query row's thin-row pieces come evenly over the first
     ``spread`` of the other items (0: first); the pieces of its whole row still come first.
-    In a pass of SPREAD_CAPPED (dQ), a launch too short for a late piece to end with it (two
-    heads of 16K tokens on SPREAD_SLOTS = 528 programs) keeps them all first; the forward
-    spreads them whatever the launch's length."""
+    A launch too short for a late piece to end with it (two heads of 16K tokens on
+    SPREAD_SLOTS = 528 programs) keeps them all first."""
     monkeypatch.setattr(lowering, "SPREAD_PIECES", spread)
     monkeypatch.setattr(lowering, "SPREAD_SLOTS", slots)
-    assert lowering.SPREAD_CAPPED == ("dq",)
     pattern = patterncc.parse("window(256) | global([0])")
     lay = get_layout(pattern, t, 2, 64)
-    it = getattr(lowering.plan_for(lay, codegen.analyse(pattern), "cpu"), walked).items
+    it = lowering.plan_for(lay, codegen.analyse(pattern), "cpu").fwd.items
     thin, cut = it.thin.numpy() >= 0, it.slot.numpy() >= 0
     assert it.n_thin > 2 and (cut & ~thin).any()
     assert cut[:int((cut & ~thin).sum())].all() and not thin[:int((cut & ~thin).sum())].any()
     others = np.cumsum(~cut)[thin]  # ordinary items launched before each thin piece
-    expect = 0.0 if slots == 528 and walked == "dq" else spread
-    if expect == 0.0:
+    assert lowering.spread_fraction(it.split, int((it.end - it.start).numpy()[~cut].sum())) == (
+        0.0 if slots == 528 else spread)
+    spread = lowering.spread_fraction(it.split, int((it.end - it.start).numpy()[~cut].sum()))
+    if spread == 0.0:
         assert (others == 0).all()
     else:
-        assert others[0] == 0 and others[-1] < expect * (~cut).sum() and (np.diff(others) > 0).all()
-        assert others[-1] > 0.9 * expect * (~cut).sum() * (it.n_thin - 1) / it.n_thin
+        assert others[0] == 0 and others[-1] < spread * (~cut).sum() and (np.diff(others) > 0).all()
+        assert others[-1] > 0.9 * spread * (~cut).sum() * (it.n_thin - 1) / it.n_thin
 
 
 @given(n_pieces=st.integers(0, 50), n_others=st.integers(0, 200), spread=st.floats(0.0, 1.0))
@@ -484,7 +483,7 @@ def test_thin_rows_switched_off_or_not_applicable_change_nothing(monkeypatch):
 def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
     """A row with thin-row runs is a split row: its regular piece first (it walks the narrow
     entries), then its thin pieces, all merged through one contiguous run of slots; dQ walks
-    the same items, in its own order where its spread differs (SPREAD_CAPPED)."""
+    the same items."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
     lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2, 64)
     plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
@@ -498,16 +497,7 @@ def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
         assert thin[mine[0]] == -1 and (thin[mine[1:]] >= 0).all()
         slots = it.slot.numpy()[mine]
         assert slots.tolist() == list(range(slots[0], slots[0] + mine.size))
-    items = lambda walk: sorted(zip(*(getattr(walk.items, f).tolist() for f in (  # noqa: E731
-        "row", "start", "end", "slot", "merge", "narrow_start", "narrow_end", "thin"))))
-    assert plan.dq is not plan.fwd and items(plan.dq) == items(plan.fwd) and plan.kv.items.n_thin == 0
-    dq_cut = plan.dq.items.slot.numpy() >= 0  # 8K tokens: dQ's pieces first, the forward's spread
-    assert (np.cumsum(~dq_cut)[plan.dq.items.thin.numpy() >= 0] == 0).all()
-    assert np.cumsum(it.slot.numpy() < 0)[thin >= 0][-1] > 0
-    assert torch.equal(plan.dq.block, plan.fwd.block) and torch.equal(plan.dq.flags, plan.fwd.flags)
-    monkeypatch.setattr(lowering, "SPREAD_CAPPED", ("fwd", "dq"))
-    capped = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
-    assert capped.dq is capped.fwd
+    assert plan.dq is plan.fwd and plan.kv.items.n_thin == 0
     monkeypatch.setattr(lowering, "THIN_ROWS", False)
     off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
     assert off.fwd.items.n_thin == 0 and off is not plan
