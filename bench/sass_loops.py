@@ -1,7 +1,8 @@
 """Instructions per tile in the kernels' main loops, counted in sm_90 SASS without a GPU.
 
 Compiles the generated kernels of the reference patterns ahead of time for an H100 (Triton's
-AOT path, as tests/test_codegen.py does: bf16, D=64, 64x64 tiles, 4 warps, 2 stages, TMA),
+AOT path, as tests/test_codegen.py does: bf16, D=64, 64x64 tiles, 4 warps, 2 stages, TMA; thin
+query rows and their paired steps where the backend launches them),
 disassembles them with the nvdisasm that ships with Triton, finds each kernel's main loop
 (the back-branch whose body holds the tile's HGMMA or HMMA products) and splits its instructions
 into what every tile runs (the FULL path) and the sections a branch skips (the masks of

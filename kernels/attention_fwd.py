@@ -20,7 +20,8 @@ the last of them to finish merges all of them by log-sum-exp. So no program walk
 more than ``split`` blocks, and the forward is one launch whatever the pattern. With
 THIN_ROWS, an item may be *thin* (``item_thin`` >= 0): its entries are key blocks that only
 a few global queries of the row attend, so it walks them with the 16 rows holding those
-queries, and its partial leaves the row's other positions empty.
+queries, and its partial leaves the row's other positions empty; with PAIR_THIN it folds two
+key tiles per online-softmax step.
 
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` so that
 exp2 can be used, and LSE is stored in those units (log2-sum-exp2 of the scaled scores).
@@ -80,9 +81,7 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
-        n_start = tl.load(item_nstart + item)
-        n_end = tl.load(item_nend + item)
-        for e in range(n_start, n_end):
+        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
                                     tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                     NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
