@@ -304,13 +304,17 @@ def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config
     assert run.tiles("fwd")[0] == run.tiles("dq")[0] == (32 if config == "rows32" else 64)
 
 
-@pytest.mark.parametrize("pair_thin", [False, True])
-@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", THIN_ROW_CASES, ids=[c[0][:40] for c in THIN_ROW_CASES])
+# PAIR_THIN off for every case, and forced on past PAIR_THIN_MAX_HEAD_PAD (D=80, padded to 128);
+# on up to it is the default that test_thin_query_rows_match_reference runs.
+PAIR_THIN_CASES = [(*c, False) for c in THIN_ROW_CASES] + [(*c, True) for c in THIN_ROW_CASES if c[4] > 64]
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split,pair_thin", PAIR_THIN_CASES,
+                         ids=[f"{c[0][:40]}-{c[-1]}" for c in PAIR_THIN_CASES])
 def test_thin_row_items_one_or_two_key_tiles_a_step(src, t, h, hkv, d, b, bs, split, pair_thin, monkeypatch):
     """PAIR_THIN: thin-row items walk two key tiles per online-softmax step (pieces of odd and
-    even lengths), at every head dim here (by default only up to PAIR_THIN_MAX_HEAD_PAD), or
-    one a step; the forward launch gets the flag exactly when its walk has thin-row items.
-    Outputs poisoned, float64 reference."""
+    even lengths) even past PAIR_THIN_MAX_HEAD_PAD when forced, or one a step; the forward
+    launch gets the flag as set. Outputs poisoned, float64 reference."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
     monkeypatch.setattr(triton_backend, "PAIR_THIN", pair_thin)
     monkeypatch.setattr(triton_backend, "PAIR_THIN_MAX_HEAD_PAD", 1024)
