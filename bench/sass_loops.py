@@ -16,8 +16,9 @@ measures what the counts turn into.
     MAXNREG=168 STAGES=3 KERNELS=_attn_fwd python bench/sass_loops.py   # a register cap, 3 stages
 
 Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
-sections (nested ones listed too), the FULL path, the kernel's local-memory (register
-spill) instructions, and its registers, shared memory and programs per SM (4 warps).
+sections (nested ones listed too), the FULL path, its waits for warpgroup products (one per
+HGMMA: ptxas serialised them), the kernel's local-memory (register spill) instructions, and its
+registers, shared memory and programs per SM (4 warps).
 SWITCHES takes NAME (set True) or NAME=integer; MAXNREG caps registers, STAGES sets
 num_stages (default 2) for every kernel. Counts depend on the Triton version (the device
 runs 3.6: ``pip install triton==3.6.0`` into a venv to match it).
@@ -61,8 +62,11 @@ def parse(sass: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
 def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -> list[dict]:
     """Loops (a branch back to an earlier label) holding at least ``min_products`` tensor-core
     products (HGMMA, the warpgroup's; or HMMA, a warp's, which 16-row tiles use): their size,
-    the sections skipped by forward branches inside them, and the
-    FULL path (the loop less its outermost skipped sections)."""
+    the sections skipped by forward branches inside them, the FULL path (the loop less its
+    outermost skipped sections), and its waits for warpgroup products (WARPGROUP.DEPBAR):
+    about one per tile where the products run asynchronously, one per HGMMA where ptxas
+    serialised them (it did so for a whole walk loop at D=128 once, 19% slower:
+    bench/RESULTS.md, twenty-second session)."""
     items, labels = parse(sass)
     count = lambda a, b: sum(1 for kind, _ in items[a:b] if kind == "ins")  # noqa: E731
     loops = []
@@ -82,9 +86,10 @@ def main_loops(sass: str, min_products: int = 4, max_instructions: int = 1500) -
         total = count(start, i + 1)
         shapes = sorted({m.group(1) for _, t in items[start:i + 1]
                          for m in [re.search(r"(HMMA\.\d+|(?<=HGMMA\.)\d+x\d+)", t)] if m})
+        waits = sum("WARPGROUP.DEPBAR" in t for _, t in items[start:i + 1])
         loops.append({"span": (start, i), "products": shapes, "instructions": total,
                       "skipped": [count(a + 1, b) for a, b in skips],
-                      "full_path": total - sum(count(a + 1, b) for a, b in outer)})
+                      "full_path": total - sum(count(a + 1, b) for a, b in outer), "product_waits": waits})
     # Innermost loops only: a branch from a far-away wait loop back into a walk spans it.
     inner = [lp for lp in loops if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
                                            for o in loops)]

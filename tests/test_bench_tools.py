@@ -212,6 +212,7 @@ SASS = """
         /*0060*/                   MUFU.EX2 R5, R5 ;
         /*0070*/                   HGMMA.64x64x16.F32.BF16 R40, R8, gdesc[UR12], R40 ;
         /*0080*/                   HGMMA.64x64x16.F32.BF16 R40, R12, gdesc[UR16], R40 ;
+        /*0088*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0090*/              @P2 BRA `(.L_x_1) ;
         /*00a0*/                   EXIT ;
 """
@@ -220,7 +221,8 @@ SASS = """
 def test_sass_main_loops_split_the_full_path_from_what_a_branch_skips():
     (loop,) = sass_loops.main_loops(SASS)
     assert loop["products"] == ["64x64"]
-    assert loop["instructions"] == 9 and loop["skipped"] == [2] and loop["full_path"] == 7
+    assert loop["instructions"] == 10 and loop["skipped"] == [2] and loop["full_path"] == 8
+    assert loop["product_waits"] == 1
 
 
 def test_the_gluon_prototypes_schedule_gives_each_program_its_rows_tiles_in_order():
