@@ -71,6 +71,11 @@ PAIR_THIN = True
 PAIR_THIN_MAX_HEAD_PAD = 64
 
 
+def pairs_thin_rows(walk: lowering.Walk, head_pad: int) -> bool:
+    """The forward's PAIR_THIN constexpr for ``walk`` at heads padded to ``head_pad``."""
+    return PAIR_THIN and walk.items.n_thin > 0 and head_pad <= PAIR_THIN_MAX_HEAD_PAD
+
+
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
 KernelConfig = tuning.KernelConfig
 CONFIGS = tuning.CONFIGS
@@ -554,7 +559,7 @@ def forward(q, k, v, layout: Layout, scale: float, split: int | None = None, con
     consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
                   FOLD_SCALE=lowering.FOLD_SCALE and scale > 0, THIN_ROWS=walk.items.n_thin > 0,
                   TAIL=walk.has_tail or not (SKIP_TAIL_MASK and walk.has_masked), CLASS_GAP=run.class_gap,
-                  PAIR_THIN=PAIR_THIN and walk.items.n_thin > 0 and run.d_pad <= PAIR_THIN_MAX_HEAD_PAD,
+                  PAIR_THIN=pairs_thin_rows(walk, run.d_pad),
                   **run.consts, **opts)
     run.launch("_attn_fwd", *args, **consts)
     if SKIP_TAIL_MASK and walk.has_masked and not configs:  # not for each autotuner candidate
