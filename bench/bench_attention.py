@@ -78,14 +78,14 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
              "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
-             "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}}
+             "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
            "spread": lambda r: r["split_rows_fwd"], "spreadcap": lambda r: r["split_rows_fwd"],
-           "pairthin": lambda r: r["split_rows_fwd"],
+           "pairthin": lambda r: r["split_rows_fwd"], "thinkeys": lambda r: r["narrow_tiles_fwd"],
            "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
@@ -99,7 +99,8 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "classmask": "class-coordinate masks off", "affine": "affine walked tokens off",
           "affine128": "affine walked tokens at every head dim", "spread": "thin-row pieces first, not spread",
           "spreadcap": "thin-row pieces spread over SPREAD_PIECES whatever the launch's length",
-          "pairthin": "thin-row items one key tile a step"}
+          "pairthin": "thin-row items one key tile a step",
+          "thinkeys": "thin-key items off (dK/dV walks global keys' far blocks whole)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

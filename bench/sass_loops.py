@@ -134,14 +134,14 @@ def programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared)
 
 
-def forward_walk(pattern, t: int = 4096, h: int = 16):
-    """The forward walk the backend launches for ``pattern`` (T=t, 64-token blocks): what its
-    THIN_ROWS and PAIR_THIN constexprs follow."""
+def backend_plan(pattern, t: int = 4096, h: int = 16):
+    """The kernel plan the backend launches for ``pattern`` (T=t, 64-token blocks): what the
+    THIN_ROWS and PAIR_THIN constexprs of its forward and the THIN_KEYS of its dK/dV follow."""
     import torch
     from patterncc.backends import triton_backend
     from patterncc.layout import get_layout
     q = torch.empty(1, h, t, 64)
-    return triton_backend.launch_for(q, q, get_layout(pattern, t, h, 64), None).plan.fwd
+    return triton_backend.launch_for(q, q, get_layout(pattern, t, h, 64), None).plan
 
 
 def main() -> None:
@@ -168,10 +168,11 @@ def main() -> None:
             gen = codegen.load(patterncc.parse(PATTERNS[name]))
             permuted = 1 if name == "dilated" and lowering.RESIDUE_ORDER else 0
             gap = gen.plan.class_gap if permuted and lowering.CLASS_MASK else 0  # the bench's layouts allow it
-            walk = forward_walk(patterncc.parse(PATTERNS[name]))
+            plan = backend_plan(patterncc.parse(PATTERNS[name]))
             compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, warps, stages, tma=True, tail=tail,
-                                   class_gap=gap, maxnreg=maxnreg, thin_rows=walk.items.n_thin > 0,
-                                   pair_thin=triton_backend.pairs_thin_rows(walk, lowering.head_pad(head_dim)))
+                                   class_gap=gap, maxnreg=maxnreg, thin_rows=plan.fwd.items.n_thin > 0,
+                                   pair_thin=triton_backend.pairs_thin_rows(plan.fwd, lowering.head_pad(head_dim)),
+                                   thin_keys=plan.kv.items.n_thin > 0)
             for kernel in kernels:
                 sass = sass_of(compiled[kernel].asm["cubin"])
                 spills = len(_SPILL.findall(sass))

@@ -18,7 +18,10 @@ Two or three passes, one launch each, deterministic:
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
    With THIN_ROWS, dK/dV walks a split row's far blocks the other way round: the global
-   queries of a query block as a 16-query tile, in a loop before the regular entries.
+   queries of a query block as a 16-query tile, in a loop before the regular entries. With
+   THIN_KEYS, a key row's far query blocks that attend only its global keys are items of
+   their own (``item_thin`` >= 0): the 16 keys holding them against THIN_M queries a step,
+   a partial that leaves the row's other keys zero, summed with the row's other items.
 
 Rows are ROW_BLOCK positions (one layout block or several stacked, as in the forward;
 flag bit ``1 + j`` then says stacked layout block j is FULL on that entry). Both walks
@@ -60,12 +63,13 @@ def _attn_bwd_dkdv(
     item_nstart, item_nend,                  # per item: its thin query entries (THIN_ROWS), after the regular ones
     qblock, qhead, entry_flags,              # kv index entries: query block (thin: 16-query sub-block), head, flags
     tables, head_dil, head_seg,
+    item_thin,                               # per item: its 16-key sub-block (thin-key items), else -1
     qk_scale, sm_scale,
     SEQ_LEN, NR, B, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr, THIN_ROWS: tl.constexpr, THIN_KEYS: tl.constexpr, THIN_M: tl.constexpr,
 ):
     N_TILES: tl.constexpr = ROW_BLOCK // BLOCK_N
     M_TILES: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
@@ -73,43 +77,102 @@ def _attn_bwd_dkdv(
     b, item, tile, start, end, slot, dil, seg, n_first, tok_n, valid_n, kv_row0 = _key_item(
         item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_N,
         PERMUTED)
-    k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-    v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM, HEAD_PAD)
-    sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK
-
-    dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
-    if THIN_ROWS:
-        # A few global queries of a far query block: a 16-query tile, not a whole block.
-        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
-                                tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
-                                tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
-                                PRECISION, UPCAST)
-    # One flat loop over (entry, query sub-tile) pairs.
-    for it in range(start * M_TILES, end * M_TILES):
-        e = it // M_TILES
-        m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
-        dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
-                            tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
-                            BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
-    dk = dk * sm_scale
-
-    dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
-    dv_ptrs = _row_ptrs(dV, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
-    if slot < 0:
-        _store_rows(dk_ptrs, dk.to(dK.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
-        _store_rows(dv_ptrs, dv.to(dV.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+    thin = _thin_item(item_thin, item, THIN_KEYS)
+    if thin >= 0:
+        _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B,
+                           H, start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+                           HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_N, NARROW, THIN_M, PERMUTED, PRECISION,
+                           UPCAST)
+        _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, merge_end, tile, b, B,
+                          _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED),
+                          _row_ptrs(dV, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, N_TILES,
+                          BLOCK_N, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
-        offset = tile * BLOCK_N
-        tl.store(_scratch_ptrs(ScratchK, slot, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD), dk)
-        tl.store(_scratch_ptrs(ScratchV, slot, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD), dv)
-        last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, N_TILES, b, B, merge_start, merge_end)
-        if last:
-            dk = _sum_partials(ScratchK, s0, s1, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD)
-            dv = _sum_partials(ScratchV, s0, s1, b, B, offset, BLOCK_N, ROW_BLOCK, HEAD_PAD)
+        k = _load_rows(_row_ptrs(K, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM,
+                       HEAD_PAD)
+        v = _load_rows(_row_ptrs(V, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, HEAD_DIM,
+                       HEAD_PAD)
+        sub_col = (tile * BLOCK_N + tl.arange(0, BLOCK_N)) // LAYOUT_BLOCK
+
+        dk = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
+        if THIN_ROWS:
+            # A few global queries of a far query block: a 16-query tile, not a whole block.
+            for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
+                dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
+                                    tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
+                                    tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
+                                    PRECISION, UPCAST)
+        # One flat loop over (entry, query sub-tile) pairs.
+        for it in range(start * M_TILES, end * M_TILES):
+            e = it // M_TILES
+            m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
+                                tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
+                                BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+        dk = dk * sm_scale
+
+        dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
+        dv_ptrs = _row_ptrs(dV, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
+        if slot < 0:
             _store_rows(dk_ptrs, dk.to(dK.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
             _store_rows(dv_ptrs, dv.to(dV.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+        else:
+            tl.store(_scratch_ptrs(ScratchK, slot, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD), dk)
+            tl.store(_scratch_ptrs(ScratchV, slot, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD), dv)
+            _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, merge_end, tile, b, B,
+                              dk_ptrs, dv_ptrs, valid_n, N_TILES, BLOCK_N, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, merge_end, tile, b, B, dk_ptrs,
+                      dv_ptrs, valid_n, N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """After a split key row's dK/dV partials are written: the last of its items sums them
+    (in slot order) and stores dK and dV."""
+    last, s0, s1 = _arrive(Count, tl.load(item_merge + item), tile, N_TILES, b, B, merge_start, merge_end)
+    if last:
+        dk = _sum_partials(ScratchK, s0, s1, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD)
+        dv = _sum_partials(ScratchV, s0, s1, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD)
+        _store_rows(dk_ptrs, dk.to(dk_ptrs.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+        _store_rows(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), valid_n, HEAD_DIM, HEAD_PAD)
+
+
+@triton.jit
+def _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B, H,
+                       start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+                       HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                       ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr, THIN_M: tl.constexpr,
+                       PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A thin-key item's dK/dV partial for this program's tile of the key row: the NARROW keys
+    of sub-block ``thin`` (they hold global keys; its entries' queries attend no other key
+    of the block) against its entries, THIN_M queries a step, and zero for the tile's other
+    rows. A 16-key tile does a quarter of a 64-key tile's products and exponentials: the
+    backward has no row max or rescale to keep, so its steps shrink with their width."""
+    local, others = _thin_rows_in_tile(thin, tile, BLOCK_N, NARROW)
+    zero = tl.zeros([BLOCK_N, HEAD_PAD], tl.float32)
+    tl.store(_scratch_ptrs(ScratchK, slot, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD), zero,
+             mask=others[:, None])
+    tl.store(_scratch_ptrs(ScratchV, slot, b, B, tile * BLOCK_N, BLOCK_N, ROW_BLOCK, HEAD_PAD), zero,
+             mask=others[:, None])
+    if (local >= 0) & (local < BLOCK_N):
+        t_first, tok_t, valid_t, k = _thin_tile_rows(K, kv_row0, n_first, local, dil, seg, SEQ_LEN, NARROW,
+                                                     HEAD_DIM, HEAD_PAD, PERMUTED)
+        v = _load_rows(_row_ptrs(V, kv_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM,
+                       HEAD_PAD)
+        dk = tl.zeros([NARROW, HEAD_PAD], tl.float32)
+        dv = tl.zeros([NARROW, HEAD_PAD], tl.float32)
+        sub_t = tl.zeros([NARROW], tl.int32)
+        M_STEPS: tl.constexpr = LAYOUT_BLOCK // THIN_M
+        for it in range(start * M_STEPS, end * M_STEPS):
+            e = it // M_STEPS
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta,
+                                tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_STEPS) * THIN_M, tl.load(qhead + e),
+                                tl.load(entry_flags + e), b, H, tok_t, sub_t, dil, seg, tables, qk_scale, SEQ_LEN,
+                                THIN_M, HEAD_DIM, HEAD_PAD, False, PERMUTED, False, PRECISION, UPCAST)
+        tl.store(_scratch_ptrs(ScratchK, slot, b, B, tile * BLOCK_N + local, NARROW, ROW_BLOCK, HEAD_PAD),
+                 dk * sm_scale)
+        tl.store(_scratch_ptrs(ScratchV, slot, b, B, tile * BLOCK_N + local, NARROW, ROW_BLOCK, HEAD_PAD), dv)
 
 
 @triton.jit
@@ -237,7 +300,7 @@ def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, k
     tl.store(_scratch_ptrs(ScratchQ, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
              tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
     if (local >= 0) & (local < BLOCK_M):
-        t_first, tok_t, valid_t, q = _thin_query_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW, HEAD_DIM,
+        t_first, tok_t, valid_t, q = _thin_tile_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW, HEAD_DIM,
                                                       HEAD_PAD, PERMUTED)
         do = _load_rows(_row_ptrs(dOut, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM,
                         HEAD_PAD)

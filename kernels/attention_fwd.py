@@ -183,7 +183,7 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
     tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M, BLOCK_M, ROW_BLOCK, HEAD_PAD),
              tl.zeros([BLOCK_M, HEAD_PAD], tl.float32), mask=others[:, None])
     if (local >= 0) & (local < BLOCK_M):
-        t_first, tok_t, valid_t, q = _thin_query_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW, HEAD_DIM,
+        t_first, tok_t, valid_t, q = _thin_tile_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW, HEAD_DIM,
                                                       HEAD_PAD, PERMUTED)
         m_i = tl.full([NARROW], float("-inf"), tl.float32)
         l_i = tl.zeros([NARROW], tl.float32)

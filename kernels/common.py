@@ -86,10 +86,11 @@ def _key_item(item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ
 
 
 @triton.jit
-def _thin_item(item_thin, item, THIN_ROWS: tl.constexpr):
-    """The 16-row sub-block a thin-row item walks (forward, dQ), else -1; always -1 without
-    THIN_ROWS, so the caller's thin branch folds away at compile time."""
-    if THIN_ROWS:
+def _thin_item(item_thin, item, THIN: tl.constexpr):
+    """The 16-position sub-block a thin item owns (of its query row in the forward and dQ, of
+    its key row in dK/dV), else -1; always -1 without the flag (THIN_ROWS, THIN_KEYS), so
+    the caller's thin branch folds away at compile time."""
+    if THIN:
         return tl.load(item_thin + item)
     else:
         return -1
@@ -106,14 +107,15 @@ def _thin_rows_in_tile(thin, tile, BLOCK_M: tl.constexpr, NARROW: tl.constexpr):
 
 
 @triton.jit
-def _thin_query_rows(Q, q_row0, m_first, local, dil, seg, SEQ_LEN, NARROW: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     HEAD_PAD: tl.constexpr, PERMUTED: tl.constexpr):
-    """The NARROW query rows a thin-row item walks (``local`` rows into its tile): their
-    first position, tokens, which exist, and their Q tile (forward, dQ)."""
-    t_first = m_first + local
+def _thin_tile_rows(X, row0, first, local, dil, seg, SEQ_LEN, NARROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_PAD: tl.constexpr, PERMUTED: tl.constexpr):
+    """The NARROW rows a thin item owns (``local`` rows into its tile from ``first``): their
+    first position, tokens, which exist, and their tile of X (Q in the forward and dQ, K in
+    dK/dV)."""
+    t_first = first + local
     tok_t, valid_t = _tokens(t_first, NARROW, dil, seg, SEQ_LEN, PERMUTED)
-    q = _load_rows(_row_ptrs(Q, q_row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
-    return t_first, tok_t, valid_t, q
+    x = _load_rows(_row_ptrs(X, row0, t_first, tok_t, HEAD_DIM, HEAD_PAD, PERMUTED), valid_t, HEAD_DIM, HEAD_PAD)
+    return t_first, tok_t, valid_t, x
 
 
 @triton.jit

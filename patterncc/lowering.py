@@ -26,7 +26,9 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   ``global(...)`` term's key column touches (no other term, no global query in the row)
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
   that hold global keys, in a loop of their own with 16-wide tiles, evaluating the
-  ordinary (exact) predicate there. dK/dV keeps the whole block (it owns whole key tiles).
+  ordinary (exact) predicate there. dK/dV owns key tiles: it moves such entries into work
+  items of their own that walk the 16-key sub-blocks against a whole query block a step
+  (:func:`thin_key_rows`; ``THIN_KEYS``), merged with the key row's other items.
 * **Thin global query rows** (:func:`thin_rows`; ``THIN_ROWS``). The
   transpose in the forward: a key block that only a global term's query rows touch (the
   far blocks of a global query row) costs a whole 64-row tile for a few queries; such
@@ -41,8 +43,9 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   written. ``split`` is about twice the mean row, raised where needed to keep the scratch
   within ``SCRATCH_FRACTION`` of the output's bytes. With ``SPLIT_FIRST`` (on) the pieces of
   split rows launch first, so the long pieces start in the grid's first waves rather than
-  its last, except thin-row pieces, spread over the first ``SPREAD_PIECES`` of the grid; the
-  other items keep row order (neighbouring rows share K/V blocks in L2).
+  its last, except thin pieces (thin rows, thin keys), spread over the first
+  ``SPREAD_PIECES`` of the grid; the other items keep row order (neighbouring rows share
+  K/V blocks in L2).
 
 Flag words (int32 per entry): bit 0 FULL (every pair allowed, no predicate); bits
 ``1 + i``: random term ``i`` of the predicate plan drew this block (unstacked rows) or
@@ -91,6 +94,11 @@ FAST_RESIDUE_TOKENS = True  # order mode 1 where it applies (False: always the g
 # at 64K on an H100 (bench/RESULTS.md, twentieth session, interleaved A/B): forward level, dQ 2-3%
 # and dK/dV 2-6% slower without them.
 THIN_ROWS = True
+# The dK/dV walk's transpose of thin columns: a key row's far query blocks that only its
+# global keys touch (longformer's key block 0 against every query block) walked by items of
+# their own with 16-key tiles, a whole query block a step, instead of the whole key block
+# (thin_key_rows). False: whole key blocks (for A/B runs).
+THIN_KEYS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 # With SPLIT_FIRST: thin-row pieces (a few global queries against many key blocks) spread
 # evenly over the first SPREAD_PIECES of the other items instead of launched first (0). All
@@ -177,8 +185,8 @@ def switches() -> tuple:
     """The module's tuning switches above, as a key: what was built under other values (an
     A/B run flips them) is not reused."""
     return (STACK_WASTE, TALL_ONLY_GATHERED, SCRATCH_FRACTION, RESIDUE_ORDER, THIN_COLUMNS, THIN_ROWS,
-            FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, SPREAD_SLOTS, FOLD_SCALE, RESIDUE_TMA, MIN_SPLIT,
-            NARROW, TALL_ROWS, FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
+            THIN_KEYS, FAST_RESIDUE_TOKENS, SPLIT_FIRST, SPREAD_PIECES, SPREAD_SLOTS, FOLD_SCALE, RESIDUE_TMA,
+            MIN_SPLIT, NARROW, TALL_ROWS, FLAT_ROWS, CLASS_MASK, MAX_RESIDUE_FACTOR)
 
 
 def _head_entries(indptr, kblock, flags, head: int, nb: int):
@@ -372,13 +380,43 @@ def thin_rows(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags:
     regular run (sub -1, possibly empty), then one run per thin sub-block (``sub``: which
     16 rows of the row it walks). None when no entry moves (the input comes back).
     """
-    thin = (flags & ROW) != 0 if THIN_ROWS else np.zeros(flags.size, bool)
-    if not thin.any():
+    heads = np.repeat(np.arange(indptr.size - 1, dtype=np.int64) // klay.nblocks, np.diff(indptr))
+    runs = _thin_runs(klay, indptr, flags, ROW if THIN_ROWS else 0, heads)
+    if runs is None:
         return indptr, kblock, flags, None
+    ptr, entry, fl, segments = runs
+    return ptr, kblock[entry], fl, segments
+
+
+def thin_key_rows(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarray, qhead: np.ndarray,
+                  flags: np.ndarray) -> tuple:
+    """:func:`thin_rows` for the dK/dV walk (``THIN_KEYS``): a key row's COLUMN entries (far
+    query blocks that attend only its global keys) move into runs of their own, one per
+    16-key sub-block holding global keys of the entry's query head, which work items then walk
+    with 16-key tiles instead of the whole key block.
+
+    Returns (indptr, query block, query head, flags, segments) as thin_rows does; None
+    segments when no entry moves (the input comes back).
+    """
+    runs = _thin_runs(klay, indptr, flags, COLUMN if THIN_KEYS else 0, qhead)
+    if runs is None:
+        return indptr, qblock, qhead, flags, None
+    ptr, entry, fl, segments = runs
+    return ptr, qblock[entry], qhead[entry], fl, segments
+
+
+def _thin_runs(klay: KernelLayout, indptr: np.ndarray, flags: np.ndarray, bit: int, heads: np.ndarray):
+    """thin_rows / thin_key_rows on entry indices: the entries flagged ``bit`` of each row
+    (a block of the row's own side, whose global positions come from the entry's head
+    ``heads``) moved into one run per 16-position sub-block holding global positions.
+    Returns (indptr, entry of each new entry, flags, segments), or None when none moves."""
+    thin = (flags & bit) != 0
+    if not thin.any():
+        return None
     n_rows, nb = indptr.size - 1, klay.nblocks
     row = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
     sel, other = np.flatnonzero(thin), np.flatnonzero(~thin)
-    moved, sub, full = _global_sub_blocks(klay, sel, row[sel] % nb, row[sel] // nb)
+    moved, sub, full = _global_sub_blocks(klay, sel, row[sel] % nb, heads[sel])
     keep = flags[moved] & ~(ROW | COLUMN | 1)
     entry = np.concatenate([other, moved])
     sub = np.concatenate([np.full(other.size, -1, np.int64), sub - (row[moved] % nb) * (klay.block // NARROW)])
@@ -400,8 +438,7 @@ def thin_rows(klay: KernelLayout, indptr: np.ndarray, kblock: np.ndarray, flags:
     seg_start = np.concatenate([new_ptr[:-1], firsts])
     seg_end = np.concatenate([regular_end, ends])
     o = np.lexsort((seg_sub, seg_row))
-    segments = (seg_row[o], seg_start[o], seg_end[o], seg_sub[o])
-    return new_ptr, kblock[entry], fl.astype(np.int32), segments
+    return new_ptr, entry, fl.astype(np.int32), (seg_row[o], seg_start[o], seg_end[o], seg_sub[o])
 
 
 def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarray, qhead: np.ndarray,
@@ -432,6 +469,27 @@ def thin_query_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarra
     thin_ptr += reg_ptr[-1]
     return (reg_ptr, np.concatenate([qblock[~thin], subs[order]]), np.concatenate([qhead[~thin], heads[order]]),
             np.concatenate([flags[~thin], fls[order]]).astype(np.int32), thin_ptr)
+
+
+def kv_walk_entries(klay: KernelLayout, indptr: np.ndarray, qblock: np.ndarray, qhead: np.ndarray,
+                    flags: np.ndarray) -> tuple:
+    """The unstacked dK/dV walk's entries: :func:`thin_query_entries` (global query rows as
+    16-query entries, after the regular ones) and :func:`thin_key_rows` (global key columns'
+    far entries as 16-key runs) on the regular ones.
+
+    Returns (indptr, query block, query head, flags, thin_ptr, segments): ``thin_ptr`` as
+    thin_query_entries gives it (offset past the regular entries, or None), ``segments`` as
+    thin_key_rows (None when no key row has a thin run).
+    """
+    indptr, qblock, qhead, flags, thin_ptr = thin_query_entries(klay, indptr, qblock, qhead, flags)
+    n_reg = int(indptr[-1])
+    indptr, qb, qh, fl, segments = thin_key_rows(klay, indptr, qblock[:n_reg], qhead[:n_reg], flags[:n_reg])
+    if segments is None:
+        return indptr, qblock, qhead, flags, thin_ptr, None
+    if thin_ptr is not None:
+        thin_ptr = thin_ptr + (int(indptr[-1]) - n_reg)
+    qblock, qhead, flags = (np.concatenate([a, b[n_reg:]]) for a, b in ((qb, qblock), (qh, qhead), (fl, flags)))
+    return indptr, qblock, qhead, flags, thin_ptr, segments
 
 
 def _class_length(t: int, d: int, bs: int) -> int:
@@ -651,12 +709,12 @@ class WorkItems:
     merge_end: torch.Tensor    # [R] one past its last slot
     narrow_start: torch.Tensor  # [I] first narrow entry (thin columns; the row's first item walks them)
     narrow_end: torch.Tensor    # [I] one past its last
-    thin: torch.Tensor          # [I] 16-row sub-block a thin-row item walks (-1: an ordinary item)
+    thin: torch.Tensor          # [I] 16-position sub-block of its row a thin item walks (-1: an ordinary item)
     n_items: int
     n_slots: int
     n_merge: int
     split: int
-    n_thin: int = 0             # thin-row items (THIN_ROWS)
+    n_thin: int = 0             # thin items (THIN_ROWS in the forward and dQ, THIN_KEYS in dK/dV)
 
 
 def choose_split(counts: np.ndarray, max_slots: int | None = None) -> int:
@@ -745,10 +803,10 @@ def make_items(indptr: np.ndarray, split: int, device, narrow_ptr: np.ndarray | 
         n_start[lead], n_end[lead] = narrow_ptr[:-1], narrow_ptr[1:]
     if SPLIT_FIRST:
         # Long pieces first, so they do not start in the grid's last wave (and their merge
-        # is not the kernel's tail), thin-row pieces spread (SPREAD_PIECES); the rest keep
+        # is not the kernel's tail), thin pieces spread (SPREAD_PIECES); the rest keep
         # row order, where neighbours share K/V.
         # Results do not change: partials still merge in slot order.
-        light = in_cut & (thin >= 0)  # thin-row pieces: bound by memory, not compute
+        light = in_cut & (thin >= 0)  # thin pieces (16-row or 16-key): bound by memory, not compute
         spread = spread_fraction(split, int((end - start)[~in_cut].sum()))
         order = np.concatenate([np.flatnonzero(in_cut & ~light),
                                 spread_order(np.flatnonzero(light), np.flatnonzero(~in_cut), spread)])
@@ -918,10 +976,11 @@ def make_plan(layout: Layout, pred: PredicatePlan, device, group: int, split: in
             *regular, segments = thin_rows(klay, *regular) if factor == 1 else (*regular, None)
             walks[factor] = walk(factor, *regular, narrow=narrow, segments=segments)
     kv = _kv(klay, group, tiles.kv)
-    *kv, kv_thin = thin_query_entries(klay, *kv) if tiles.kv == 1 else (*kv, None)
-    kv_ptr, kv_qb, kv_qh, kv_flags = kv
+    kv_ptr, kv_qb, kv_qh, kv_flags, kv_thin, kv_segments = (kv_walk_entries(klay, *kv) if tiles.kv == 1
+                                                            else (*kv, None, None))
     return KernelPlan(
-        fwd=walks[tiles.fwd], dq=walks[tiles.dq], kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh, thin=kv_thin),
+        fwd=walks[tiles.fwd], dq=walks[tiles.dq],
+        kv=walk(tiles.kv, kv_ptr, kv_qb, kv_flags, kv_qh, segments=kv_segments, thin=kv_thin),
         tables=torch.as_tensor(membership_tables(layout, pred), device=device),
         dil=t(klay.dil), seg=t(klay.seg), permuted=klay.permuted, group=group,
     )

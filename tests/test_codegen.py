@@ -339,7 +339,8 @@ def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
 def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted: int,
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
                 maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
-                delta_from_o: bool = True, tail: bool = True, class_gap: int = 0, pair_thin: bool = False) -> dict:
+                delta_from_o: bool = True, tail: bool = True, class_gap: int = 0, pair_thin: bool = False,
+                thin_keys: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
     registers, spills and shared memory."""
@@ -352,7 +353,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
     consts = dict(HEAD_DIM=head_dim, HEAD_PAD=pad, LAYOUT_BLOCK=block, ROW_BLOCK=rows, PERMUTED=permuted,
                   NARROW=16, USE_TMA=tma, PRECISION="tf32", UPCAST=False, FOLD_SCALE=fold_scale,
                   THIN_ROWS=thin_rows, DELTA_FROM_O=delta_from_o, TAIL=tail, CLASS_GAP=class_gap,
-                  PAIR_THIN=pair_thin)
+                  PAIR_THIN=pair_thin, THIN_KEYS=thin_keys, THIN_M=min(block, 64))
     tiles = {"_attn_fwd": (rows, walked), "_attn_bwd_dq": (rows, walked), "_attn_bwd_dkdv": (walked, rows),
              "_attn_bwd_preprocess": (64, 64)}
     data = {"Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"}
@@ -422,8 +423,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                 (1, 2 * block, False, 4, None, True), (2, 2 * block, False, 4, None, True),
                 (0, block, True, 4, None, True), (1, block, True, 4, None, True),
                 (0, max(block, 128), True, 8, 128, True))
-    # and thin-row items (lowering.THIN_ROWS: 16-row tiles in the forward and dQ), token order
-    # with TMA and residue order by pointers
+    # and thin items (lowering.THIN_ROWS: 16-row tiles in the forward and dQ; THIN_KEYS:
+    # 16-key tiles in dK/dV), token order with TMA and residue order by pointers
     variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True),
                                                   (1, block, False, 4, None, True, True)]
     # and dQ reading Delta from its own pass (DELTA_IN_DQ off, or dK/dV alone: the others compute it)
@@ -434,7 +435,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                                                   (1, block, False, 4, None, True, True, True, False)]
     for permuted, rows, tma, warps, cap, fold, thin, delta, tail in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
-                                       fold_scale=fold, thin_rows=thin, delta_from_o=delta, tail=tail)
+                                       fold_scale=fold, thin_rows=thin, delta_from_o=delta, tail=tail,
+                                       thin_keys=thin)
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             if tma and name != "_attn_bwd_preprocess":

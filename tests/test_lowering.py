@@ -113,7 +113,8 @@ def test_residue_factors_past_the_kernels_exact_class_index_stay_in_token_order(
 
 
 @pytest.mark.parametrize("name", ["STACK_WASTE", "TALL_ONLY_GATHERED", "SCRATCH_FRACTION", "RESIDUE_ORDER",
-                                  "THIN_COLUMNS", "THIN_ROWS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST", "SPREAD_PIECES",
+                                  "THIN_COLUMNS", "THIN_ROWS", "THIN_KEYS", "FAST_RESIDUE_TOKENS", "SPLIT_FIRST",
+                                  "SPREAD_PIECES",
                                   "SPREAD_SLOTS", "FOLD_SCALE", "RESIDUE_TMA", "MIN_SPLIT", "NARROW", "TALL_ROWS", "FLAT_ROWS", "CLASS_MASK",
                                   "MAX_RESIDUE_FACTOR"])
 def test_every_plan_switch_is_in_the_cache_key(name, monkeypatch):
@@ -497,10 +498,38 @@ def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
         assert thin[mine[0]] == -1 and (thin[mine[1:]] >= 0).all()
         slots = it.slot.numpy()[mine]
         assert slots.tolist() == list(range(slots[0], slots[0] + mine.size))
-    assert plan.dq is plan.fwd and plan.kv.items.n_thin == 0
+    assert plan.dq is plan.fwd
     monkeypatch.setattr(lowering, "THIN_ROWS", False)
     off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=1)
     assert off.fwd.items.n_thin == 0 and off is not plan
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_thin_key_items_merge_with_their_key_rows_items(group, monkeypatch):
+    """THIN_KEYS: in dK/dV, the global key's block (key row 0 of each kv head) walks its far
+    query blocks in thin-key items of 16 keys, after its regular piece (the only one that may
+    walk thin query entries), all merged through one contiguous run of slots; the pieces spread
+    over the launch, not first. Off: no thin-key item, and a plan of its own."""
+    monkeypatch.setattr(lowering, "THIN_KEYS", True)
+    monkeypatch.setattr(lowering, "SPREAD_SLOTS", 4)  # a launch this short spreads only on a small GPU
+    lay = get_layout(patterncc.parse("window(256) | global([0])"), 8192, 2 * group, 64)
+    plan = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=group)
+    it = plan.kv.items
+    thin, row, merge, slot = it.thin.numpy(), it.row.numpy(), it.merge.numpy(), it.slot.numpy()
+    assert it.n_thin == (thin >= 0).sum() > 2 and (thin[thin >= 0] == 0).all()  # key 0: sub-block 0
+    assert set(row[thin >= 0].tolist()) == {0, lay.nblocks}  # key block 0 of each kv head
+    assert (merge[thin >= 0] >= 0).all()
+    for r in (0, lay.nblocks):
+        mine = np.flatnonzero(row == r)
+        assert thin[mine[0]] == -1 and (thin[mine[1:]] >= 0).all()
+        assert slot[mine].tolist() == list(range(slot[mine[0]], slot[mine[0]] + mine.size))
+        assert (it.narrow_end[mine[1:]] == it.narrow_start[mine[1:]]).all()  # thin query entries: the regular piece's
+    assert np.flatnonzero(thin >= 0).max() > it.n_items // 2  # spread, not all first
+    walked = sum(int(it.end[i] - it.start[i]) for i in np.flatnonzero(thin >= 0))
+    assert walked == 2 * (lay.nblocks - 5) * group  # the far query blocks of both kv heads' key 0
+    monkeypatch.setattr(lowering, "THIN_KEYS", False)
+    off = lowering.plan_for(lay, codegen.analyse(lay.pattern), "cpu", group=group)
+    assert off.kv.items.n_thin == 0 and off is not plan
 
 
 @pytest.mark.parametrize("src,t,bs,group", [
@@ -510,25 +539,34 @@ def test_thin_row_items_merge_with_their_rows_items(monkeypatch):
     ("window(20) | global([3]) | random(64, seed=3)", 500, 64, 2),
     ("window(40) | global(0..20)", 250, 64, 1),
 ])
-def test_thin_query_entries_walk_each_allowed_pair_once_in_dkdv(src, t, bs, group, monkeypatch):
-    """dK/dV with THIN_ROWS: per kv row, the regular entries cover whole query blocks and
-    the thin entries 16-query sub-blocks; together every allowed (query, key) pair of every
-    query head exactly once."""
+@pytest.mark.parametrize("thin_keys", [True, False])
+def test_kv_walk_entries_walk_each_allowed_pair_once_in_dkdv(src, t, bs, group, thin_keys, monkeypatch):
+    """dK/dV with THIN_ROWS (and THIN_KEYS, or not): per kv row, the regular entries cover
+    whole query blocks against the whole key block, the thin query entries 16-query
+    sub-blocks, the thin-key runs whole query blocks against 16-key sub-blocks; together
+    every allowed (query, key) pair of every query head exactly once."""
     monkeypatch.setattr(lowering, "THIN_ROWS", True)
+    monkeypatch.setattr(lowering, "THIN_KEYS", thin_keys)
     lay, _, klay = _klay(src, t, 2 * group, bs, group)
-    ptr, qb, qh, fl, thin_ptr = lowering.thin_query_entries(klay, *lowering.kv_rows(klay, group, 1))
+    ptr, qb, qh, fl, thin_ptr, segments = lowering.kv_walk_entries(klay, *lowering.kv_rows(klay, group, 1))
     assert thin_ptr is not None and thin_ptr[-1] > thin_ptr[0] == ptr[-1]
+    assert (segments is not None) == thin_keys
     nb, w = klay.nblocks, lowering.NARROW
+    if segments is None:
+        segments = (np.arange(ptr.size - 1), ptr[:-1], ptr[1:], np.full(ptr.size - 1, -1))
+    assert (segments[3] >= 0).any() or not thin_keys, "no thin-key run: the case tests nothing new"
     for head in range(lay.num_heads):
         mask, _, _ = _kernel_mask(lay, klay, head)
         cover = np.zeros((nb * bs, nb * bs), np.int8)
-        for r in range(ptr.size - 1):
+        runs = [(r, s, e, bs, sub) for r, s, e, sub in zip(*segments)]
+        runs += [(r, thin_ptr[r], thin_ptr[r + 1], w, -1) for r in range(ptr.size - 1)]
+        for r, s, e, width, sub in runs:
             k0 = (r % nb) * bs
-            for s, e, width in ((ptr[r], ptr[r + 1], bs), (thin_ptr[r], thin_ptr[r + 1], w)):
-                for b, h in zip(qb[s:e], qh[s:e]):
-                    if h == head:
-                        cover[b * width:(b + 1) * width, k0:k0 + bs] += 1
+            keys = slice(k0, k0 + bs) if sub < 0 else slice(k0 + sub * w, k0 + (sub + 1) * w)
+            for b, h in zip(qb[s:e], qh[s:e]):
+                if h == head:
+                    cover[b * width:(b + 1) * width, keys] += 1
         cover = cover[:klay.seq_len, :klay.seq_len]
         assert (cover[mask] == 1).all(), "an allowed pair is walked twice or never"
         assert cover.max() <= 1
-    assert not (fl & lowering.ROW).any()  # all ROW entries moved to thin ones
+    assert not (fl & (lowering.ROW | (lowering.COLUMN if thin_keys else 0))).any()  # all moved to thin ones

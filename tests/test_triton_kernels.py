@@ -304,6 +304,30 @@ def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config
     assert run.tiles("fwd")[0] == run.tiles("dq")[0] == (32 if config == "rows32" else 64)
 
 
+# Key rows whose far query blocks attend only their global keys (lowering.THIN_KEYS): the
+# thin-row cases (GQA, odd T, residue order, random blocks beside, 128-token blocks, where a
+# thin-key step is half a query block), and a key block with global keys in two 16-key sub-blocks.
+THIN_KEY_CASES = THIN_ROW_CASES + [("window(8) | global([0, 5, 40, -1])", 301, 2, 1, 32, 2, 64, 3)]
+
+
+@pytest.mark.parametrize("thin_keys", [True, False])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", THIN_KEY_CASES, ids=[c[0][:40] for c in THIN_KEY_CASES])
+def test_thin_key_items_match_reference(src, t, h, hkv, d, b, bs, split, thin_keys, monkeypatch):
+    """THIN_KEYS: dK/dV walks a key row's far query blocks, which attend only its global
+    keys, in items of their own with 16-key tiles, summed with the row's other items; or
+    (off) the whole key block. Outputs poisoned, float64 reference."""
+    monkeypatch.setattr(lowering, "THIN_KEYS", thin_keys)
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
+    run = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split)
+    assert (run.plan.kv.items.n_thin > 0) == thin_keys, "the case has no thin-key item: it tests nothing new"
+    if thin_keys and src.startswith("window(8) | global([0, 5"):  # 0, 5 and 40 of block 0; 299 of block 4
+        it = run.plan.kv.items
+        subs = {(r, s) for r, s in zip(it.row.tolist(), it.thin.tolist()) if s >= 0}
+        assert subs == {(0, 0), (0, 2), (4, 2)}
+
+
 # PAIR_THIN off for every case, and forced on past PAIR_THIN_MAX_HEAD_PAD (D=80, padded to 128);
 # on up to it is the default that test_thin_query_rows_match_reference runs.
 PAIR_THIN_CASES = [(*c, False) for c in THIN_ROW_CASES] + [(*c, True) for c in THIN_ROW_CASES if c[4] > 64]

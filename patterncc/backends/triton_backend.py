@@ -76,6 +76,11 @@ def pairs_thin_rows(walk: lowering.Walk, head_pad: int) -> bool:
     return PAIR_THIN and walk.items.n_thin > 0 and head_pad <= PAIR_THIN_MAX_HEAD_PAD
 
 
+# Queries per step of dK/dV's thin-key items (lowering.THIN_KEYS; at most a layout block): a
+# 16-key tile against 64 queries holds 16 x 64 fp32 scores, where the regular D=64 step
+# (BLOCK_M = 32) holds 64 x 32.
+THIN_KEY_QUERIES = 64
+
 # Launch configurations live in tuning.py; these names stay here for callers and tests.
 KernelConfig = tuning.KernelConfig
 CONFIGS = tuning.CONFIGS
@@ -486,8 +491,8 @@ class _Launch:
         if walk.head is None:  # forward, dQ: narrow entries of thin columns, then each item's thin rows
             return (*common, it.narrow_start, it.narrow_end, walk.block, walk.flags, walk.narrow_block,
                     walk.narrow_flags, *tables, it.thin)
-        # dK/dV: its thin query entries sit in its entry arrays, after the regular ones
-        return (*common, it.narrow_start, it.narrow_end, walk.block, walk.head, walk.flags, *tables)
+        # dK/dV: its thin query entries sit in its entry arrays, after the regular ones; then its thin-key items
+        return (*common, it.narrow_start, it.narrow_end, walk.block, walk.head, walk.flags, *tables, it.thin)
 
 
 def _tma_capable(device: torch.device, interp: bool) -> bool:
@@ -615,5 +620,6 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
             run.walk_args(walk, tiles),
             (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
-            THIN_ROWS=walk.n_narrow > 0, **c, **opts)
+            THIN_ROWS=walk.n_narrow > 0, THIN_KEYS=walk.items.n_thin > 0, THIN_M=min(run.lb, THIN_KEY_QUERIES),
+            **c, **opts)
     return dq, dk, dv

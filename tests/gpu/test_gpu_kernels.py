@@ -114,6 +114,23 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("thin_keys", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("src", [REFERENCE["longformer"], "window(64) | global([3, 40, 700, 701])"])
+def test_thin_key_items_match_reference(src, d, thin_keys, monkeypatch):
+    """lowering.THIN_KEYS (on by default) and off: dK/dV walks a global key block's far query
+    blocks with 16-key tiles in items of their own, summed with the key row's other items;
+    GQA, two batches, odd length, two 16-key sub-blocks in one key block."""
+    from patterncc import lowering
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(lowering, "THIN_KEYS", thin_keys)
+    op = patterncc.compile(src, block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
+    assert (triton_backend.launch_for(q, k, op.layout(t, h)).plan.kv.items.n_thin > 0) == thin_keys
+    _assert_matches_reference(op, q, k, v, t, h)
+
+
 @pytest.mark.parametrize("pairs", ["off", "every head dim"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_thin_row_pairs_match_reference(pairs, d, monkeypatch):
