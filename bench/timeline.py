@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -129,16 +130,12 @@ def timeline_of(q, k, v, src: str) -> dict:
                 compiled.append((timed[grid](*args, **kwargs), kwargs.get("num_warps", 4)))
             return launch
 
-    real_kernel = run.gen.kernel
-    run.gen.__dict__["kernel"] = lambda name: Timed() if name == "_attn_fwd" else real_kernel(name)
-    saved, tb.DIRECT_LAUNCH = tb.DIRECT_LAUNCH, False  # every launch through kernel[grid](...)
-    try:
+    # Generated.kernel looks the name up in the loaded module, so the module's attribute is
+    # what to swap; DIRECT_LAUNCH off sends every launch through kernel[grid](...).
+    with mock.patch.object(run.gen.module, "_attn_fwd", Timed()), mock.patch.object(tb, "DIRECT_LAUNCH", False):
         for _ in range(3):
             out, _ = tb.forward(q, k, v, lay, D ** -0.5)
         torch.cuda.synchronize()
-    finally:
-        del run.gen.__dict__["kernel"]
-        tb.DIRECT_LAUNCH = saved
     stamps = buf.view(programs, 3).cpu().numpy()
     it = walk.items
     item = np.arange(programs) // tiles
