@@ -78,7 +78,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "tailfree": {"SKIP_TAIL_MASK": False}, "bands": {"MERGE_BANDS": True},
              "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
-             "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": True}}
+             "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -100,7 +100,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "affine128": "affine walked tokens at every head dim", "spread": "thin-row pieces first, not spread",
           "spreadcap": "thin-row pieces spread over SPREAD_PIECES whatever the launch's length",
           "pairthin": "thin-row items one key tile a step",
-          "thinkeys": "thin-key items on (dK/dV walks global keys' far blocks with 16-key tiles)"}
+          "thinkeys": "thin-key items off (dK/dV walks global keys' far blocks whole, not with 16-key tiles)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -21,8 +21,8 @@ import importlib.util
 import json
 import os
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 

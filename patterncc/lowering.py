@@ -26,8 +26,8 @@ layout per (device, GQA group, tile shape, scratch budget). The decisions made h
   ``global(...)`` term's key column touches (no other term, no global query in the row)
   costs a whole tile for a few keys: the forward and dQ walk instead the 16-key sub-blocks
   that hold global keys, in a loop of their own with 16-wide tiles, evaluating the
-  ordinary (exact) predicate there. dK/dV owns key tiles: with ``THIN_KEYS`` (off until
-  measured on a GPU) it moves such entries into work items of their own that walk the 16-key
+  ordinary (exact) predicate there. dK/dV owns key tiles: with ``THIN_KEYS`` (on by
+  default) it moves such entries into work items of their own that walk the 16-key
   sub-blocks against a whole query block a step (:func:`thin_key_rows`), merged with the key
   row's other items; else it walks the whole key block.
 * **Thin global query rows** (:func:`thin_rows`; ``THIN_ROWS``). The
@@ -100,9 +100,10 @@ THIN_ROWS = True
 # their own with 16-key tiles, a whole query block a step, instead of the whole key block
 # (thin_key_rows). Built and checked under the interpreter and in sm_90 SASS in the
 # twenty-third session (bench/RESULTS.md: a 16-key step 0.39 / 0.58 of a 64-key block's
-# instructions at D=64 / 128, dK/dV predicted -6% / -4% for longformer); off until a GPU run
-# has checked and timed it (A/B row `thinkeys` turns it on). False: whole key blocks.
-THIN_KEYS = False
+# instructions at D=64 / 128, dK/dV predicted -6% / -4% for longformer); on since the
+# twenty-fourth session's H100 run measured longformer's dK/dV 0.4-3.8% faster (A/B row
+# `thinkeys` turns it off). False: whole key blocks.
+THIN_KEYS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
 # With SPLIT_FIRST: thin-row pieces (a few global queries against many key blocks) spread
 # evenly over the first SPREAD_PIECES of the other items instead of launched first (0). All

@@ -118,7 +118,7 @@ def test_thin_query_rows_match_reference(src, d, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], "window(64) | global([3, 40, 700, 701])"])
 def test_thin_key_items_match_reference(src, d, thin_keys, monkeypatch):
-    """lowering.THIN_KEYS (off by default until measured) on and off: dK/dV walks a global key block's far query
+    """lowering.THIN_KEYS (on by default) on and off: dK/dV walks a global key block's far query
     blocks with 16-key tiles in items of their own, summed with the key row's other items;
     GQA, two batches, odd length, two 16-key sub-blocks in one key block."""
     from patterncc import lowering
