@@ -101,7 +101,7 @@ THIN_ROWS = True
 # (thin_key_rows). Built and checked under the interpreter and in sm_90 SASS in the
 # twenty-third session (bench/RESULTS.md: a 16-key step 0.39 / 0.58 of a 64-key block's
 # instructions at D=64 / 128, dK/dV predicted -6% / -4% for longformer); on since the
-# twenty-fourth session's H100 run measured longformer's dK/dV 0.4-3.8% faster (A/B row
+# twenty-fourth session's H100 run measured longformer's dK/dV 0.4-3.6% faster (A/B row
 # `thinkeys` turns it off). False: whole key blocks.
 THIN_KEYS = True
 SPLIT_FIRST = True  # launch the pieces of split rows before all other items (False: row order, for A/B runs)
