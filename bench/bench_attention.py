@@ -85,7 +85,7 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "stack": lambda r: r["rows"]["fwd"] <= 64, "split": lambda r: r["split_rows_fwd"],
            "thinrows": lambda r: r["split_rows_fwd"], "scratch": lambda r: r["split_rows_fwd"],
            "spread": lambda r: r["split_rows_fwd"], "spreadcap": lambda r: r["split_rows_fwd"],
-           "pairthin": lambda r: r["split_rows_fwd"], "thinkeys": lambda r: r["narrow_tiles_fwd"],
+           "pairthin": lambda r: r["split_rows_fwd"], "thinkeys": lambda r: r["thin_key_items_kv"],
            "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
@@ -393,13 +393,14 @@ def results_path(meta: dict) -> Path:
 
 def kernel_stats(lay, q) -> dict:
     """What the kernels walked for this layout: kernel-order blocks, FULL fraction, narrow
-    tiles, and the launch configuration of each kernel."""
+    tiles, the dK/dV walk's thin-key items, and the launch configuration of each kernel."""
     pred = codegen.analyse(lay.pattern)
     klay = lowering.kernel_layout(lay, pred)
     run = triton_backend._Launch(q, q, lay, None)
     return {"kernel_blocks": klay.nnz, "kernel_full_fraction": round(klay.full_fraction, 4),
             "residue_heads": int((klay.dil > 1).sum()), "narrow_tiles_fwd": run.plan.fwd.n_narrow,
-            "fwd_items": run.plan.fwd.items.n_items, "split_rows_fwd": run.plan.fwd.items.n_merge, "configs": {k: vars(c) for k, c in run.cfg.items()},
+            "fwd_items": run.plan.fwd.items.n_items, "split_rows_fwd": run.plan.fwd.items.n_merge,
+            "thin_key_items_kv": run.plan.kv.items.n_thin, "configs": {k: vars(c) for k, c in run.cfg.items()},
             "rows": run.rows}
 
 

@@ -93,6 +93,24 @@ def test_the_work_models_chosen_rows_are_the_backends(name, forced, monkeypatch)
     assert factor == (2 if forced and name == "dilated" else 1)
 
 
+@pytest.mark.parametrize("thin_keys", [True, False])
+@pytest.mark.parametrize("name", list(bench_attention.PATTERNS))
+def test_an_ablation_applies_where_its_switch_has_work_to_change(name, thin_keys, monkeypatch):
+    """APPLIES reads kernel_stats: thin-key items only where dK/dV has them (none with the
+    switch already off) and thin columns where the forward walks narrow tiles (longformer's
+    global key; bigbird's global keys sit in blocks its rows attend whole)."""
+    import torch
+    import patterncc
+    from patterncc import lowering
+    from patterncc.backends import triton_backend, tuning
+    monkeypatch.setattr(triton_backend, "device_name", lambda x: next(iter(tuning.TUNED)))
+    monkeypatch.setattr(lowering, "THIN_KEYS", thin_keys)
+    lay = patterncc.compile(bench_attention.PATTERNS[name]).layout(2048, 2)
+    stats = bench_attention.kernel_stats(lay, torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16))
+    applies = {a: bool(bench_attention.APPLIES[a](stats)) for a in ("thinkeys", "thin")}
+    assert applies == {"thinkeys": name == "longformer" and thin_keys, "thin": name == "longformer"}
+
+
 def test_switched_sets_lowering_and_backend_switches_and_puts_back_what_they_were(monkeypatch):
     from patterncc import lowering
     from patterncc.backends import triton_backend
