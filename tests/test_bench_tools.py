@@ -1,5 +1,5 @@
 """The host-side models behind bench/RESULTS.md's predictions (bench/schedule_model.py,
-bench/sass_loops.py's parsing) and the benchmark's checks that need no GPU
+bench/sass_loops.py's parsing, bench/kernel_rates.py) and the benchmark's checks that need no GPU
 (bench/bench_attention.py, bench/ab_interleaved.py)."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import ab_interleaved  # noqa: E402
 import bench_attention  # noqa: E402
+import kernel_rates  # noqa: E402
 import sass_loops  # noqa: E402
 import schedule_model  # noqa: E402
 
@@ -324,3 +325,21 @@ def test_the_timeline_reads_switch_variants_in_each_switch_type():
     assert timeline.parse_variant("default", current) == {}
     assert timeline.parse_variant("THIN_ROWS=0,SCRATCH_FRACTION=0.2,MIN_SPLIT=8", current) == {
         "THIN_ROWS": False, "SCRATCH_FRACTION": 0.2, "MIN_SPLIT": 8}
+
+
+def test_kernel_rates_count_each_passs_products_on_its_walked_blocks(tmp_path):
+    """One walked 64x64 block at D=64 is 2 * 64**3 flops a product: 1000 blocks in 1 ms is
+    0.524 TFLOP/s a product, times 2 / 3 / 4 for the forward / dQ / dK/dV; dense flash's
+    backward does 2.5 forwards' flops; rows without per-kernel times are left out."""
+    row = {"pattern": "p", "T": 1024, "D": 64, "kernel_blocks": 1000,
+           "pcc_fwdbwd_kernels": {"_attn_fwd": 1.0, "_attn_bwd_dq": 1.0, "_attn_bwd_dkdv": 2.0},
+           "dense_fwd_ms": 1.0, "dense_fwdbwd_ms": 3.5}
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps({"meta": {"device": "X"}, "setup": {"B": 1, "H": 2, "block_size": 64},
+                                              "rows": [row, {"pattern": "q", "T": 1, "D": 64}]}))
+    (got,) = kernel_rates.rates(str(path))
+    unit = 2 * 64 ** 3 * 1000 / 1e-3 / 1e12
+    assert got["fwd"] == round(2 * unit, 1) and got["dq"] == round(3 * unit, 1) and got["dkdv"] == round(2 * unit, 1)
+    dense = 4 * 1024 ** 2 * 64 * 2 / 1e-3 / 1e12
+    assert got["dense_fwd"] == round(dense, 1) and got["dense_bwd"] == round(2.5 * dense / 2.5, 1)
+    assert got["device"] == "X" and (got["T"], got["D"]) == (1024, 64)
