@@ -14,6 +14,7 @@ measures what the counts turn into.
     KERNELS=_attn_fwd,_attn_bwd_dq PATTERNS=causal_window python bench/sass_loops.py
     HEAD_DIM=128 SWITCHES=AFFINE_TOKENS_MAX_HEAD_PAD=0 PATTERNS=dilated python bench/sass_loops.py
     MAXNREG=168 STAGES=3 KERNELS=_attn_fwd python bench/sass_loops.py   # a register cap, 3 stages
+    SEQ_LEN16=1 KERNELS=_attn_bwd_dkdv python bench/sass_loops.py   # SEQ_LEN a multiple of 16 (SEQ_LEN_CLASSES)
 
 Prints one JSON line per (pattern, kernel, loop): instructions in the loop, the skipped
 sections (nested ones listed too), the FULL path, its waits for warpgroup products (one per
@@ -160,6 +161,7 @@ def main() -> None:
     head_dim = int(os.environ.get("HEAD_DIM", "64"))
     maxnreg = int(os.environ.get("MAXNREG", "0")) or None
     stages = int(os.environ.get("STAGES", "2"))
+    seq_len_16 = os.environ.get("SEQ_LEN16") == "1"  # as Triton specialises a multiple of 16, where it may
     warps = 4
     values = {s.partition("=")[0]: int(s.partition("=")[2]) if "=" in s else True for s in on}
     with switched(values):
@@ -172,7 +174,7 @@ def main() -> None:
             compiled = aot_compile(gen, "bf16", head_dim, 64, 64, permuted, warps, stages, tma=True, tail=tail,
                                    class_gap=gap, maxnreg=maxnreg, thin_rows=plan.fwd.items.n_thin > 0,
                                    pair_thin=triton_backend.pairs_thin_rows(plan.fwd, lowering.head_pad(head_dim)),
-                                   thin_keys=plan.kv.items.n_thin > 0)
+                                   thin_keys=plan.kv.items.n_thin > 0, seq_len_16=seq_len_16)
             for kernel in kernels:
                 sass = sass_of(compiled[kernel].asm["cubin"])
                 spills = len(_SPILL.findall(sass))
@@ -180,7 +182,7 @@ def main() -> None:
                 for n, loop in enumerate(main_loops(sass)):
                     print(json.dumps({"pattern": name, "kernel": kernel, "loop": n, "triton": triton.__version__,
                                       "head_dim": head_dim, "switches_on": on, "maxnreg": maxnreg,
-                                      "stages": stages, "spill_instructions": spills, **use,
+                                      "stages": stages, "seq_len_16": seq_len_16, "spill_instructions": spills, **use,
                                       **loop}), flush=True)
 
 

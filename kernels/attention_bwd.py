@@ -35,6 +35,8 @@ never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
 import triton
 import triton.language as tl
 
+DKDV_UNSPECIALISED = ["SEQ_LEN", "NR", "B", "H"]  # the generated module's header sets its own
+
 # @template-begin
 
 
@@ -52,7 +54,7 @@ def _attn_bwd_preprocess(Out, dOut, Delta, SEQ_LEN, M_BLOCKS,
     tl.store(Delta + row0 + tok, delta, mask=valid)
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
+@triton.jit(do_not_specialize=DKDV_UNSPECIALISED)
 def _attn_bwd_dkdv(
     Q, K, V, dOut, Lse, Delta,               # Lse / Delta [B, H, T] fp32
     Qd, dOd,                                 # TMA descriptors of Q, dO (USE_TMA; else Q, dO again)

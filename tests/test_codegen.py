@@ -340,10 +340,12 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
                 num_warps: int = 4, num_stages: int = 2, tile: int = 64, tma: bool = False,
                 maxnreg: int | None = None, fold_scale: bool = True, thin_rows: bool = False,
                 delta_from_o: bool = True, tail: bool = True, class_gap: int = 0, pair_thin: bool = False,
-                thin_keys: bool = False) -> dict:
+                thin_keys: bool = False, seq_len_16: bool = False) -> dict:
     """Compile every kernel of a generated module for sm_90 without a GPU (Triton's AOT
     path): {kernel name: compiled kernel}, whose n_regs / n_spills / metadata.shared tell
-    registers, spills and shared memory."""
+    registers, spills and shared memory. ``seq_len_16``: SEQ_LEN specialised as a multiple
+    of 16, as Triton's JIT does for such a length where the kernel leaves it specialised
+    (dK/dV with codegen.SEQ_LEN_CLASSES)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -387,7 +389,8 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
         sig = {a: "constexpr" if a in const else arg_type(a, box) for a in fn.arg_names}
         # Pointers 16-byte aligned, as Triton's JIT specialises every torch allocation: without
         # it the compiler cannot vectorise loads and the code is not what a GPU runs.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                   if sig[a].startswith("*") or (seq_len_16 and a == "SEQ_LEN")}
         out[name] = triton.compile(ASTSource(fn, sig, const, aligned), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": num_warps, "num_stages": num_stages,
                                             **({"maxnreg": maxnreg} if maxnreg else {})})
@@ -444,6 +447,13 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
             if cap:
                 assert f".maxnreg {cap}" in compiled.asm["ptx"], f"{name}: register cap not applied"
             assert_exp2_once_per_tile(name, compiled.asm["ttgir"])
+    # and dK/dV specialised on a length that is a multiple of 16 (codegen.SEQ_LEN_CLASSES),
+    # token order with thin keys, by pointers and with TMA
+    for tma in (False, True):
+        dkdv = aot_compile(gen, dtype, head_dim, block, block, 0, tma=tma, thin_rows=True, thin_keys=True,
+                           seq_len_16=True)["_attn_bwd_dkdv"]
+        assert dkdv.asm.get("cubin")
+        assert_exp2_once_per_tile("_attn_bwd_dkdv", dkdv.asm["ttgir"])
     # and residue order with class-coordinate masks (lowering.CLASS_MASK): by pointers with
     # the tail test, and through strided boxes without it
     gen = codegen.load(patterncc.parse("(window(8) & causal) | dilate(2)"))
@@ -453,6 +463,21 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
         for name, compiled in compiled_kernels.items():
             assert compiled.asm.get("cubin"), name
             assert_exp2_once_per_tile(name, compiled.asm["ttgir"])
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_dkdv_leaves_seq_len_to_triton_only_with_length_classes(on, monkeypatch):
+    """codegen.SEQ_LEN_CLASSES: the generated module's dK/dV kernel leaves SEQ_LEN out of
+    do_not_specialize (Triton then compiles it per length class) only when on; the switch is
+    part of the module's key."""
+    pattern = patterncc.parse("window(4) | global([0])")
+    other = codegen.load(pattern)
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", on)
+    gen = codegen.load(pattern)
+    line = next(x for x in gen.source.splitlines() if x.startswith("DKDV_UNSPECIALISED = "))
+    assert ("'SEQ_LEN'" in line) == (not on) and "'NR', 'B', 'H'" in line
+    assert "@triton.jit(do_not_specialize=DKDV_UNSPECIALISED)\ndef _attn_bwd_dkdv(" in gen.source
+    assert (gen is other) == (not on)
 
 
 def assert_exp2_once_per_tile(name: str, ttgir: str) -> None:

@@ -435,6 +435,24 @@ def test_new_sequence_length_reuses_the_kernel():
     assert "# pattern: " + str(pattern) in first.source
 
 
+@pytest.mark.parametrize("t,other", [(96, 97), (100, 112)])
+def test_length_classes_warm_the_other_classs_dkdv_and_match_reference(t, other, monkeypatch):
+    """codegen.SEQ_LEN_CLASSES: dK/dV leaves SEQ_LEN to Triton's specialisation (a multiple of
+    16 or not), so a backward compiles the other class's variant ahead for a new length to
+    find; its results match the float64 reference (outputs poisoned)."""
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
+    warmed = []
+    real = triton_backend._Launch.warm
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, grid, head, plan, tail, consts, **ch: (
+        warmed.append((name, tail[2])), real(self, name, grid, head, plan, tail, consts, **ch))[1])
+    errs, *_ = run_case("window(8) | global([0])", t, 2, 1, 32, 1, 32)
+    assert_close(errs)
+    assert ("_attn_bwd_dkdv", other) in warmed
+    assert "DKDV_UNSPECIALISED = ['NR', 'B', 'H']" in codegen.load(patterncc.parse("window(8) | global([0])")).source
+    assert [triton_backend.other_length_class(n) for n in (1, 15, 16, 97, 112)] == [16, 16, 17, 112, 113]
+
+
 def test_op_backend_triton_matches_torch_backend():
     src = "window(8) | global([0]) | random(32, seed=4)"
     q, k, v = _inputs(2, 4, 2, 100, 32, torch.float32, seed=3)

@@ -131,6 +131,34 @@ def test_thin_key_items_match_reference(src, d, thin_keys, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("t", [4096, 4001])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", ["longformer", "causal_window", "card"])
+def test_length_classes_match_reference(name, d, t, monkeypatch):
+    """codegen.SEQ_LEN_CLASSES: dK/dV specialised by Triton on the length's class (a multiple
+    of 16: vector LSE and Delta loads; or not), GQA, two batches; residue-order heads in card."""
+    from patterncc import codegen
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    q, k, v = _inputs(2, 4, 2, t, d, torch.bfloat16)
+    _assert_matches_reference(op, q, k, v, t, 4)
+
+
+@pytest.mark.parametrize("t", [4096, 4001])
+def test_a_new_length_finds_its_dkdv_compiled_with_length_classes(t, monkeypatch):
+    """codegen.SEQ_LEN_CLASSES: the first backward also compiles dK/dV for the other length
+    class, so later lengths of either class launch without a compile (issue 5's new length)."""
+    from patterncc import codegen
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
+    op = patterncc.compile(REFERENCE["longformer"], block_size=64, backend="triton")
+    kernel = codegen.load(op.layout(t, 4).pattern).kernel("_attn_bwd_dkdv")
+    op(*_inputs(1, 4, 4, t, 64, torch.bfloat16)).sum().backward()
+    before = _compiled_count(kernel)
+    for t2 in (t + 64, t + 1001, t + 4096):
+        op(*_inputs(1, 4, 4, t2, 64, torch.bfloat16)).sum().backward()
+    assert before >= 2 and _compiled_count(kernel) == before
+
+
 @pytest.mark.parametrize("pairs", ["off", "every head dim"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_thin_row_pairs_match_reference(pairs, d, monkeypatch):
