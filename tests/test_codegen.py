@@ -467,17 +467,18 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
 
 @pytest.mark.parametrize("on", [False, True])
 def test_dkdv_leaves_seq_len_to_triton_only_with_length_classes(on, monkeypatch):
-    """codegen.SEQ_LEN_CLASSES: the generated module's dK/dV kernel leaves SEQ_LEN out of
-    do_not_specialize (Triton then compiles it per length class) only when on; the switch is
-    part of the module's key."""
+    """codegen.SEQ_LEN_CLASSES (on by default): the generated module's dK/dV kernel leaves
+    SEQ_LEN out of do_not_specialize (Triton then compiles it per length class) only when on;
+    the switch is part of the module's key."""
     pattern = patterncc.parse("window(4) | global([0])")
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", not on)
     other = codegen.load(pattern)
     monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", on)
     gen = codegen.load(pattern)
     line = next(x for x in gen.source.splitlines() if x.startswith("DKDV_UNSPECIALISED = "))
     assert ("'SEQ_LEN'" in line) == (not on) and "'NR', 'B', 'H'" in line
     assert "@triton.jit(do_not_specialize=DKDV_UNSPECIALISED)\ndef _attn_bwd_dkdv(" in gen.source
-    assert (gen is other) == (not on)
+    assert gen is not other and gen.source != other.source
 
 
 def assert_exp2_once_per_tile(name: str, ttgir: str) -> None:

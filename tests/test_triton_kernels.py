@@ -437,9 +437,9 @@ def test_new_sequence_length_reuses_the_kernel():
 
 @pytest.mark.parametrize("t,other", [(96, 97), (100, 112)])
 def test_length_classes_warm_the_other_classs_dkdv_and_match_reference(t, other, monkeypatch):
-    """codegen.SEQ_LEN_CLASSES: dK/dV leaves SEQ_LEN to Triton's specialisation (a multiple of
-    16 or not), so a backward compiles the other class's variant ahead for a new length to
-    find; its results match the float64 reference (outputs poisoned)."""
+    """codegen.SEQ_LEN_CLASSES (on by default): dK/dV leaves SEQ_LEN to Triton's specialisation
+    (a multiple of 16 or not), so a backward compiles the other class's variant ahead for a
+    new length to find, and off it warms nothing; results match the float64 reference."""
     from patterncc.backends import triton_backend
     monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
     warmed = []
@@ -451,6 +451,11 @@ def test_length_classes_warm_the_other_classs_dkdv_and_match_reference(t, other,
     assert ("_attn_bwd_dkdv", other) in warmed
     assert "DKDV_UNSPECIALISED = ['NR', 'B', 'H']" in codegen.load(patterncc.parse("window(8) | global([0])")).source
     assert [triton_backend.other_length_class(n) for n in (1, 15, 16, 97, 112)] == [16, 16, 17, 112, 113]
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", False)
+    warmed.clear()
+    errs, *_ = run_case("window(8) | global([0])", t, 2, 1, 32, 1, 32)
+    assert_close(errs)
+    assert not any(name == "_attn_bwd_dkdv" for name, _ in warmed)
 
 
 def test_op_backend_triton_matches_torch_backend():

@@ -131,14 +131,16 @@ def test_thin_key_items_match_reference(src, d, thin_keys, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("on", [True, False])
 @pytest.mark.parametrize("t", [4096, 4001])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["longformer", "causal_window", "card"])
-def test_length_classes_match_reference(name, d, t, monkeypatch):
-    """codegen.SEQ_LEN_CLASSES: dK/dV specialised by Triton on the length's class (a multiple
-    of 16: vector LSE and Delta loads; or not), GQA, two batches; residue-order heads in card."""
+def test_length_classes_match_reference(name, d, t, on, monkeypatch):
+    """codegen.SEQ_LEN_CLASSES (on by default): dK/dV specialised by Triton on the length's
+    class (a multiple of 16: vector LSE and Delta loads; or not), and off (compiled once for
+    every length); GQA, two batches; residue-order heads in card."""
     from patterncc import codegen
-    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", on)
     op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
     q, k, v = _inputs(2, 4, 2, t, d, torch.bfloat16)
     _assert_matches_reference(op, q, k, v, t, 4)
