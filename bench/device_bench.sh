@@ -14,7 +14,8 @@
 # (tensors, not addresses, to direct launches: host time), scratch (4x split-row scratch:
 # shorter pieces), delta (Delta by a pass of its own, not in the dQ pass), spread (thin-row
 # pieces first), spreadcap (spread uncapped), pairthin (thin-row items one key tile a step),
-# thinkeys (dK/dV's thin-key items off: whole key blocks).
+# thinkeys (dK/dV's thin-key items off: whole key blocks), seqlen16 (dK/dV compiled once for
+# every length: no per-class specialisation, scalar LSE/Delta loads).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
 # FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
