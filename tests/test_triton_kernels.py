@@ -878,7 +878,8 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
     real = triton_backend._Launch.launch
     monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
         seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
-    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: warmed.append((name, kw["TAIL"])))
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: (
+        warmed.append((name, kw["TAIL"])) if name == "_attn_fwd" else None))  # (dK/dV warms its length class)
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
     assert seen == [tail]
@@ -891,17 +892,23 @@ def test_tail_free_forward_and_merged_bands_match_reference(src, t, h, hkv, d, b
 
 
 def test_an_explicit_launch_configuration_compiles_no_other_variant(monkeypatch):
-    """The autotuner's candidates (forward(configs=...)) do not warm the other TAIL variant:
-    only the configuration a layout keeps does."""
+    """The autotuner's candidates (forward / backward(configs=...)) do not warm the forward's
+    other TAIL variant or dK/dV's other length class (SEQ_LEN_CLASSES): only the
+    configuration a layout keeps does."""
     monkeypatch.setattr(triton_backend, "SKIP_TAIL_MASK", True)
+    monkeypatch.setattr(codegen, "SEQ_LEN_CLASSES", True)
     warmed = []
-    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: warmed.append(kw["TAIL"]))
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, grid, head, plan, tail, consts, **kw: (
+        warmed.append(kw["TAIL"] if name == "_attn_fwd" else (name, tail[2]))))
     q, k, v = _inputs(1, 2, 2, 96, 16, torch.float32)
     layout = get_layout(patterncc.parse("window(10) & causal"), 96, 2, 32)
-    triton_backend.forward(q, k, v, layout, 0.25, configs={"fwd": triton_backend.KernelConfig(32, 32)})
+    out, lse = triton_backend.forward(q, k, v, layout, 0.25, configs={"fwd": triton_backend.KernelConfig(32, 32)})
+    triton_backend.backward(out, q, k, v, out, lse, layout, 0.25, need_q=False,
+                            configs={"dkdv": triton_backend.KernelConfig(32, 32)})
     assert warmed == []
-    triton_backend.forward(q, k, v, layout, 0.25)
-    assert warmed == [True]  # no tail at T=96: the tail variant is the other one
+    out, lse = triton_backend.forward(q, k, v, layout, 0.25)
+    triton_backend.backward(out, q, k, v, out, lse, layout, 0.25, need_q=False)
+    assert warmed == [True, ("_attn_bwd_dkdv", 97)]  # no tail at T=96: the tail variant is the other one
 
 
 @pytest.mark.parametrize("src,t,bs", [("block(64, width=1)", 192, 64), ("dense", 64, 16)])
@@ -914,7 +921,8 @@ def test_a_walk_of_full_entries_keeps_the_general_forward_kernel(src, t, bs, mon
     real = triton_backend._Launch.launch
     monkeypatch.setattr(triton_backend._Launch, "launch", lambda self, name, *a, **kw: (
         seen.append(kw["TAIL"]) if name == "_attn_fwd" else None, real(self, name, *a, **kw))[1])
-    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, *a, **kw: warmed.append(a))
+    monkeypatch.setattr(triton_backend._Launch, "warm", lambda self, name, *a, **kw: (
+        warmed.append(a) if name == "_attn_fwd" else None))  # (dK/dV warms its length class)
     errs, *_ = run_case(src, t, 2, 2, 16, 1, bs)
     assert_close(errs)
     assert seen == [True] and warmed == []
