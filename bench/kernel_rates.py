@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-PRODUCTS = {"_attn_fwd": 2, "_attn_bwd_dq": 3, "_attn_bwd_dkdv": 4}
-NAMES = {"_attn_fwd": "fwd", "_attn_bwd_dq": "dq", "_attn_bwd_dkdv": "dkdv"}
+# kernel name: (column, matrix products per walked block)
+KERNELS = {"_attn_fwd": ("fwd", 2), "_attn_bwd_dq": ("dq", 3), "_attn_bwd_dkdv": ("dkdv", 4)}
 
 
 def kernel_tflops(row: dict) -> dict[str, float]:
     """TFLOP/s of each of patterncc's kernels in one result row (walked blocks' products)."""
     block = row.get("block_size", 64)
     per_product = 2 * block * block * row["D"] * row["kernel_blocks"]
-    return {NAMES[name]: PRODUCTS[name] * per_product / (ms * 1e-3) / 1e12
-            for name, ms in row["pcc_fwdbwd_kernels"].items() if name in PRODUCTS and ms}
+    return {KERNELS[name][0]: KERNELS[name][1] * per_product / (ms * 1e-3) / 1e12
+            for name, ms in row["pcc_fwdbwd_kernels"].items() if name in KERNELS and ms}
 
 
 def dense_tflops(row: dict, heads: int, batch: int) -> dict[str, float]:
@@ -39,7 +40,7 @@ def dense_tflops(row: dict, heads: int, batch: int) -> dict[str, float]:
 
 def rates(path: str) -> list[dict]:
     """One dict per row of a results file that has per-kernel times."""
-    data = json.load(open(path))
+    data = json.loads(Path(path).read_text())
     setup, meta = data.get("setup", {}), data.get("meta", {})
     out = []
     for row in data["rows"]:

@@ -615,17 +615,17 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         bm, bn, opts = run.tiles("dkdv")
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
-        args = ((walk.items.n_items * tiles, run.b),
-                (q, k, v, do, lse, delta, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
-                run.walk_args(walk, tiles))
+        kv_args = ((walk.items.n_items * tiles, run.b),
+                   (q, k, v, do, lse, delta, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
+                   run.walk_args(walk, tiles))
         consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
                       THIN_ROWS=walk.n_narrow > 0, THIN_KEYS=walk.items.n_thin > 0,
                       THIN_M=min(run.lb, THIN_KEY_QUERIES), **c, **opts)
         tail = (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group)
-        run.launch("_attn_bwd_dkdv", *args, tail, **consts)
+        run.launch("_attn_bwd_dkdv", *kv_args, tail, **consts)
         if codegen.SEQ_LEN_CLASSES and not configs:  # not for each autotuner candidate
             # what a length of the other class launches (Triton specialises SEQ_LEN by it)
-            run.warm("_attn_bwd_dkdv", *args, (*tail[:2], other_length_class(run.t), *tail[3:]), consts)
+            run.warm("_attn_bwd_dkdv", *kv_args, (*tail[:2], other_length_class(run.t), *tail[3:]), consts)
     return dq, dk, dv
 
 
