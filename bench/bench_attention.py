@@ -79,7 +79,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
              "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False},
-             "seqlen16": {"SEQ_LEN_CLASSES": False}}
+             "seqlen16": {"SEQ_LEN_CLASSES": False}, "posstats": {"POSITION_STATS": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -90,7 +90,8 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "bands": lambda r: r["pattern"] == "causal_window", "classmask": lambda r: r["residue_heads"],
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
-           "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0}
+           "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0,
+           "posstats": lambda r: r["residue_heads"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
@@ -102,7 +103,8 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "spreadcap": "thin-row pieces spread over SPREAD_PIECES whatever the launch's length",
           "pairthin": "thin-row items one key tile a step",
           "thinkeys": "thin-key items off (dK/dV walks global keys' far blocks whole, not with 16-key tiles)",
-          "seqlen16": "dK/dV compiled once for every length (no vector LSE and Delta loads for multiples of 16)"}
+          "seqlen16": "dK/dV compiled once for every length (no vector LSE and Delta loads for multiples of 16)",
+          "posstats": "residue order's Delta and LSE by token, not by kernel position (strided dK/dV loads)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -14,6 +14,8 @@ Two or three passes, one launch each, deterministic:
    and the several items of a split row store the same bits (the same tile, the same sum).
 2. ``_attn_bwd_preprocess``: Delta alone, one program per row tile; launched instead when
    dQ is not wanted (dK/dV only).
+   Delta is stored by token, or in residue order by kernel position with a copy of the
+   LSE beside it (``_store_stats``), so that dK/dV loads both as contiguous vectors.
 3. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
@@ -35,28 +37,80 @@ never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
 import triton
 import triton.language as tl
 
-DKDV_UNSPECIALISED = ["SEQ_LEN", "NR", "B", "H"]  # the generated module's header sets its own
+# The generated module's header sets both (codegen.SEQ_LEN_CLASSES, codegen.POSITION_STATS).
+DKDV_UNSPECIALISED = ["SEQ_LEN", "NR", "B", "H"]
+STATS_BY_POSITION = tl.constexpr(True)
 
 # @template-begin
 
 
-@triton.jit(do_not_specialize=["SEQ_LEN", "M_BLOCKS"])
-def _attn_bwd_preprocess(Out, dOut, Delta, SEQ_LEN, M_BLOCKS,
-                         HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta[b, h, t] = sum_d dO * O in fp32; a 1-D grid of B * H * M_BLOCKS row tiles (token order)."""
+@triton.jit(do_not_specialize=["SEQ_LEN", "M_BLOCKS", "H"])
+def _attn_bwd_preprocess(Out, dOut, Lse, Delta, LsePos, head_dil, head_seg, SEQ_LEN, M_BLOCKS, STATS_LEN, H,
+                         HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         PERMUTED: tl.constexpr):
+    """Delta = sum_d dO * O in fp32, stored as _store_stats says; a 1-D grid of B * H * M_BLOCKS
+    tiles of kernel positions."""
     pid = tl.program_id(0)
+    bh = pid // M_BLOCKS
     m_first = (pid % M_BLOCKS) * BLOCK_M
-    tok, valid = _tokens(m_first, BLOCK_M, 1, SEQ_LEN, SEQ_LEN, False)
-    row0 = (pid // M_BLOCKS).to(tl.int64) * SEQ_LEN
-    o = _load_rows(_row_ptrs(Out, row0, m_first, tok, HEAD_DIM, HEAD_PAD, False), valid, HEAD_DIM, HEAD_PAD)
-    do = _load_rows(_row_ptrs(dOut, row0, m_first, tok, HEAD_DIM, HEAD_PAD, False), valid, HEAD_DIM, HEAD_PAD)
+    dil, seg = _head_order(head_dil, head_seg, bh % H, SEQ_LEN, PERMUTED)
+    tok, valid = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    row0 = bh.to(tl.int64) * SEQ_LEN
+    o = _load_rows(_row_ptrs(Out, row0, m_first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
+    do = _load_rows(_row_ptrs(dOut, row0, m_first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + row0 + tok, delta, mask=valid)
+    lse = tl.load(Lse + row0 + tok, mask=valid, other=float("inf"))
+    _store_stats(Delta, LsePos, _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED), m_first, tok, valid, delta, lse,
+                 PERMUTED)
+
+
+@triton.jit
+def _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED: tl.constexpr):
+    """Where query head ``bh``'s Delta (and its LSE copy) start: see _store_stats."""
+    if PERMUTED and STATS_BY_POSITION:
+        return bh.to(tl.int64) * STATS_LEN
+    else:
+        return bh.to(tl.int64) * SEQ_LEN
+
+
+@triton.jit
+def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMUTED: tl.constexpr):
+    """Store a query tile's Delta for the passes after this one: by token in token order; in
+    residue order (STATS_BY_POSITION) by kernel position, STATS_LEN a head, with a copy of the
+    tile's LSE beside it. dK/dV reads both for every walked query tile: by position they are
+    contiguous vector loads, by token strided scalar ones with their addresses and masks.
+    Positions that hold no token store LSE = +inf and Delta = 0 (the tile's loads read them
+    so), so p = 0 there."""
+    if PERMUTED and STATS_BY_POSITION:
+        pos = first + tl.arange(0, tok.shape[0])
+        tl.store(Delta + stats_row0 + pos, delta)
+        tl.store(LsePos + stats_row0 + pos, lse)
+    else:
+        tl.store(Delta + stats_row0 + tok, delta, mask=valid)
+
+
+@triton.jit
+def _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED: tl.constexpr):
+    """Delta of query positions first .. first + len(tok) - 1 (see _store_stats)."""
+    if PERMUTED and STATS_BY_POSITION:
+        return tl.load(Delta + stats_row0 + first + tl.arange(0, tok.shape[0]))
+    else:
+        return tl.load(Delta + stats_row0 + tok, mask=valid, other=0.0)
+
+
+@triton.jit
+def _load_lse(Lse, LsePos, q_row0, stats_row0, first, tok, valid, PERMUTED: tl.constexpr):
+    """LSE of query positions first .. first + len(tok) - 1: the forward's, by token, or
+    _store_stats's copy by position; +inf where no token is."""
+    if PERMUTED and STATS_BY_POSITION:
+        return tl.load(LsePos + stats_row0 + first + tl.arange(0, tok.shape[0]))
+    else:
+        return tl.load(Lse + q_row0 + tok, mask=valid, other=float("inf"))
 
 
 @triton.jit(do_not_specialize=DKDV_UNSPECIALISED)
 def _attn_bwd_dkdv(
-    Q, K, V, dOut, Lse, Delta,               # Lse / Delta [B, H, T] fp32
+    Q, K, V, dOut, Lse, Delta, LsePos,       # Lse [B, H, T] fp32; Delta, LsePos: see _store_stats
     Qd, dOd,                                 # TMA descriptors of Q, dO (USE_TMA; else Q, dO again)
     dK, dV,                                  # [B, H_KV, T, D]
     ScratchK, ScratchV, Count,               # split columns: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
@@ -67,7 +121,7 @@ def _attn_bwd_dkdv(
     tables, head_dil, head_seg,
     item_thin,                               # per item: its 16-key sub-block (thin-key items), else -1
     qk_scale, sm_scale,
-    SEQ_LEN, NR, B, H, GROUP,
+    SEQ_LEN, NR, B, H, GROUP, STATS_LEN,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
@@ -81,9 +135,9 @@ def _attn_bwd_dkdv(
         PERMUTED)
     thin = _thin_item(item_thin, item, THIN_KEYS)
     if thin >= 0:
-        _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B,
+        _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, LsePos, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B,
                            H, start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
-                           HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_N, NARROW, THIN_M, PERMUTED, PRECISION,
+                           STATS_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_N, NARROW, THIN_M, PERMUTED, PRECISION,
                            UPCAST)
         _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, merge_end, tile, b, B,
                           _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED),
@@ -101,17 +155,17 @@ def _attn_bwd_dkdv(
         if THIN_ROWS:
             # A few global queries of a far query block: a 16-query tile, not a whole block.
             for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-                dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, tl.load(qblock + e) * NARROW,
-                                    tl.load(qhead + e), tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg,
-                                    tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
+                dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, LsePos,
+                                    tl.load(qblock + e) * NARROW, tl.load(qhead + e), tl.load(entry_flags + e), b, H,
+                                    tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN, STATS_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
                                     PRECISION, UPCAST)
         # One flat loop over (entry, query sub-tile) pairs.
         for it in range(start * M_TILES, end * M_TILES):
             e = it // M_TILES
             m_first = tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_TILES) * BLOCK_M
-            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, tl.load(qhead + e),
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, tl.load(qhead + e),
                                 tl.load(entry_flags + e), b, H, tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN,
-                                BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
+                                STATS_LEN, BLOCK_M, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST)
         dk = dk * sm_scale
 
         dk_ptrs = _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED)
@@ -141,9 +195,9 @@ def _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, 
 
 
 @triton.jit
-def _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B, H,
-                       start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
-                       HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+def _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, LsePos, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b,
+                       B, H, start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+                       STATS_LEN, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                        ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr, THIN_M: tl.constexpr,
                        PERMUTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """A thin-key item's dK/dV partial for this program's tile of the key row: the NARROW keys
@@ -168,18 +222,18 @@ def _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, ScratchK, ScratchV, kv_row0, n
         M_STEPS: tl.constexpr = LAYOUT_BLOCK // THIN_M
         for it in range(start * M_STEPS, end * M_STEPS):
             e = it // M_STEPS
-            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta,
+            dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, LsePos,
                                 tl.load(qblock + e) * LAYOUT_BLOCK + (it % M_STEPS) * THIN_M, tl.load(qhead + e),
                                 tl.load(entry_flags + e), b, H, tok_t, sub_t, dil, seg, tables, qk_scale, SEQ_LEN,
-                                THIN_M, HEAD_DIM, HEAD_PAD, False, PERMUTED, False, PRECISION, UPCAST)
+                                STATS_LEN, THIN_M, HEAD_DIM, HEAD_PAD, False, PERMUTED, False, PRECISION, UPCAST)
         tl.store(_scratch_ptrs(ScratchK, slot, b, B, tile * BLOCK_N + local, NARROW, ROW_BLOCK, HEAD_PAD),
                  dk * sm_scale)
         tl.store(_scratch_ptrs(ScratchV, slot, b, B, tile * BLOCK_N + local, NARROW, ROW_BLOCK, HEAD_PAD), dv)
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags, b, H, tok_n, sub_col, dil, seg,
-               tables, qk_scale, SEQ_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, head, flags, b, H, tok_n, sub_col, dil,
+               seg, tables, qk_scale, SEQ_LEN, STATS_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
     """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
@@ -189,8 +243,9 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
                      HEAD_PAD, PERMUTED, USE_TMA)
     do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
                       HEAD_PAD, PERMUTED, USE_TMA)
-    lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
-    delta = tl.load(Delta + q_row0 + tok_m, mask=valid_m, other=0.0)
+    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED)
+    lse = _load_lse(Lse, LsePos, q_row0, stats_row0, m_first, tok_m, valid_m, PERMUTED)
+    delta = _load_delta(Delta, stats_row0, m_first, tok_m, valid_m, PERMUTED)
     # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
     # the products below then need no register transposes of p or dS.
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
@@ -209,7 +264,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, m_first, head, flags,
 
 @triton.jit(do_not_specialize=["SEQ_LEN", "NR", "B", "H"])
 def _attn_bwd_dq(
-    Q, K, V, dOut, Out, Lse, Delta,          # Delta: read, or written here (DELTA_FROM_O)
+    Q, K, V, dOut, Out, Lse, Delta, LsePos,  # Delta: read, or written here (DELTA_FROM_O; see _store_stats)
     Kd, Vd,                                  # TMA descriptors of K, V (USE_TMA; else K, V again)
     dQ,                                      # [B, H, T, D]
     ScratchQ, Count,                         # split rows: [slots, B, ROW_BLOCK, HEAD_PAD] fp32; counters
@@ -221,7 +276,7 @@ def _attn_bwd_dq(
     tables, head_dil, head_seg,
     item_thin,                               # per item: its 16-row sub-block (thin-row items), else -1
     qk_scale, sm_scale,
-    SEQ_LEN, NR, B, H, GROUP,
+    SEQ_LEN, NR, B, H, GROUP, STATS_LEN,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NARROW: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
@@ -234,11 +289,12 @@ def _attn_bwd_dq(
         item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_M,
         PERMUTED)
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
+    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED)
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
-        _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile,
-                         slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
+        _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh, m_first,
+                         thin, tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
                          SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED,
                          PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O, CLASS_GAP)
         _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
@@ -249,8 +305,10 @@ def _attn_bwd_dq(
         do = _load_rows(_row_ptrs(dOut, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED), valid_m, HEAD_DIM,
                         HEAD_PAD)
         lse = tl.load(Lse + q_row0 + tok_m, mask=valid_m, other=float("inf"))
-        delta = _row_delta(Out, Delta, do, q_row0, m_first, tok_m, valid_m, HEAD_DIM, HEAD_PAD, PERMUTED,
-                           DELTA_FROM_O, True)
+        delta = _row_delta(Out, Delta, do, q_row0, stats_row0, m_first, tok_m, valid_m, HEAD_DIM, HEAD_PAD,
+                           PERMUTED, DELTA_FROM_O)
+        if DELTA_FROM_O:  # for the dK/dV pass after this one (a split row's items store the same bits)
+            _store_stats(Delta, LsePos, stats_row0, m_first, tok_m, valid_m, delta, lse, PERMUTED)
         sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
         at_m = _mask_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP)  # what the predicate reads for the rows
 
@@ -290,8 +348,8 @@ def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end,
 
 
 @triton.jit
-def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, kv_row0, kv_bh, m_first, thin, tile, slot,
-                     b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh, m_first, thin,
+                     tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                      ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                      STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
@@ -308,8 +366,8 @@ def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, k
                         HEAD_PAD)
         lse = tl.load(Lse + q_row0 + tok_t, mask=valid_t, other=float("inf"))
         # (the row's regular item stores these rows' Delta: a second writer could store other bits)
-        delta = _row_delta(Out, Delta, do, q_row0, t_first, tok_t, valid_t, HEAD_DIM, HEAD_PAD, PERMUTED,
-                           DELTA_FROM_O, False)
+        delta = _row_delta(Out, Delta, do, q_row0, stats_row0, t_first, tok_t, valid_t, HEAD_DIM, HEAD_PAD,
+                           PERMUTED, DELTA_FROM_O)
         dq = _dq_entries(q, do, lse, delta, tl.zeros([NARROW, HEAD_PAD], tl.float32), K, V, Kd, Vd, kv_row0, kv_bh,
                          start, end, kblock, entry_flags, _mask_coords(t_first, tok_t, NARROW, seg, CLASS_GAP),
                          tl.zeros([NARROW], tl.int32), head, dil, seg, tables, qk_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD,
@@ -319,18 +377,16 @@ def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, k
 
 
 @triton.jit
-def _row_delta(Out, Delta, do, q_row0, first, tok, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-               PERMUTED: tl.constexpr, FROM_O: tl.constexpr, STORE: tl.constexpr):
+def _row_delta(Out, Delta, do, q_row0, stats_row0, first, tok, valid, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+               PERMUTED: tl.constexpr, FROM_O: tl.constexpr):
     """Delta = rowsum(dO * O) of these query rows: with FROM_O computed from O here (one more
     tile load per program, where a separate pass reads O and dO again and launches once
-    more) and, with STORE, written for the dK/dV pass that runs after this one; else read."""
+    more); else read."""
     if FROM_O:
         o = _load_rows(_row_ptrs(Out, q_row0, first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if STORE:
-            tl.store(Delta + q_row0 + tok, delta, mask=valid)
     else:
-        delta = tl.load(Delta + q_row0 + tok, mask=valid, other=0.0)
+        delta = _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED)
     return delta
 
 

@@ -80,6 +80,14 @@ AFFINE_TOKENS_MAX_HEAD_PAD = 64
 # A/B): dK/dV -8% to -10%, forward+backward kernels -2% to -4% (token order); on. A/B row
 # `seqlen16` turns it off.
 SEQ_LEN_CLASSES = True
+# In residue order, Delta and a copy of the LSE stored by kernel position rather than by
+# token (kernels/attention_bwd.py _store_stats): the pass that computes Delta (dQ, or the
+# preprocess pass) writes both, STATS_LEN positions a head. dK/dV reads both for every walked
+# query tile; by token those are strided (tokens step by the residue factor), scalar loads
+# with their addresses and masks, and the FULL tile's tokens are needed for nothing else.
+# sm_90 SASS (Triton 3.6, bf16, the dilated window, tuned tiles): dK/dV's FULL tile
+# 387 -> 297 instructions at D=64, 883 -> 512 at D=128. A/B row `posstats` turns it off.
+POSITION_STATS = True
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -309,8 +317,9 @@ def _template(name: str) -> str:
 
 def switches() -> tuple:
     """The switches that change the generated source (MERGE_BANDS, AFFINE_TOKENS_MAX_HEAD_PAD,
-    SEQ_LEN_CLASSES), as a key: load's module cache and the backend's launch constants carry it."""
-    return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES))
+    SEQ_LEN_CLASSES, POSITION_STATS), as a key: load's module cache and the backend's launch
+    constants carry it."""
+    return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES), bool(POSITION_STATS))
 
 
 def dkdv_unspecialised() -> list[str]:
@@ -348,6 +357,8 @@ def render(plan: PredicatePlan) -> str:
         "# dK/dV's integer arguments left unspecialised; without SEQ_LEN here, Triton compiles it",
         "# per length class (a multiple of 16 or not: codegen.SEQ_LEN_CLASSES).",
         f"DKDV_UNSPECIALISED = {dkdv_unspecialised()!r}",
+        "# Residue order: Delta and an LSE copy by kernel position (codegen.POSITION_STATS).",
+        f"STATS_BY_POSITION = tl.constexpr({bool(POSITION_STATS)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),

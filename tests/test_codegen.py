@@ -302,15 +302,19 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
     assert codegen.load(p).source != merged_module.source
 
 
-def test_affine_tokens_limit_changes_one_constexpr_and_the_module_key(monkeypatch, tmp_path):
+@pytest.mark.parametrize("switch,default_line,value,line", [
+    ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
+    ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
+])
+def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
+    """Codegen switches the kernels read as a constexpr of the generated header."""
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     p = patterncc.parse("window(6) | dilate(2)")
     default = codegen.load(p)
-    assert "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)" in default.source
-    monkeypatch.setattr(codegen, "AFFINE_TOKENS_MAX_HEAD_PAD", 0)
+    assert default_line in default.source
+    monkeypatch.setattr(codegen, switch, value)
     off = codegen.load(p)  # a new module: launches built under the other value are not reused
-    assert off.source == default.source.replace("AFFINE_MAX_HEAD_PAD = tl.constexpr(64)",
-                                                "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)")
+    assert off.source == default.source.replace(default_line, line)
     assert off.module is not default.module
 
 
@@ -376,7 +380,7 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
             return "*i8"
         if name in ("qk_scale", "sm_scale"):
             return "fp32"
-        if name[0].isupper() and name not in ("SEQ_LEN", "NR", "B", "H", "GROUP", "M_BLOCKS"):
+        if name[0].isupper() and name not in ("SEQ_LEN", "NR", "B", "H", "GROUP", "M_BLOCKS", "STATS_LEN"):
             return "*fp32"  # Lse, Delta, scratch buffers
         return "i32"
 

@@ -519,6 +519,46 @@ def test_dk_dv_alone_take_delta_from_its_own_pass(delta_in_dq, monkeypatch):
     assert rel_err(dk, ref_dk) < FP32_TOL and rel_err(dv, ref_dv) < FP32_TOL
 
 
+# Residue order's Delta writers and readers: split rows with GQA and odd T; a token-order
+# head beside a residue-order one in the same launch.
+STATS_CASES = [("window(5) | global([0, 7]) | dilate(2)", 301, 4, 2, 16, 2, 16, 5),
+               ("window(4) | dilate(2, heads=[1])", 261, 2, 2, 16, 1, 16, None)]
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("passes", ["dq computes Delta", "Delta pass", "dK/dV alone"])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", STATS_CASES, ids=[c[0] for c in STATS_CASES])
+def test_residue_order_stats_by_position_or_by_token(src, t, h, hkv, d, b, bs, split, passes, on, monkeypatch):
+    """codegen.POSITION_STATS: in residue order the pass that computes Delta (dQ, or the Delta
+    pass before it or alone before dK/dV) stores it by kernel position, with a copy of the
+    LSE, in [B, H, STATS_LEN] buffers that cover every position of the dQ walk (a multiple
+    of 16, past T: classes are padded); off, Delta by token in [B, H, T]. Both are poisoned:
+    a position no pass stores reads NaN in the gradients. Matched to the float64 reference."""
+    monkeypatch.setattr(codegen, "POSITION_STATS", on)
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", passes == "dq computes Delta")
+    shapes = []
+    poisoned_empty = triton_backend._empty
+    monkeypatch.setattr(triton_backend, "_empty",
+                        lambda shape, like, dtype=None: (shapes.append(tuple(shape)), poisoned_empty(shape, like, dtype))[1])
+    if passes == "dK/dV alone":
+        layout = get_layout(patterncc.parse(src), t, h, bs)
+        q, k, v = _inputs(b, h, hkv, t, d, torch.float32)
+        q = q.detach()
+        g = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        got = torch.autograd.grad(triton_backend.attention(q, k, v, layout, 0.25, split=split), (k, v), g)
+        ref_in = [x.detach().double().requires_grad_() for x in (k, v)]
+        ref = reference_attention(q.double(), *ref_in, torch.from_numpy(layout.mask()).to(DEVICE), 0.25)
+        assert max(rel_err(a, r) for a, r in zip(got, torch.autograd.grad(ref, ref_in, g.double()))) < FP32_TOL
+    else:
+        errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+        assert_close(errs)
+    stats = [s for s in shapes if len(s) == 3 and s != (b, h, t)]  # (the forward's LSE is [B, H, T])
+    if on:
+        assert len(stats) == 2 and stats[0] == stats[1] and stats[0][2] > t and stats[0][2] % 16 == 0, shapes
+    else:
+        assert stats == [] and shapes.count((b, h, t)) == 2, shapes  # LSE, Delta
+
+
 @pytest.mark.parametrize("kind,cfg", [("fwd", (32, 64)), ("fwd", (64, 16)), ("dkdv", (16, 64)),
                                       ("dkdv", (64, 32)), ("dq", (64, 16)), ("dq", (32, 64))])
 def test_non_square_tiles_match_reference(kind, cfg, monkeypatch):

@@ -391,6 +391,11 @@ class _Launch:
         self.residue_dil = (lowering.residue_stride(klay)
                             if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
         self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
+        # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS):
+        # the dQ walk's positions a head, each of which dQ (or the preprocess pass) stores;
+        # 0 in token order, where Delta is by token, SEQ_LEN a head.
+        self.stats_len = (self.plan.dq.rows_per_head * self.plan.dq.row_block
+                          if self.consts["PERMUTED"] and codegen.POSITION_STATS else 0)
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
         self.warmed: set = set()  # kernels whose other variant warm() has compiled
@@ -585,14 +590,17 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
                                                    configs={kind: cfg}))
     plan, c = run.plan, run.consts
 
-    delta = _empty(lse.shape, lse)
+    stats = run.stats_len
+    delta = _empty((run.b, run.h, stats or run.t), lse)
+    lse_pos = _empty(delta.shape, lse) if stats else lse  # (read only by position)
     delta_in_dq = need_q and DELTA_IN_DQ
     if not delta_in_dq:
         bm, _, opts = run.tiles("dq")
-        bm = min(bm, 64)
-        m_blocks = math.ceil(run.t / bm)
+        bm = min(bm, 64)  # (a power of two: it divides the dQ walk's rows, hence stats)
+        m_blocks = stats // bm if stats else math.ceil(run.t / bm)
         run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
-            (out, do, delta, run.t, m_blocks), HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, **opts)
+            (out, do, lse, delta, lse_pos, plan.dil, plan.seg, run.t, m_blocks, stats, run.h),
+            HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, PERMUTED=c["PERMUTED"], **opts)
 
     dk = dv = dq = None
     if need_q:  # first: with delta_in_dq it writes the Delta that dK/dV reads
@@ -602,9 +610,9 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bm
         kv_tiles, tma = run.walked("dq", (k, v), bn)
         run.launch("_attn_bwd_dq", (walk.items.n_items * tiles, run.b),
-            (q, k, v, do, out, lse, delta, *kv_tiles, dq, *run.scratch(walk, run.d_pad)),
+            (q, k, v, do, out, lse, delta, lse_pos, *kv_tiles, dq, *run.scratch(walk, run.d_pad)),
             run.walk_args(walk, tiles),
-            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group),
+            (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group, stats),
             ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
             THIN_ROWS=walk.items.n_thin > 0, DELTA_FROM_O=delta_in_dq, CLASS_GAP=run.class_gap, **c, **opts)
 
@@ -616,12 +624,12 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
         tiles = walk.row_block // bn
         q_tiles, tma = run.walked("dkdv", (q, do), bm)
         kv_args = ((walk.items.n_items * tiles, run.b),
-                   (q, k, v, do, lse, delta, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
+                   (q, k, v, do, lse, delta, lse_pos, *q_tiles, dk, dv, *run.scratch(walk, run.d_pad, run.d_pad)),
                    run.walk_args(walk, tiles))
         consts = dict(ROW_BLOCK=walk.row_block, BLOCK_M=bm, BLOCK_N=bn, NARROW=lowering.NARROW, USE_TMA=tma,
                       THIN_ROWS=walk.n_narrow > 0, THIN_KEYS=walk.items.n_thin > 0,
                       THIN_M=min(run.lb, THIN_KEY_QUERIES), **c, **opts)
-        tail = (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group)
+        tail = (scale * LOG2E, scale, run.t, walk.rows_per_head, run.b, run.h, run.group, stats)
         run.launch("_attn_bwd_dkdv", *kv_args, tail, **consts)
         if codegen.SEQ_LEN_CLASSES and not configs:  # not for each autotuner candidate
             # what a length of the other class launches (Triton specialises SEQ_LEN by it)
