@@ -146,6 +146,33 @@ def test_length_classes_match_reference(name, d, t, on, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, 4)
 
 
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", ["dilated", "card"])
+def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, on, monkeypatch):
+    """codegen.POSITION_STATS (on by default) and off: in residue order Delta and an LSE copy
+    stored by kernel position (by dQ, or by the Delta pass: DELTA_IN_DQ off, and dK/dV alone)
+    or by token; one residue factor (strided TMA boxes) and residue-order heads beside token
+    order ones (card); GQA, two batches, odd length. Buffers poisoned with NaN, so a position
+    no pass stores shows."""
+    from patterncc import codegen
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(codegen, "POSITION_STATS", on)
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
+    _assert_matches_reference(op, q, k, v, t, h)
+    out = op(q.detach(), k, v)
+    ref = reference_attention(q.detach(), k, v, op.mask(t, h).cuda())
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (k, v), g), torch.autograd.grad(ref, (k, v), g.double())):
+        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-2
+
+
 @pytest.mark.parametrize("t", [4096, 4001])
 def test_a_new_length_finds_its_dkdv_compiled_with_length_classes(t, monkeypatch):
     """codegen.SEQ_LEN_CLASSES: the first backward also compiles dK/dV for the other length
