@@ -11,7 +11,8 @@ position p is token p. With ``PERMUTED`` a head may run in *residue order* (patt
 lowering does this for dilated windows): with factor ``dil`` and class length ``seg``,
 positions c * seg .. c * seg + seg - 1 hold the tokens t = c (mod dil) in increasing
 order, so a dilated window becomes a plain band of FULL blocks. Every load and store goes
-through the token of its position; outputs, LSE and gradients stay in token order.
+through the token of its position; outputs, LSE and gradients stay in token order (only the
+backward's own Delta and its copy of the LSE are kept by position: attention_bwd.py).
 ``PERMUTED`` is 0 (token order), 1 (residue order, every class at least as long as any
 tile and (T + 1) * HEAD_DIM below 2^31: division-free tokens, int32 in-head row offsets)
 or 2 (residue order, general: short classes or huge heads).
