@@ -135,10 +135,10 @@ def _attn_bwd_dkdv(
         PERMUTED)
     thin = _thin_item(item_thin, item, THIN_KEYS)
     if thin >= 0:
-        _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, LsePos, ScratchK, ScratchV, kv_row0, n_first, thin, tile, slot, b, B,
-                           H, start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
-                           STATS_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_N, NARROW, THIN_M, PERMUTED, PRECISION,
-                           UPCAST)
+        _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, LsePos, ScratchK, ScratchV, kv_row0, n_first, thin, tile,
+                           slot, b, B, H, start, end, qblock, qhead, entry_flags, dil, seg, tables, qk_scale,
+                           sm_scale, SEQ_LEN, STATS_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_N,
+                           NARROW, THIN_M, PERMUTED, PRECISION, UPCAST)
         _dkdv_sum_if_last(Count, ScratchK, ScratchV, item_merge, item, merge_start, merge_end, tile, b, B,
                           _row_ptrs(dK, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED),
                           _row_ptrs(dV, kv_row0, n_first, tok_n, HEAD_DIM, HEAD_PAD, PERMUTED), valid_n, N_TILES,
@@ -157,8 +157,8 @@ def _attn_bwd_dkdv(
             for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
                 dk, dv = _dkdv_step(k, v, dk, dv, Q, dOut, Q, dOut, Lse, Delta, LsePos,
                                     tl.load(qblock + e) * NARROW, tl.load(qhead + e), tl.load(entry_flags + e), b, H,
-                                    tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN, STATS_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False,
-                                    PRECISION, UPCAST)
+                                    tok_n, sub_col, dil, seg, tables, qk_scale, SEQ_LEN, STATS_LEN, NARROW, HEAD_DIM,
+                                    HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST)
         # One flat loop over (entry, query sub-tile) pairs.
         for it in range(start * M_TILES, end * M_TILES):
             e = it // M_TILES
@@ -233,9 +233,9 @@ def _dkdv_thin_partial(Q, K, V, dOut, Lse, Delta, LsePos, ScratchK, ScratchV, kv
 
 @triton.jit
 def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, head, flags, b, H, tok_n, sub_col, dil,
-               seg, tables, qk_scale, SEQ_LEN, STATS_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-               STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+               seg, tables, qk_scale, SEQ_LEN, STATS_LEN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_PAD: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dK/dV contribution of queries m_first .. m_first + BLOCK_M of query head ``head``."""
     q_row0 = (b * H + head).to(tl.int64) * SEQ_LEN
     tok_m, valid_m = _walked_tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED, HEAD_PAD)
@@ -293,10 +293,10 @@ def _attn_bwd_dq(
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
-        _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh, m_first,
-                         thin, tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale,
-                         SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N, NARROW, STACKED,
-                         PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O, CLASS_GAP)
+        _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh,
+                         m_first, thin, tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables,
+                         qk_scale, sm_scale, SEQ_LEN, HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, ROW_BLOCK, BLOCK_M, BLOCK_N,
+                         NARROW, STACKED, PERMUTED, USE_TMA, PRECISION, UPCAST, DELTA_FROM_O, CLASS_GAP)
         _dq_sum_if_last(Count, ScratchQ, item_merge, item, merge_start, merge_end, tile, b, B, dq_ptrs, valid_m,
                         M_TILES, BLOCK_M, ROW_BLOCK, HEAD_DIM, HEAD_PAD)
     else:
@@ -348,8 +348,9 @@ def _dq_entries(q, do, lse, delta, dq, K, V, Kd, Vd, kv_row0, kv_bh, start, end,
 
 
 @triton.jit
-def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh, m_first, thin,
-                     tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale, sm_scale, SEQ_LEN,
+def _dq_thin_partial(Q, K, V, dOut, Out, Lse, Delta, Kd, Vd, ScratchQ, q_row0, stats_row0, kv_row0, kv_bh, m_first,
+                     thin, tile, slot, b, B, start, end, kblock, entry_flags, head, dil, seg, tables, qk_scale,
+                     sm_scale, SEQ_LEN,
                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
                      ROW_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NARROW: tl.constexpr,
                      STACKED: tl.constexpr, PERMUTED: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
