@@ -596,8 +596,11 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     delta_in_dq = need_q and DELTA_IN_DQ
     if not delta_in_dq:
         bm, _, opts = run.tiles("dq")
-        bm = min(bm, 64)  # (a power of two: it divides the dQ walk's rows, hence stats)
-        m_blocks = stats // bm if stats else math.ceil(run.t / bm)
+        bm = min(bm, 64)  # (a power of two: it divides the dQ walk's rows)
+        # every kernel position of the dQ walk: in residue order, classes padded to whole
+        # blocks put tokens past T's own blocks (by token too: a pass over T positions
+        # would leave their Delta unwritten)
+        m_blocks = plan.dq.rows_per_head * plan.dq.row_block // bm
         run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
             (out, do, lse, delta, lse_pos, plan.dil, plan.seg, run.t, m_blocks, stats, run.h),
             HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, PERMUTED=c["PERMUTED"], **opts)
