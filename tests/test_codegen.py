@@ -304,7 +304,7 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
 
 @pytest.mark.parametrize("switch,default_line,value,line", [
     ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
-    ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(False)", True, "STATS_BY_POSITION = tl.constexpr(True)"),
+    ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""

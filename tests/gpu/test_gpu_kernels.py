@@ -160,7 +160,7 @@ def test_length_classes_match_reference(name, d, t, on, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["dilated", "card"])
 def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, on, monkeypatch):
-    """codegen.POSITION_STATS (off by default until measured here) on and off: in residue order Delta and an LSE copy
+    """codegen.POSITION_STATS (on by default) and off: in residue order Delta and an LSE copy
     stored by kernel position (by dQ, or by the Delta pass: DELTA_IN_DQ off, and dK/dV alone)
     or by token; one residue factor (strided TMA boxes) and residue-order heads beside token
     order ones (card); GQA, two batches, odd length. Buffers poisoned with NaN, so a position
