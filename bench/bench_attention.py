@@ -79,7 +79,8 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "classmask": {"CLASS_MASK": False}, "affine": {"AFFINE_TOKENS_MAX_HEAD_PAD": 0},
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
              "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False},
-             "seqlen16": {"SEQ_LEN_CLASSES": False}, "posstats": {"POSITION_STATS": False}}
+             "seqlen16": {"SEQ_LEN_CLASSES": False}, "posstats": {"POSITION_STATS": False},
+             "pairs": {"PAIRED_STATS": True}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -104,7 +105,8 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "pairthin": "thin-row items one key tile a step",
           "thinkeys": "thin-key items off (dK/dV walks global keys' far blocks whole, not with 16-key tiles)",
           "seqlen16": "dK/dV compiled once for every length (no vector LSE and Delta loads for multiples of 16)",
-          "posstats": "residue order's Delta and LSE by token, not by kernel position (strided dK/dV loads)"}
+          "posstats": "residue order's Delta and LSE by token, not by kernel position (strided dK/dV loads)",
+          "pairs": "LSE and Delta as pairs by kernel position in every launch (one dK/dV load)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

@@ -16,7 +16,8 @@
 # pieces first), spreadcap (spread uncapped), pairthin (thin-row items one key tile a step),
 # thinkeys (dK/dV's thin-key items off: whole key blocks), seqlen16 (dK/dV compiled once for
 # every length: no per-class specialisation, scalar LSE/Delta loads), posstats (residue order's
-# Delta and LSE by token: strided dK/dV loads).
+# Delta and LSE by token: strided dK/dV loads), pairs (LSE and Delta as pairs by kernel
+# position in every launch: one dK/dV load; off by default until measured).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
 # FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown

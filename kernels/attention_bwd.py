@@ -15,7 +15,8 @@ Two or three passes, one launch each, deterministic:
 2. ``_attn_bwd_preprocess``: Delta alone, one program per row tile; launched instead when
    dQ is not wanted (dK/dV only).
    Delta is stored by token, or in residue order by kernel position with a copy of the
-   LSE beside it (``_store_stats``), so that dK/dV loads both as contiguous vectors.
+   LSE beside it (``_store_stats``), so that dK/dV loads both as contiguous vectors; with
+   STATS_PAIRED by position in every launch, as (LSE, Delta) pairs that it loads at once.
 3. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.
@@ -37,9 +38,10 @@ never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
 import triton
 import triton.language as tl
 
-# The generated module's header sets both (codegen.SEQ_LEN_CLASSES, codegen.POSITION_STATS).
+# The generated module's header sets these (codegen.SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS).
 DKDV_UNSPECIALISED = ["SEQ_LEN", "NR", "B", "H"]
 STATS_BY_POSITION = tl.constexpr(True)
+STATS_PAIRED = tl.constexpr(False)
 
 # @template-begin
 
@@ -67,7 +69,7 @@ def _attn_bwd_preprocess(Out, dOut, Lse, Delta, LsePos, head_dil, head_seg, SEQ_
 @triton.jit
 def _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED: tl.constexpr):
     """Where query head ``bh``'s Delta (and its LSE copy) start: see _store_stats."""
-    if PERMUTED and STATS_BY_POSITION:
+    if STATS_PAIRED or (PERMUTED and STATS_BY_POSITION):
         return bh.to(tl.int64) * STATS_LEN
     else:
         return bh.to(tl.int64) * SEQ_LEN
@@ -80,8 +82,12 @@ def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMU
     tile's LSE beside it. dK/dV reads both for every walked query tile: by position they are
     contiguous vector loads, by token strided scalar ones with their addresses and masks.
     Positions that hold no token store LSE = +inf and Delta = 0 (the tile's loads read them
-    so), so p = 0 there."""
-    if PERMUTED and STATS_BY_POSITION:
+    so), so p = 0 there. STATS_PAIRED: by position in every launch, as (LSE, Delta) pairs in
+    one buffer (Delta and LsePos both point at it), which dK/dV reads with one load."""
+    if STATS_PAIRED:
+        pos = stats_row0 + first + tl.arange(0, tok.shape[0])
+        tl.store(LsePos + pos[:, None] * 2 + tl.arange(0, 2)[None, :], tl.join(lse, delta))
+    elif PERMUTED and STATS_BY_POSITION:
         pos = first + tl.arange(0, tok.shape[0])
         tl.store(Delta + stats_row0 + pos, delta)
         tl.store(LsePos + stats_row0 + pos, lse)
@@ -92,7 +98,9 @@ def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMU
 @triton.jit
 def _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED: tl.constexpr):
     """Delta of query positions first .. first + len(tok) - 1 (see _store_stats)."""
-    if PERMUTED and STATS_BY_POSITION:
+    if STATS_PAIRED:
+        return tl.load(Delta + (stats_row0 + first + tl.arange(0, tok.shape[0])) * 2 + 1)
+    elif PERMUTED and STATS_BY_POSITION:
         return tl.load(Delta + stats_row0 + first + tl.arange(0, tok.shape[0]))
     else:
         return tl.load(Delta + stats_row0 + tok, mask=valid, other=0.0)
@@ -106,6 +114,14 @@ def _load_lse(Lse, LsePos, q_row0, stats_row0, first, tok, valid, PERMUTED: tl.c
         return tl.load(LsePos + stats_row0 + first + tl.arange(0, tok.shape[0]))
     else:
         return tl.load(Lse + q_row0 + tok, mask=valid, other=float("inf"))
+
+
+@triton.jit
+def _load_stat_pairs(Pairs, stats_row0, first, BLOCK_M: tl.constexpr):
+    """LSE and Delta of query positions first .. first + BLOCK_M - 1 from their (LSE, Delta)
+    pairs (STATS_PAIRED): one contiguous load, no mask (every position is stored)."""
+    pos = stats_row0 + first + tl.arange(0, BLOCK_M)
+    return tl.split(tl.load(Pairs + pos[:, None] * 2 + tl.arange(0, 2)[None, :]))
 
 
 @triton.jit(do_not_specialize=DKDV_UNSPECIALISED)
@@ -244,8 +260,11 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, head
     do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
                       HEAD_PAD, PERMUTED, USE_TMA)
     stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED)
-    lse = _load_lse(Lse, LsePos, q_row0, stats_row0, m_first, tok_m, valid_m, PERMUTED)
-    delta = _load_delta(Delta, stats_row0, m_first, tok_m, valid_m, PERMUTED)
+    if STATS_PAIRED:
+        lse, delta = _load_stat_pairs(LsePos, stats_row0, m_first, BLOCK_M)
+    else:
+        lse = _load_lse(Lse, LsePos, q_row0, stats_row0, m_first, tok_m, valid_m, PERMUTED)
+        delta = _load_delta(Delta, stats_row0, m_first, tok_m, valid_m, PERMUTED)
     # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
     # the products below then need no register transposes of p or dS.
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale

@@ -90,6 +90,15 @@ SEQ_LEN_CLASSES = True
 # session, interleaved A/B): dK/dV -12% to -14% at D=64, -20% at D=128; forward+backward
 # kernels -6% to -8%; on. A/B row `posstats` turns it off.
 POSITION_STATS = True
+# Delta and the LSE by kernel position in every launch, token order included, and stored as
+# (LSE, Delta) pairs in one buffer ([B, H, STATS_LEN, 2] fp32): dK/dV then loads both with one
+# unmasked vector load of pairs per walked tile instead of two masked ones (kernels/
+# attention_bwd.py _store_stats). sm_90 SASS (Triton 3.6, bf16, D=64, the tuned 32x64 tile
+# without TMA): longformer's dK/dV FULL walk 280 -> 259 instructions, its warp-level (HMMA)
+# walk 278 -> 236; the dilated window's 300 -> 293. Positions alone, as two buffers, gave
+# longformer 280 -> 276. Off until measured on a GPU (twenty-seventh session); the A/B row
+# `pairs` turns it on.
+PAIRED_STATS = False
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -319,9 +328,10 @@ def _template(name: str) -> str:
 
 def switches() -> tuple:
     """The switches that change the generated source (MERGE_BANDS, AFFINE_TOKENS_MAX_HEAD_PAD,
-    SEQ_LEN_CLASSES, POSITION_STATS), as a key: load's module cache and the backend's launch
+    SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS), as a key: load's module cache and the backend's launch
     constants carry it."""
-    return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES), bool(POSITION_STATS))
+    return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES), bool(POSITION_STATS),
+            bool(PAIRED_STATS))
 
 
 def dkdv_unspecialised() -> list[str]:
@@ -361,6 +371,8 @@ def render(plan: PredicatePlan) -> str:
         f"DKDV_UNSPECIALISED = {dkdv_unspecialised()!r}",
         "# Residue order: Delta and an LSE copy by kernel position (codegen.POSITION_STATS).",
         f"STATS_BY_POSITION = tl.constexpr({bool(POSITION_STATS)})",
+        "# Every launch: LSE and Delta by kernel position as (LSE, Delta) pairs (codegen.PAIRED_STATS).",
+        f"STATS_PAIRED = tl.constexpr({bool(PAIRED_STATS)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),

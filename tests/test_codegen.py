@@ -305,6 +305,7 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
 @pytest.mark.parametrize("switch,default_line,value,line", [
     ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
     ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
+    ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(False)", True, "STATS_PAIRED = tl.constexpr(True)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""
@@ -402,16 +403,18 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,head_dim,block", [("bf16", 80, 64), ("fp16", 64, 128)])
-def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block):
+@pytest.mark.parametrize("dtype,head_dim,block,paired", [("bf16", 80, 64, False), ("fp16", 64, 128, False),
+                                                         ("bf16", 64, 64, True)])
+def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block, paired):
     """Compile every generated kernel ahead of time for an H100 (sm_90): the CPU test run
-    uses Triton's interpreter, which would not catch what only the compiler rejects."""
+    uses Triton's interpreter, which would not catch what only the compiler rejects.
+    ``paired``: with codegen.PAIRED_STATS on (off by default)."""
     pytest.importorskip("triton.backends.nvidia")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Triton fixed interpreter mode for its own helpers when it was imported
         # (tests/conftest.py turns it on for the CPU run): compile in a fresh process.
         env = dict(os.environ, TRITON_INTERPRET="0")
-        node = f"{__file__}::test_kernels_compile_for_sm90_without_a_gpu[{dtype}-{head_dim}-{block}]"
+        node = f"{__file__}::test_kernels_compile_for_sm90_without_a_gpu[{dtype}-{head_dim}-{block}-{paired}]"
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
                            env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -419,6 +422,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
         return
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(codegen, "PAIRED_STATS", paired)
     many = "global([" + ", ".join(str(7 * i) for i in range(20)) + "])"
     src = f"(window(8) | {many} | (random(64, seed=1) & causal) | strided(9, heads=[2])) | dilate(2, heads=[1])"
     gen = codegen.load(patterncc.parse(src))
@@ -440,6 +444,9 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     # TAIL entry), token order with TMA and residue order with thin rows
     variants = [(*v, True) for v in variants] + [(0, block, True, 4, None, True, False, True, False),
                                                   (1, block, False, 4, None, True, True, True, False)]
+    if paired:  # the pairs' writers (dQ, the Delta pass) and readers, token and residue order, TMA
+        variants = [(0, block, False, 4, None, True, True, True, True),
+                    (1, block, False, 4, None, True, True, False, True), (0, block, True, 4, None, True, False, False, True)]
     for permuted, rows, tma, warps, cap, fold, thin, delta, tail in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
                                        fold_scale=fold, thin_rows=thin, delta_from_o=delta, tail=tail,

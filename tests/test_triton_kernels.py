@@ -519,6 +519,29 @@ def test_dk_dv_alone_take_delta_from_its_own_pass(delta_in_dq, monkeypatch):
     assert rel_err(dk, ref_dk) < FP32_TOL and rel_err(dv, ref_dv) < FP32_TOL
 
 
+def _stats_case(src, t, h, hkv, d, b, bs, split, passes, monkeypatch) -> list:
+    """Run one case of the Delta writers (dQ, the Delta pass, or the Delta pass before dK/dV
+    alone) against the float64 reference; the shapes of the buffers the backend allocated."""
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", passes == "dq computes Delta")
+    shapes = []
+    poisoned_empty = triton_backend._empty
+    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: (
+        shapes.append(tuple(shape)), poisoned_empty(shape, like, dtype))[1])
+    if passes == "dK/dV alone":
+        layout = get_layout(patterncc.parse(src), t, h, bs)
+        q, k, v = _inputs(b, h, hkv, t, d, torch.float32)
+        q = q.detach()
+        g = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        got = torch.autograd.grad(triton_backend.attention(q, k, v, layout, 0.25, split=split), (k, v), g)
+        ref_in = [x.detach().double().requires_grad_() for x in (k, v)]
+        ref = reference_attention(q.double(), *ref_in, torch.from_numpy(layout.mask()).to(DEVICE), 0.25)
+        assert max(rel_err(a, r) for a, r in zip(got, torch.autograd.grad(ref, ref_in, g.double()))) < FP32_TOL
+    else:
+        errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+        assert_close(errs)
+    return shapes
+
+
 # Residue order's Delta writers and readers: split rows with GQA and odd T; a token-order
 # head beside a residue-order one in the same launch.
 STATS_CASES = [("window(5) | global([0, 7]) | dilate(2)", 157, 4, 2, 16, 2, 16, 5),
@@ -535,28 +558,29 @@ def test_residue_order_stats_by_position_or_by_token(src, t, h, hkv, d, b, bs, s
     of 16, past T: classes are padded); off, Delta by token in [B, H, T]. Both are poisoned:
     a position no pass stores reads NaN in the gradients. Matched to the float64 reference."""
     monkeypatch.setattr(codegen, "POSITION_STATS", on)
-    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", passes == "dq computes Delta")
-    shapes = []
-    poisoned_empty = triton_backend._empty
-    monkeypatch.setattr(triton_backend, "_empty",
-                        lambda shape, like, dtype=None: (shapes.append(tuple(shape)), poisoned_empty(shape, like, dtype))[1])
-    if passes == "dK/dV alone":
-        layout = get_layout(patterncc.parse(src), t, h, bs)
-        q, k, v = _inputs(b, h, hkv, t, d, torch.float32)
-        q = q.detach()
-        g = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-        got = torch.autograd.grad(triton_backend.attention(q, k, v, layout, 0.25, split=split), (k, v), g)
-        ref_in = [x.detach().double().requires_grad_() for x in (k, v)]
-        ref = reference_attention(q.double(), *ref_in, torch.from_numpy(layout.mask()).to(DEVICE), 0.25)
-        assert max(rel_err(a, r) for a, r in zip(got, torch.autograd.grad(ref, ref_in, g.double()))) < FP32_TOL
-    else:
-        errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
-        assert_close(errs)
+    shapes = _stats_case(src, t, h, hkv, d, b, bs, split, passes, monkeypatch)
     stats = [s for s in shapes if len(s) == 3 and s != (b, h, t)]  # (the forward's LSE is [B, H, T])
     if on:
         assert len(stats) == 2 and stats[0] == stats[1] and stats[0][2] > t and stats[0][2] % 16 == 0, shapes
     else:
         assert stats == [] and shapes.count((b, h, t)) == 2, shapes  # LSE, Delta
+
+
+PAIR_CASES = [*STATS_CASES, ("window(6) | global([0, 40])", 139, 4, 2, 16, 2, 16, 3)]  # + token order
+
+
+@pytest.mark.parametrize("passes", ["dq computes Delta", "Delta pass", "dK/dV alone"])
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_stats_as_pairs_by_position(src, t, h, hkv, d, b, bs, split, passes, monkeypatch):
+    """codegen.PAIRED_STATS: in every launch (token order too) the pass that computes Delta
+    stores (LSE, Delta) pairs by kernel position in one [B, H, STATS_LEN, 2] buffer, read by
+    dK/dV with one unmasked load (and by dQ after the Delta pass). Poisoned buffers, split
+    rows, GQA, odd T, two batches; matched to the float64 reference."""
+    monkeypatch.setattr(codegen, "PAIRED_STATS", True)
+    shapes = _stats_case(src, t, h, hkv, d, b, bs, split, passes, monkeypatch)
+    pairs = [s for s in shapes if len(s) == 4 and s[-1] == 2]
+    assert len(pairs) == 1 and pairs[0][:2] == (b, h) and pairs[0][2] >= t and pairs[0][2] % 16 == 0, shapes
+    assert shapes.count((b, h, t)) == 1, shapes  # the forward's LSE only
 
 
 @pytest.mark.parametrize("kind,cfg", [("fwd", (32, 64)), ("fwd", (64, 16)), ("dkdv", (16, 64)),

@@ -391,11 +391,11 @@ class _Launch:
         self.residue_dil = (lowering.residue_stride(klay)
                             if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
         self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
-        # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS):
-        # the dQ walk's positions a head, each of which dQ (or the preprocess pass) stores;
-        # 0 in token order, where Delta is by token, SEQ_LEN a head.
-        self.stats_len = (self.plan.dq.rows_per_head * self.plan.dq.row_block
-                          if self.consts["PERMUTED"] and codegen.POSITION_STATS else 0)
+        # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS;
+        # every launch, as pairs, with codegen.PAIRED_STATS): the dQ walk's positions a head,
+        # each of which dQ (or the preprocess pass) stores; 0 where Delta is by token.
+        by_position = codegen.PAIRED_STATS or (self.consts["PERMUTED"] and codegen.POSITION_STATS)
+        self.stats_len = self.plan.dq.rows_per_head * self.plan.dq.row_block if by_position else 0
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
         self.warmed: set = set()  # kernels whose other variant warm() has compiled
@@ -591,8 +591,11 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     plan, c = run.plan, run.consts
 
     stats = run.stats_len
-    delta = _empty((run.b, run.h, stats or run.t), lse)
-    lse_pos = _empty(delta.shape, lse) if stats else lse  # (read only by position)
+    if codegen.PAIRED_STATS:  # (LSE, Delta) pairs by position, one buffer for both arguments
+        delta = lse_pos = _empty((run.b, run.h, stats, 2), lse)
+    else:
+        delta = _empty((run.b, run.h, stats or run.t), lse)
+        lse_pos = _empty(delta.shape, lse) if stats else lse  # (read only by position)
     delta_in_dq = need_q and DELTA_IN_DQ
     if not delta_in_dq:
         bm, _, opts = run.tiles("dq")

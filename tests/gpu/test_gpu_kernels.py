@@ -178,6 +178,27 @@ def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, o
     _assert_kv_grads_match_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", ["longformer", "dilated", "card"])
+def test_stats_as_pairs_match_reference(name, d, delta_in_dq, monkeypatch):
+    """codegen.PAIRED_STATS (off by default until measured here): (LSE, Delta) pairs by kernel
+    position in every launch, token order (longformer: split rows, thin rows and keys) and
+    residue order; by dQ, or by the Delta pass (DELTA_IN_DQ off, and dK/dV alone). GQA, two
+    batches, odd length; buffers poisoned with NaN, so a position no pass stores shows."""
+    from patterncc import codegen
+    from patterncc.backends import triton_backend
+    monkeypatch.setattr(codegen, "PAIRED_STATS", True)
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
+    _assert_matches_reference(op, q, k, v, t, h)
+    _assert_kv_grads_match_reference(op, q, k, v, t, h)
+
+
 @pytest.mark.parametrize("t", [4096, 4001])
 def test_a_new_length_finds_its_dkdv_compiled_with_length_classes(t, monkeypatch):
     """codegen.SEQ_LEN_CLASSES: the first backward also compiles dK/dV for the other length
