@@ -155,6 +155,24 @@ def test_length_classes_match_reference(name, d, t, on, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, 4)
 
 
+def _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, **switches):
+    """Forward, gradients and dK/dV alone of pattern ``name`` with codegen ``switches`` set, Delta
+    from the dQ pass or its own (DELTA_IN_DQ), every backend buffer poisoned with NaN: GQA, two
+    batches, an odd length."""
+    from patterncc import codegen
+    from patterncc.backends import triton_backend
+    for switch, value in switches.items():
+        monkeypatch.setattr(codegen, switch, value)
+    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
+    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
+    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
+    t, h = 4001, 4
+    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
+    _assert_matches_reference(op, q, k, v, t, h)
+    _assert_kv_grads_match_reference(op, q, k, v, t, h)
+
+
 @pytest.mark.parametrize("on", [True, False])
 @pytest.mark.parametrize("delta_in_dq", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
@@ -165,17 +183,7 @@ def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, o
     or by token; one residue factor (strided TMA boxes) and residue-order heads beside token
     order ones (card); GQA, two batches, odd length. Buffers poisoned with NaN, so a position
     no pass stores shows."""
-    from patterncc import codegen
-    from patterncc.backends import triton_backend
-    monkeypatch.setattr(codegen, "POSITION_STATS", on)
-    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
-    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: torch.full(
-        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
-    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
-    t, h = 4001, 4
-    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
-    _assert_matches_reference(op, q, k, v, t, h)
-    _assert_kv_grads_match_reference(op, q, k, v, t, h)
+    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, POSITION_STATS=on)
 
 
 @pytest.mark.parametrize("delta_in_dq", [True, False])
@@ -186,17 +194,7 @@ def test_stats_as_pairs_match_reference(name, d, delta_in_dq, monkeypatch):
     position in every launch, token order (longformer: split rows, thin rows and keys) and
     residue order; by dQ, or by the Delta pass (DELTA_IN_DQ off, and dK/dV alone). GQA, two
     batches, odd length; buffers poisoned with NaN, so a position no pass stores shows."""
-    from patterncc import codegen
-    from patterncc.backends import triton_backend
-    monkeypatch.setattr(codegen, "PAIRED_STATS", True)
-    monkeypatch.setattr(triton_backend, "DELTA_IN_DQ", delta_in_dq)
-    monkeypatch.setattr(triton_backend, "_empty", lambda shape, like, dtype=None: torch.full(
-        shape, float("nan"), dtype=dtype or like.dtype, device=like.device))
-    op = patterncc.compile(REFERENCE[name], block_size=64, backend="triton")
-    t, h = 4001, 4
-    q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
-    _assert_matches_reference(op, q, k, v, t, h)
-    _assert_kv_grads_match_reference(op, q, k, v, t, h)
+    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True)
 
 
 @pytest.mark.parametrize("t", [4096, 4001])
