@@ -94,10 +94,10 @@ POSITION_STATS = True
 # (LSE, Delta) pairs in one buffer ([B, H, STATS_LEN, 2] fp32): dK/dV then loads both with one
 # unmasked vector load of pairs per walked tile instead of two masked ones (kernels/
 # attention_bwd.py _store_stats). sm_90 SASS (Triton 3.6, bf16, D=64, the tuned 32x64 tile
-# without TMA): longformer's dK/dV FULL walk 280 -> 259 instructions, its warp-level (HMMA)
-# walk 278 -> 236; the dilated window's 300 -> 293. Positions alone, as two buffers, gave
-# longformer 280 -> 276. Off until measured on a GPU (twenty-seventh session); the A/B row
-# `pairs` turns it on.
+# without TMA): longformer's dK/dV FULL walk 280 -> 264 instructions, its warp-level (HMMA)
+# walk 278 -> 240; the dilated window's 300 -> 293; at D=128 (64x64, TMA) 520 -> 423 and
+# 594 -> 452. Positions alone, as two buffers, gave longformer 280 -> 276 at D=64. Off until
+# measured on a GPU (twenty-seventh session); the A/B row `pairs` turns it on.
 PAIRED_STATS = False
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"

@@ -446,7 +446,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
                                                   (1, block, False, 4, None, True, True, True, False)]
     if paired:  # the pairs' writers (dQ, the Delta pass) and readers, token and residue order, TMA
         variants = [(0, block, False, 4, None, True, True, True, True),
-                    (1, block, False, 4, None, True, True, False, True), (0, block, True, 4, None, True, False, False, True)]
+                    (1, block, False, 4, None, True, True, False, True),
+                    (0, block, True, 4, None, True, False, False, True)]
     for permuted, rows, tma, warps, cap, fold, thin, delta, tail in variants:
         compiled_kernels = aot_compile(gen, dtype, head_dim, block, rows, permuted, warps, tma=tma, maxnreg=cap,
                                        fold_scale=fold, thin_rows=thin, delta_from_o=delta, tail=tail,
