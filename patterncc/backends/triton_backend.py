@@ -390,11 +390,14 @@ class _Launch:
         self.residue_dil = (lowering.residue_stride(klay)
                             if lowering.RESIDUE_TMA and self.consts["PERMUTED"] == 1 else None)
         self.residue_seg = int(klay.seg.max())  # class length (padded to the layout block)
+        # The dQ walk's kernel positions a head: every one is stored by dQ (or the Delta pass),
+        # past T where residue-order classes are padded to whole blocks.
+        self.positions = self.plan.dq.rows_per_head * self.plan.dq.row_block
         # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS;
-        # every launch, as pairs, with codegen.PAIRED_STATS): the dQ walk's positions a head,
-        # each of which dQ (or the preprocess pass) stores; 0 where Delta is by token.
+        # every launch, as pairs, with codegen.PAIRED_STATS): positions a head; 0 where Delta
+        # is by token.
         by_position = codegen.PAIRED_STATS or (self.consts["PERMUTED"] and codegen.POSITION_STATS)
-        self.stats_len = self.plan.dq.rows_per_head * self.plan.dq.row_block if by_position else 0
+        self.stats_len = self.positions if by_position else 0
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
         self.warmed: set = set()  # kernels whose other variant warm() has compiled
@@ -599,10 +602,9 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     if not delta_in_dq:
         bm, _, opts = run.tiles("dq")
         bm = min(bm, 64)  # (a power of two: it divides the dQ walk's rows)
-        # every kernel position of the dQ walk: in residue order, classes padded to whole
-        # blocks put tokens past T's own blocks (by token too: a pass over T positions
-        # would leave their Delta unwritten)
-        m_blocks = plan.dq.rows_per_head * plan.dq.row_block // bm
+        # every kernel position (by token too: ceil(T / bm) tiles of positions would miss the
+        # tokens that residue-order classes padded to whole blocks put past them)
+        m_blocks = run.positions // bm
         run.launch("_attn_bwd_preprocess", (run.b * run.h * m_blocks,),
             (out, do, lse, delta, lse_pos, plan.dil, plan.seg, run.t, m_blocks, stats, run.h),
             HEAD_DIM=run.d, HEAD_PAD=run.d_pad, BLOCK_M=bm, PERMUTED=c["PERMUTED"], **opts)
