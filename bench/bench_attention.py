@@ -80,7 +80,9 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
              "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False},
              "seqlen16": {"SEQ_LEN_CLASSES": False}, "posstats": {"POSITION_STATS": False},
-             "pairs": {"PAIRED_STATS": True}}
+             "pairs": {"PAIRED_STATS": False},
+             "cap128": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 3, maxnreg=128)}},
+             "cap128s2": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 2, maxnreg=128)}}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -92,7 +94,8 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0,
-           "posstats": lambda r: r["residue_heads"]}
+           "posstats": lambda r: r["residue_heads"], "cap128": lambda r: r["D"] == 64,
+           "cap128s2": lambda r: r["D"] == 64}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
@@ -106,7 +109,9 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "thinkeys": "thin-key items off (dK/dV walks global keys' far blocks whole, not with 16-key tiles)",
           "seqlen16": "dK/dV compiled once for every length (no vector LSE and Delta loads for multiples of 16)",
           "posstats": "residue order's Delta and LSE by token, not by kernel position (strided dK/dV loads)",
-          "pairs": "LSE and Delta as pairs by kernel position in every launch (one dK/dV load)"}
+          "pairs": "LSE and Delta in two buffers, by token in token order (two masked dK/dV loads), not as pairs",
+          "cap128": "dK/dV at D=64 capped at 128 registers (32x64, 3 stages: four programs per SM, not three)",
+          "cap128s2": "dK/dV at D=64 capped at 128 registers, 2 stages (four programs per SM)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {
@@ -412,9 +417,9 @@ def kernel_stats(lay, q) -> dict:
 
 @contextlib.contextmanager
 def switched(switches: dict):
-    """Module switches of patterncc.lowering, codegen or the Triton backend set to the given values
+    """Module switches of patterncc.lowering, codegen, tuning or the Triton backend set to the given values
     for the ``with`` block, then put back as they were (an A/B variant, a model's variant)."""
-    owner = {flag: next((m for m in (lowering, codegen) if hasattr(m, flag)), triton_backend) for flag in switches}
+    owner = {flag: next((m for m in (lowering, codegen, tuning) if hasattr(m, flag)), triton_backend) for flag in switches}
     saved = {flag: getattr(owner[flag], flag) for flag in switches}
     try:
         for flag, value in switches.items():

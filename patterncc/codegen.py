@@ -96,9 +96,12 @@ POSITION_STATS = True
 # attention_bwd.py _store_stats). sm_90 SASS (Triton 3.6, bf16, D=64, the tuned 32x64 tile
 # without TMA): longformer's dK/dV FULL walk 280 -> 264 instructions, its warp-level (HMMA)
 # walk 278 -> 240; the dilated window's 300 -> 293; at D=128 (64x64, TMA) 520 -> 423 and
-# 594 -> 452. Positions alone, as two buffers, gave longformer 280 -> 276 at D=64. Off until
-# measured on a GPU (twenty-seventh session); the A/B row `pairs` turns it on.
-PAIRED_STATS = False
+# 594 -> 452. Positions alone, as two buffers, gave longformer 280 -> 276 at D=64. Measured on
+# an H100 (twenty-eighth session, interleaved A/B, 2-3 rounds): dK/dV -1.7% (longformer, 16K,
+# D=64), -3.2% / -3.4% (longformer 16K / 64K, D=128), -1.7% (the dilated window, 16K, D=128):
+# smaller than the SASS counts, the walk being bound by more than its instructions; on. The
+# A/B row `pairs` turns it off.
+PAIRED_STATS = True
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")

@@ -305,7 +305,7 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
 @pytest.mark.parametrize("switch,default_line,value,line", [
     ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
     ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
-    ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(False)", True, "STATS_PAIRED = tl.constexpr(True)"),
+    ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(True)", False, "STATS_PAIRED = tl.constexpr(False)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""
@@ -403,12 +403,12 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,head_dim,block,paired", [("bf16", 80, 64, False), ("fp16", 64, 128, False),
-                                                         ("bf16", 64, 64, True)])
+@pytest.mark.parametrize("dtype,head_dim,block,paired", [("bf16", 80, 64, True), ("fp16", 64, 128, True),
+                                                         ("bf16", 64, 64, False)])
 def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block, paired):
     """Compile every generated kernel ahead of time for an H100 (sm_90): the CPU test run
     uses Triton's interpreter, which would not catch what only the compiler rejects.
-    ``paired``: with codegen.PAIRED_STATS on (off by default)."""
+    ``paired``: codegen.PAIRED_STATS (on by default) on, or off."""
     pytest.importorskip("triton.backends.nvidia")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Triton fixed interpreter mode for its own helpers when it was imported

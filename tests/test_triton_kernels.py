@@ -558,6 +558,7 @@ def test_residue_order_stats_by_position_or_by_token(src, t, h, hkv, d, b, bs, s
     of 16, past T: classes are padded); off, Delta by token in [B, H, T]. Both are poisoned:
     a position no pass stores reads NaN in the gradients. Matched to the float64 reference."""
     monkeypatch.setattr(codegen, "POSITION_STATS", on)
+    monkeypatch.setattr(codegen, "PAIRED_STATS", False)  # (pairs would store every launch's stats by position)
     shapes = _stats_case(src, t, h, hkv, d, b, bs, split, passes, monkeypatch)
     stats = [s for s in shapes if len(s) == 3 and s != (b, h, t)]  # (the forward's LSE is [B, H, T])
     if on:

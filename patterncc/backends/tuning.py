@@ -84,7 +84,11 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 # shortlist sweep at T=65536, H=16 (bench/tune.py SHORTLIST=1: the H200 sweeps' winners and
 # runners-up; bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3-run17-tune-shortlist-*.json): the
 # H200's winners again, and for the tall class at D=128 the 2-stage TMA dQ (0.89x the untuned
-# entry's time) and dK/dV (0.88x), which the H200's tall sweeps never tried.
+# entry's time) and dK/dV (0.88x), which the H200's tall sweeps never tried. Its D=64 dK/dV
+# tile is capped at 128 registers (twenty-eighth session: ptxas gives it 150-154, three programs
+# per SM; capped, four fit, with 12-39 spill instructions, none in the walk's loops): dK/dV
+# -4% (longformer, 16K) to -6% (the dilated window), +2% on BigBird, the causal window alike,
+# by interleaved A/B with LSE and Delta as pairs (bench/RESULTS.md). Not measured on an H200.
 TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
     "NVIDIA H200": {
         ("fwd", 64, False): K(64, 64, 4, 2, True, 128), ("fwd", 64, True): K(64, 64, 4, 2, True, 128),
@@ -97,7 +101,8 @@ TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
     "NVIDIA H100": {
         ("fwd", 64, False): K(64, 64, 4, 2, True, 128), ("fwd", 64, True): K(64, 64, 4, 2, True, 128),
         ("dq", 64, False): K(64, 64, 4, 2, True, 128), ("dq", 64, True): K(64, 64, 4, 2, True, 128),
-        ("dkdv", 64, False): K(32, 64, 4, 3), ("dkdv", 64, True): K(32, 64, 4, 3),
+        ("dkdv", 64, False): K(32, 64, 4, 3, maxnreg=128),
+        ("dkdv", 64, True): K(32, 64, 4, 3, maxnreg=128),
         ("fwd", 128, False): K(64, 64, 4, 3, True), ("fwd", 128, True): K(64, 64, 4, 3, True),
         ("dq", 128, False): K(64, 64, 4, 2, True), ("dq", 128, True): K(64, 64, 4, 2, True),
         ("dkdv", 128, False): K(64, 64, 4, 3, True), ("dkdv", 128, True): K(64, 64, 4, 2, True),
@@ -116,7 +121,7 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
            K(64, 64, 4, 3, True), K(128, 32, 8, 2, True), K(128, 32, 8, 2, maxnreg=128),
            K(64, 64, 4, 2, True, maxnreg=128), K(64, 64, 4, 2, True)],
     "dkdv": [K(64, 64, 4, 2), K(32, 128, 4, 3), K(64, 128, 8, 2), K(32, 128, 8, 2), K(32, 64, 4, 3),
-             K(64, 64, 4, 3, True), K(32, 128, 8, 2, True), K(64, 64, 4, 2, True)],
+             K(64, 64, 4, 3, True), K(32, 128, 8, 2, True), K(64, 64, 4, 2, True), K(32, 64, 4, 3, maxnreg=128)],
 }
 
 

@@ -178,19 +178,20 @@ def _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, *
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["dilated", "card"])
 def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, on, monkeypatch):
-    """codegen.POSITION_STATS (on by default) and off: in residue order Delta and an LSE copy
+    """codegen.POSITION_STATS (on by default) and off, with PAIRED_STATS off (pairs store every
+    launch's stats by position whatever it says): in residue order Delta and an LSE copy
     stored by kernel position (by dQ, or by the Delta pass: DELTA_IN_DQ off, and dK/dV alone)
     or by token; one residue factor (strided TMA boxes) and residue-order heads beside token
     order ones (card); GQA, two batches, odd length. Buffers poisoned with NaN, so a position
     no pass stores shows."""
-    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, POSITION_STATS=on)
+    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, POSITION_STATS=on, PAIRED_STATS=False)
 
 
 @pytest.mark.parametrize("delta_in_dq", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["longformer", "dilated", "card"])
 def test_stats_as_pairs_match_reference(name, d, delta_in_dq, monkeypatch):
-    """codegen.PAIRED_STATS (off by default until measured here): (LSE, Delta) pairs by kernel
+    """codegen.PAIRED_STATS (on by default): (LSE, Delta) pairs by kernel
     position in every launch, token order (longformer: split rows, thin rows and keys) and
     residue order; by dQ, or by the Delta pass (DELTA_IN_DQ off, and dK/dV alone). GQA, two
     batches, odd length; buffers poisoned with NaN, so a position no pass stores shows."""
