@@ -16,8 +16,9 @@
 # pieces first), spreadcap (spread uncapped), pairthin (thin-row items one key tile a step),
 # thinkeys (dK/dV's thin-key items off: whole key blocks), seqlen16 (dK/dV compiled once for
 # every length: no per-class specialisation, scalar LSE/Delta loads), posstats (residue order's
-# Delta and LSE by token: strided dK/dV loads), pairs (LSE and Delta as pairs by kernel
-# position in every launch: one dK/dV load; off by default until measured).
+# Delta and LSE by token: strided dK/dV loads), pairs (LSE and Delta in two buffers, by token
+# in token order: two dK/dV loads, not one of pairs), cap128 / cap128s2 (dK/dV at D=64 forced to
+# the 32x64 tile capped at 128 registers, 3 / 2 stages: what the H100 table has, for other GPUs).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
 # FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown

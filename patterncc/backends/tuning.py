@@ -86,7 +86,7 @@ CONFIGS: dict[tuple[str, int], KernelConfig] = {}
 # H200's winners again, and for the tall class at D=128 the 2-stage TMA dQ (0.89x the untuned
 # entry's time) and dK/dV (0.88x), which the H200's tall sweeps never tried. Its D=64 dK/dV
 # tile is capped at 128 registers (twenty-eighth session: ptxas gives it 150-154, three programs
-# per SM; capped, four fit, with 12-39 spill instructions, none in the walk's loops): dK/dV
+# per SM; capped, four fit, with 2-39 spill instructions, none in the walk's loops): dK/dV
 # -4% (longformer, 16K) to -6% (the dilated window), +2% on BigBird, the causal window alike,
 # by interleaved A/B with LSE and Delta as pairs (bench/RESULTS.md). Not measured on an H200.
 TUNED: dict[str, dict[tuple[str, int, bool], KernelConfig]] = {
