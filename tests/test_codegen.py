@@ -408,7 +408,8 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block, paired):
     """Compile every generated kernel ahead of time for an H100 (sm_90): the CPU test run
     uses Triton's interpreter, which would not catch what only the compiler rejects.
-    ``paired``: codegen.PAIRED_STATS (on by default) on, or off."""
+    ``paired``: codegen.PAIRED_STATS (on by default) on, every variant; or off, the variants
+    of the two-buffer LSE and Delta path."""
     pytest.importorskip("triton.backends.nvidia")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Triton fixed interpreter mode for its own helpers when it was imported
@@ -429,11 +430,11 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     # token order (the forward's scale folded into exp2, and not: a scale <= 0); residue order
     # (both order modes) with stacked rows; token order with TMA descriptors, and residue
     # order with strided (4-D) ones; 128-row tiles at 8 warps under a register cap (the
-    # capped candidates)
+    # capped candidates), and 4 warps under it by pointers (the H100's D=64 dK/dV tile)
     variants = ((0, block, False, 4, None, True), (0, block, False, 4, None, False),
                 (1, 2 * block, False, 4, None, True), (2, 2 * block, False, 4, None, True),
                 (0, block, True, 4, None, True), (1, block, True, 4, None, True),
-                (0, max(block, 128), True, 8, 128, True))
+                (0, max(block, 128), True, 8, 128, True), (0, block, False, 4, 128, True))
     # and thin items (lowering.THIN_ROWS: 16-row tiles in the forward and dQ; THIN_KEYS:
     # 16-key tiles in dK/dV), token order with TMA and residue order by pointers
     variants = [(*v, False) for v in variants] + [(0, block, True, 4, None, True, True),
@@ -444,7 +445,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, he
     # TAIL entry), token order with TMA and residue order with thin rows
     variants = [(*v, True) for v in variants] + [(0, block, True, 4, None, True, False, True, False),
                                                   (1, block, False, 4, None, True, True, True, False)]
-    if paired:  # the pairs' writers (dQ, the Delta pass) and readers, token and residue order, TMA
+    if not paired:  # LSE and Delta in two buffers: their writers (dQ, the Delta pass) and readers,
+        # token and residue order, TMA
         variants = [(0, block, False, 4, None, True, True, True, True),
                     (1, block, False, 4, None, True, True, False, True),
                     (0, block, True, 4, None, True, False, False, True)]
