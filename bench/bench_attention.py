@@ -417,9 +417,10 @@ def kernel_stats(lay, q) -> dict:
 
 @contextlib.contextmanager
 def switched(switches: dict):
-    """Module switches of patterncc.lowering, codegen, tuning or the Triton backend set to the given values
-    for the ``with`` block, then put back as they were (an A/B variant, a model's variant)."""
-    owner = {flag: next((m for m in (lowering, codegen, tuning) if hasattr(m, flag)), triton_backend) for flag in switches}
+    """Module switches of patterncc.lowering, codegen, tuning or the Triton backend set to the given
+    values for the ``with`` block, then put back as they were (an A/B variant, a model's variant)."""
+    owner = {flag: next((m for m in (lowering, codegen, tuning) if hasattr(m, flag)), triton_backend)
+             for flag in switches}
     saved = {flag: getattr(owner[flag], flag) for flag in switches}
     try:
         for flag, value in switches.items():

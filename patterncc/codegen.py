@@ -99,8 +99,10 @@ POSITION_STATS = True
 # 594 -> 452. Positions alone, as two buffers, gave longformer 280 -> 276 at D=64. Measured on
 # an H100 (twenty-eighth session, interleaved A/B, 2-3 rounds): dK/dV -1.7% (longformer, 16K,
 # D=64), -3.2% / -3.4% (longformer 16K / 64K, D=128), -1.7% (the dilated window, 16K, D=128):
-# smaller than the SASS counts, the walk being bound by more than its instructions; on. The
-# A/B row `pairs` turns it off.
+# smaller than the SASS counts, the walk being bound by more than its instructions. Under the
+# H100's register-capped D=64 dK/dV tile (tuning.TUNED) pairs off measured dK/dV -2% to -3%
+# on longformer, the dilated window and BigBird but +7% on the causal window: on, one setting
+# for every head dim (bench/RESULTS.md, twenty-eighth session). The A/B row `pairs` turns it off.
 PAIRED_STATS = True
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
