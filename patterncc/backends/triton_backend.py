@@ -396,7 +396,8 @@ class _Launch:
         # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS;
         # every launch, as pairs, with codegen.PAIRED_STATS): positions a head; 0 where Delta
         # is by token.
-        by_position = codegen.PAIRED_STATS or (self.consts["PERMUTED"] and codegen.POSITION_STATS)
+        self.paired_stats = codegen.PAIRED_STATS  # (the module's STATS_PAIRED: switches key both)
+        by_position = self.paired_stats or (self.consts["PERMUTED"] and codegen.POSITION_STATS)
         self.stats_len = self.positions if by_position else 0
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
@@ -593,7 +594,7 @@ def backward(do, q, k, v, out, lse, layout: Layout, scale: float, split: int | N
     plan, c = run.plan, run.consts
 
     stats = run.stats_len
-    if codegen.PAIRED_STATS:  # (LSE, Delta) pairs by position, one buffer for both arguments
+    if run.paired_stats:  # (LSE, Delta) pairs by position, one buffer for both arguments
         delta = lse_pos = _empty((run.b, run.h, stats, 2), lse)
     else:
         delta = _empty((run.b, run.h, stats or run.t), lse)
