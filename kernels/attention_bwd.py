@@ -38,10 +38,12 @@ never stored (and add 0 to dQ), and their queries read LSE = +inf (p = 0).
 import triton
 import triton.language as tl
 
-# The generated module's header sets these (codegen.SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS).
+# The generated module's header sets these (codegen.SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS,
+# PAIRED_STATS_MIN_HEAD_PAD).
 DKDV_UNSPECIALISED = ["SEQ_LEN", "NR", "B", "H"]
 STATS_BY_POSITION = tl.constexpr(True)
 STATS_PAIRED = tl.constexpr(False)
+STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)
 
 # @template-begin
 
@@ -62,29 +64,31 @@ def _attn_bwd_preprocess(Out, dOut, Lse, Delta, LsePos, head_dil, head_seg, SEQ_
     do = _load_rows(_row_ptrs(dOut, row0, m_first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse = tl.load(Lse + row0 + tok, mask=valid, other=float("inf"))
-    _store_stats(Delta, LsePos, _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED), m_first, tok, valid, delta, lse,
-                 PERMUTED)
+    _store_stats(Delta, LsePos, _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED, HEAD_PAD), m_first, tok, valid, delta,
+                 lse, PERMUTED, HEAD_PAD)
 
 
 @triton.jit
-def _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED: tl.constexpr):
+def _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Where query head ``bh``'s Delta (and its LSE copy) start: see _store_stats."""
-    if STATS_PAIRED or (PERMUTED and STATS_BY_POSITION):
+    if (STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD) or (PERMUTED and STATS_BY_POSITION):
         return bh.to(tl.int64) * STATS_LEN
     else:
         return bh.to(tl.int64) * SEQ_LEN
 
 
 @triton.jit
-def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMUTED: tl.constexpr):
+def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMUTED: tl.constexpr,
+                 HEAD_PAD: tl.constexpr):
     """Store a query tile's Delta for the passes after this one: by token in token order; in
     residue order (STATS_BY_POSITION) by kernel position, STATS_LEN a head, with a copy of the
     tile's LSE beside it. dK/dV reads both for every walked query tile: by position they are
     contiguous vector loads, by token strided scalar ones with their addresses and masks.
     Positions that hold no token store LSE = +inf and Delta = 0 (the tile's loads read them
-    so), so p = 0 there. STATS_PAIRED: by position in every launch, as (LSE, Delta) pairs in
-    one buffer (Delta and LsePos both point at it), which dK/dV reads with one load."""
-    if STATS_PAIRED:
+    so), so p = 0 there. STATS_PAIRED: by position in every launch (from a HEAD_PAD of
+    STATS_PAIRED_MIN_HEAD_PAD), as (LSE, Delta) pairs in one buffer (Delta and LsePos both
+    point at it), which dK/dV reads with one load."""
+    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
         pos = stats_row0 + first + tl.arange(0, tok.shape[0])
         tl.store(LsePos + pos[:, None] * 2 + tl.arange(0, 2)[None, :], tl.join(lse, delta))
     elif PERMUTED and STATS_BY_POSITION:
@@ -96,9 +100,9 @@ def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMU
 
 
 @triton.jit
-def _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED: tl.constexpr):
+def _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Delta of query positions first .. first + len(tok) - 1 (see _store_stats)."""
-    if STATS_PAIRED:
+    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
         return tl.load(Delta + (stats_row0 + first + tl.arange(0, tok.shape[0])) * 2 + 1)
     elif PERMUTED and STATS_BY_POSITION:
         return tl.load(Delta + stats_row0 + first + tl.arange(0, tok.shape[0]))
@@ -259,12 +263,12 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, head
                      HEAD_PAD, PERMUTED, USE_TMA)
     do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
                       HEAD_PAD, PERMUTED, USE_TMA)
-    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED)
-    if STATS_PAIRED:
+    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED, HEAD_PAD)
+    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
         lse, delta = _load_stat_pairs(LsePos, stats_row0, m_first, BLOCK_M)
     else:
         lse = _load_lse(Lse, LsePos, q_row0, stats_row0, m_first, tok_m, valid_m, PERMUTED)
-        delta = _load_delta(Delta, stats_row0, m_first, tok_m, valid_m, PERMUTED)
+        delta = _load_delta(Delta, stats_row0, m_first, tok_m, valid_m, PERMUTED, HEAD_PAD)
     # Transposed tiles ([BLOCK_N, BLOCK_M]) as in Triton's fused-attention tutorial:
     # the products below then need no register transposes of p or dS.
     qkT = _mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), PRECISION, UPCAST) * qk_scale
@@ -308,7 +312,7 @@ def _attn_bwd_dq(
         item_row, item_start, item_end, item_slot, head_dil, head_seg, SEQ_LEN, NR, H, GROUP, ROW_BLOCK, BLOCK_M,
         PERMUTED)
     tok_m, valid_m = _tokens(m_first, BLOCK_M, dil, seg, SEQ_LEN, PERMUTED)
-    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED)
+    stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED, HEAD_PAD)
     dq_ptrs = _row_ptrs(dQ, q_row0, m_first, tok_m, HEAD_DIM, HEAD_PAD, PERMUTED)
     thin = _thin_item(item_thin, item, THIN_ROWS)
     if thin >= 0:
@@ -327,7 +331,7 @@ def _attn_bwd_dq(
         delta = _row_delta(Out, Delta, do, q_row0, stats_row0, m_first, tok_m, valid_m, HEAD_DIM, HEAD_PAD,
                            PERMUTED, DELTA_FROM_O)
         if DELTA_FROM_O:  # for the dK/dV pass after this one (a split row's items store the same bits)
-            _store_stats(Delta, LsePos, stats_row0, m_first, tok_m, valid_m, delta, lse, PERMUTED)
+            _store_stats(Delta, LsePos, stats_row0, m_first, tok_m, valid_m, delta, lse, PERMUTED, HEAD_PAD)
         sub_row = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) // LAYOUT_BLOCK
         at_m = _mask_coords(m_first, tok_m, BLOCK_M, seg, CLASS_GAP)  # what the predicate reads for the rows
 
@@ -406,7 +410,7 @@ def _row_delta(Out, Delta, do, q_row0, stats_row0, first, tok, valid, HEAD_DIM: 
         o = _load_rows(_row_ptrs(Out, q_row0, first, tok, HEAD_DIM, HEAD_PAD, PERMUTED), valid, HEAD_DIM, HEAD_PAD)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     else:
-        delta = _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED)
+        delta = _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED, HEAD_PAD)
     return delta
 
 

@@ -104,6 +104,13 @@ POSITION_STATS = True
 # on longformer, the dilated window and BigBird but +7% on the causal window: on, one setting
 # for every head dim (bench/RESULTS.md, twenty-eighth session). The A/B row `pairs` turns it off.
 PAIRED_STATS = True
+# Pairs only from this padded head dim up (0: every head dim); below it LSE and Delta are two
+# buffers, by token in token order (with POSITION_STATS, by position in residue order). Under
+# the H100's register-capped D=64 dK/dV tile, pairs off measured dK/dV -3.1% (longformer),
+# -3.3% (the dilated window), -1.8% (BigBird) and +7.1% (the causal window), 16K, interleaved
+# A/B (twenty-eighth session); at D=128 pairs are worth -3.4%. Kept at 0 until its own A/B
+# (row `pairs128`: pairs from 128) has run on a GPU.
+PAIRED_STATS_MIN_HEAD_PAD = 0
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -333,10 +340,10 @@ def _template(name: str) -> str:
 
 def switches() -> tuple:
     """The switches that change the generated source (MERGE_BANDS, AFFINE_TOKENS_MAX_HEAD_PAD,
-    SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS), as a key: load's module cache and the backend's launch
-    constants carry it."""
+    SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS, PAIRED_STATS_MIN_HEAD_PAD), as a key: load's module
+    cache and the backend's launch constants carry it."""
     return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES), bool(POSITION_STATS),
-            bool(PAIRED_STATS))
+            bool(PAIRED_STATS), int(PAIRED_STATS_MIN_HEAD_PAD))
 
 
 def dkdv_unspecialised() -> list[str]:
@@ -378,6 +385,8 @@ def render(plan: PredicatePlan) -> str:
         f"STATS_BY_POSITION = tl.constexpr({bool(POSITION_STATS)})",
         "# Every launch: LSE and Delta by kernel position as (LSE, Delta) pairs (codegen.PAIRED_STATS).",
         f"STATS_PAIRED = tl.constexpr({bool(PAIRED_STATS)})",
+        "# ... from this HEAD_PAD up (codegen.PAIRED_STATS_MIN_HEAD_PAD).",
+        f"STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr({int(PAIRED_STATS_MIN_HEAD_PAD)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),

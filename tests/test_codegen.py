@@ -306,6 +306,8 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
     ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
     ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
     ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(True)", False, "STATS_PAIRED = tl.constexpr(False)"),
+    ("PAIRED_STATS_MIN_HEAD_PAD", "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)", 128,
+     "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(128)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""

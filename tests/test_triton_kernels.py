@@ -584,6 +584,22 @@ def test_stats_as_pairs_by_position(src, t, h, hkv, d, b, bs, split, passes, mon
     assert shapes.count((b, h, t)) == 1, shapes  # the forward's LSE only
 
 
+@pytest.mark.parametrize("d", [16, 32])
+@pytest.mark.parametrize("src,t,h,hkv,_,b,bs,split", [STATS_CASES[0], PAIR_CASES[-1]],
+                         ids=["residue order", "token order"])
+def test_stats_pairs_only_from_their_head_dim(src, t, h, hkv, _, b, bs, split, d, monkeypatch):
+    """codegen.PAIRED_STATS_MIN_HEAD_PAD: pairs in launches whose padded head dim reaches it;
+    below it LSE and Delta in two buffers (by position in residue order, by token in token
+    order). Matched to the float64 reference with poisoned buffers."""
+    monkeypatch.setattr(codegen, "PAIRED_STATS", True)
+    monkeypatch.setattr(codegen, "PAIRED_STATS_MIN_HEAD_PAD", 32)
+    shapes = _stats_case(src, t, h, hkv, d, b, bs, split, "dq computes Delta", monkeypatch)
+    pairs = [s for s in shapes if len(s) == 4 and s[-1] == 2]
+    assert len(pairs) == (d >= 32), shapes
+    if d < 32:  # Delta and an LSE copy by position (residue order), or Delta by token
+        assert shapes.count((b, h, t)) == (1 if "dilate" in src else 2), shapes
+
+
 @pytest.mark.parametrize("kind,cfg", [("fwd", (32, 64)), ("fwd", (64, 16)), ("dkdv", (16, 64)),
                                       ("dkdv", (64, 32)), ("dq", (64, 16)), ("dq", (32, 64))])
 def test_non_square_tiles_match_reference(kind, cfg, monkeypatch):

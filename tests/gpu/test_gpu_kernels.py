@@ -198,6 +198,16 @@ def test_stats_as_pairs_match_reference(name, d, delta_in_dq, monkeypatch):
     _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True)
 
 
+@pytest.mark.parametrize("delta_in_dq", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", ["longformer", "dilated"])
+def test_stats_pairs_from_a_head_dim_match_reference(name, d, delta_in_dq, monkeypatch):
+    """codegen.PAIRED_STATS_MIN_HEAD_PAD = 128: pairs at D=128, two buffers at D=64 (by token in
+    token order, by position in residue order), from one generated module; as above."""
+    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True,
+                                            PAIRED_STATS_MIN_HEAD_PAD=128)
+
+
 @pytest.mark.parametrize("t", [4096, 4001])
 def test_a_new_length_finds_its_dkdv_compiled_with_length_classes(t, monkeypatch):
     """codegen.SEQ_LEN_CLASSES: the first backward also compiles dK/dV for the other length
