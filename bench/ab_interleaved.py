@@ -7,7 +7,7 @@ round also records the allocator's device allocations and frees during its timin
 cudaFree synchronises the host, which leaves gaps in do_bench's time but not in the
 kernel sum. Run on the GPU machine from the repository root:
   TS=65536 DS=128 PATTERN=causal_window ABLATE=delta ROUNDS=3 python3 bench/ab_interleaved.py
-Prints one JSON line per round and variant.
+Prints one JSON line per round and variant; bench/ab_summary.py makes a table of them.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main() -> None:
     for r in range(rounds):
         for variant in ("default", what) if r % 2 == 0 else (what, "default"):
             with switched(ABLATIONS[what] if variant != "default" else {}):
-                row = {"T": T, "D": D, "pattern": name, "round": r, "variant": variant,
+                row = {"T": T, "D": D, "pattern": name, "ablate": what, "round": r, "variant": variant,
                        "device": torch.cuda.get_device_name(), "tuned_as": os.environ.get("TUNED_AS")}
                 print(json.dumps(row | timed_round(step, [q, k, v], lambda: op(q, k, v))), flush=True)
 

@@ -3,6 +3,7 @@ bench/sass_loops.py's parsing, bench/kernel_rates.py) and the benchmark's checks
 (bench/bench_attention.py, bench/ab_interleaved.py)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import ab_interleaved  # noqa: E402
+import ab_summary  # noqa: E402
 import bench_attention  # noqa: E402
 import kernel_rates  # noqa: E402
 import sass_loops  # noqa: E402
@@ -114,14 +116,19 @@ def test_an_ablation_applies_where_its_switch_has_work_to_change(name, thin_keys
 
 def test_switched_sets_lowering_and_backend_switches_and_puts_back_what_they_were(monkeypatch):
     from patterncc import lowering
-    from patterncc.backends import triton_backend
+    from patterncc.backends import triton_backend, tuning
     monkeypatch.setattr(lowering, "THIN_ROWS", False)  # not the default: it must come back as it was
-    direct = triton_backend.DIRECT_LAUNCH
+    direct, forced, key = triton_backend.DIRECT_LAUNCH, tuning.CONFIGS, tuning.fingerprint()
+    nocap = bench_attention.ABLATIONS["nocap"]["CONFIGS"]
     with pytest.raises(RuntimeError):
-        with bench_attention.switched({"THIN_ROWS": True, "DIRECT_LAUNCH": not direct}):
+        with bench_attention.switched({"THIN_ROWS": True, "DIRECT_LAUNCH": not direct, "CONFIGS": nocap}):
             assert lowering.THIN_ROWS is True and triton_backend.DIRECT_LAUNCH is (not direct)
+            # a forced launch configuration: what config_for answers, and a new key for launches
+            assert tuning.config_for("dkdv", 64, device_name="NVIDIA H100 80GB HBM3") == nocap[("dkdv", 64)]
+            assert tuning.fingerprint() != key
             raise RuntimeError  # put back on the way out of a failing block too
     assert lowering.THIN_ROWS is False and triton_backend.DIRECT_LAUNCH is direct
+    assert tuning.CONFIGS is forced and tuning.fingerprint() == key
 
 
 def test_the_markdown_has_the_forward_backward_kernel_time_table_only_when_measured():
@@ -343,3 +350,46 @@ def test_kernel_rates_count_each_passs_products_on_its_walked_blocks(tmp_path):
     dense = 4 * 1024 ** 2 * 64 * 2 / 1e-3 / 1e12
     assert got["dense_fwd"] == round(dense, 1) and got["dense_bwd"] == round(2.5 * dense / 2.5, 1)
     assert got["device"] == "X" and (got["T"], got["D"]) == (1024, 64)
+
+
+def _ab_round(variant, r, fwd, dkdv, ablate="pairs", pattern="longformer"):
+    return {"T": 16384, "D": 64, "pattern": pattern, "ablate": ablate, "round": r, "variant": variant,
+            "kernel_ms": fwd + 0.2 + dkdv, "fwd_graph_ms": fwd,
+            "kernels": {"_attn_fwd": fwd, "_attn_bwd_dq": 0.2, "_attn_bwd_dkdv": dkdv}}
+
+
+def test_the_ab_summary_takes_each_switchs_rounds_and_the_drift_out_of_the_backward():
+    """Two A/Bs of one pattern, T and D in one file: split by switch; the variant's dK/dV change
+    as measured and relative to the forward kernel of the same rounds (a machine that slowed
+    down over the variant's rounds)."""
+    rounds = [_ab_round("default", 0, 0.10, 0.30), _ab_round("pairs", 0, 0.11, 0.297),
+              _ab_round("pairs", 1, 0.11, 0.297), _ab_round("default", 1, 0.10, 0.30),
+              _ab_round("default", 0, 0.10, 0.30, "nocap"), _ab_round("nocap", 0, 0.10, 0.33, "nocap")]
+    text = ["== pairs longformer", *map(json.dumps, rounds), "exit 0", '{"not": "a round"}']
+    found = [ab_summary.summary(s) for s in ab_summary.sections(ab_summary.read_records(text))]
+    assert [(s["ablate"], s["rounds"]) for s in found] == [("pairs", 2), ("nocap", 1)]
+    pairs, nocap = found
+    assert pairs["ms"]["dkdv"] == pytest.approx((0.30, 0.297))
+    assert pairs["change"]["dkdv"] == pytest.approx(-0.01) and pairs["change"]["fwd"] == pytest.approx(0.1)
+    assert pairs["change"]["dkdv/fwd"] == pytest.approx(0.99 / 1.1 - 1)
+    assert nocap["change"]["dkdv"] == pytest.approx(0.1) and nocap["change"]["fwd"] == pytest.approx(0)
+    table = ab_summary.markdown(found).splitlines()
+    assert len(table) == 4 and table[2].startswith("| pairs | longformer | 16384 | 64 | 2 |") and "-1.0%" in table[2]
+
+
+def test_the_ab_summary_splits_older_files_where_a_run_starts_again():
+    """Records without ``ablate`` (before it was written): a new A/B where the round falls back,
+    or where another variant name comes."""
+    old = [{k: v for k, v in r.items() if k != "ablate"} for r in (
+        _ab_round("default", 0, 0.1, 0.3), _ab_round("cap128", 0, 0.1, 0.28), _ab_round("cap128", 1, 0.1, 0.28),
+        _ab_round("default", 1, 0.1, 0.3), _ab_round("default", 0, 0.1, 0.3), _ab_round("cap128s2", 0, 0.1, 0.29))]
+    split = ab_summary.sections(old)
+    assert [len(s) for s in split] == [4, 2]
+    assert [ab_summary.summary(s)["ablate"] for s in split] == ["cap128", "cap128s2"]
+
+
+def test_the_ab_summary_says_so_when_a_file_has_no_rounds(tmp_path, capsys):
+    empty = tmp_path / "log.txt"
+    empty.write_text("bench exit 124\n")
+    assert ab_summary.main(["ab_summary.py", str(empty)]) == 1
+    assert "no A/B records" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""Summarise interleaved A/B rounds: the JSON lines of ``bench/ab_interleaved.py``, one A/B or
+many (``bench/device_ab.sh`` runs a list of them into one file). No GPU needed.
+
+Per A/B (one switch on one pattern, T and D): the rounds' mean kernel times of the default and
+the variant, forward+backward (the profiler's kernel sum), each kernel, and the forward in
+CUDA-graph replay, with the variant's change. A long run can drift (an H100 at T=65536 slowed
+by 5-7% over one call as it warmed), which moves both variants' rounds alike but not equally:
+for a switch that leaves the forward kernel's code alone, each backward kernel's change
+relative to the forward's of the same rounds (``dq/fwd``, ``dkdv/fwd``) takes the drift out.
+
+    python bench/ab_summary.py bench/results/2026-12-07-NVIDIA-H100-80GB-HBM3-run28-ab-pairs-cap128.jsonl
+    bash bench/device_ab.sh | ...                 (or: python bench/ab_summary.py - < ab.jsonl)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+KERNELS = {"_attn_fwd": "fwd", "_attn_bwd_dq": "dq", "_attn_bwd_dkdv": "dkdv"}
+
+
+def read_records(lines) -> list[dict]:
+    """The JSON records among ``lines`` (other lines, a log's text, are skipped)."""
+    records = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [r for r in records if "variant" in r and "kernel_ms" in r]
+
+
+def sections(records: list[dict]) -> list[list[dict]]:
+    """Consecutive records of one A/B: the same pattern, T, D and switch. The switch is the
+    record's ``ablate`` (ab_interleaved.py writes it); records without it (older files) start
+    a new A/B where the round number falls back (a run starts at round 0)."""
+    out: list[list[dict]] = []
+    for r in records:
+        key = (r.get("pattern"), r.get("T"), r.get("D"), r.get("ablate"))
+        if out:
+            last = out[-1][-1]
+            same = (last.get("pattern"), last.get("T"), last.get("D"), last.get("ablate")) == key
+            restarted = r.get("ablate") is None and r.get("round", 0) < last.get("round", 0)
+            switch = {x["variant"] for x in out[-1]} - {"default"}
+            other = r["variant"] != "default" and switch and r["variant"] not in switch
+            if same and not restarted and not other:
+                out[-1].append(r)
+                continue
+        out.append([r])
+    return out
+
+
+def _mean(rows: list[dict], read) -> float | None:
+    values = [read(r) for r in rows]
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _change(new: float | None, old: float | None) -> float | None:
+    return None if new is None or not old else new / old - 1
+
+
+def summary(section: list[dict]) -> dict:
+    """One A/B's means per variant and the variant's changes (fractions: -0.05 is 5% faster)."""
+    default = [r for r in section if r["variant"] == "default"]
+    variant = [r for r in section if r["variant"] != "default"]
+    if not default or not variant:
+        raise ValueError(f"an A/B needs rounds of both the default and a variant: {section[0]}")
+    name = variant[0]["variant"]
+    out = {"pattern": section[0].get("pattern"), "T": section[0].get("T"), "D": section[0].get("D"),
+           "ablate": section[0].get("ablate") or name, "rounds": min(len(default), len(variant)), "ms": {},
+           "change": {}}
+    columns = {"fwdbwd_kernels": lambda r: r.get("kernel_ms"), "fwd_graph": lambda r: r.get("fwd_graph_ms")}
+    columns |= {short: (lambda r, k=kernel: r.get("kernels", {}).get(k)) for kernel, short in KERNELS.items()}
+    for column, read in columns.items():
+        a, b = _mean(default, read), _mean(variant, read)
+        out["ms"][column] = (a, b)
+        out["change"][column] = _change(b, a)
+    fwd = out["change"].get("fwd")
+    for short in ("dq", "dkdv"):
+        own = out["change"].get(short)
+        if own is not None and fwd is not None:
+            out["change"][f"{short}/fwd"] = (1 + own) / (1 + fwd) - 1
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}%"
+
+
+def _ms(pair: tuple) -> str:
+    a, b = pair
+    return "—" if a is None or b is None else f"{a:.4f} → {b:.4f}"
+
+
+def markdown(summaries: list[dict]) -> str:
+    """A table, one row per A/B: default → variant ms and the change."""
+    lines = ["| switch | pattern | T | D | rounds | f+b kernels ms | change | dK/dV ms | change | dK/dV ÷ fwd "
+             "| dQ | dQ ÷ fwd | fwd kernel | fwd graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        c = s["change"]
+        lines.append(f"| {s['ablate']} | {s['pattern']} | {s['T']} | {s['D']} | {s['rounds']} | "
+                     f"{_ms(s['ms']['fwdbwd_kernels'])} | {_pct(c['fwdbwd_kernels'])} | {_ms(s['ms']['dkdv'])} | "
+                     f"{_pct(c['dkdv'])} | {_pct(c.get('dkdv/fwd'))} | {_pct(c['dq'])} | {_pct(c.get('dq/fwd'))} | "
+                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    paths = argv[1:] or ["-"]
+    records = []
+    for path in paths:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        records += read_records(text.splitlines())
+    if not records:
+        print("no A/B records (JSON lines of bench/ab_interleaved.py) in " + ", ".join(paths), file=sys.stderr)
+        return 1
+    print(markdown([summary(s) for s in sections(records)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
