@@ -11,9 +11,13 @@ Prints one JSON line per round and variant; bench/ab_summary.py makes a table of
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +33,54 @@ import patterncc  # noqa: E402
 def allocator_counts() -> tuple[int, int]:
     stats = torch.cuda.memory_stats()
     return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
+
+
+def clock_summary(samples: str) -> dict:
+    """Mean SM clock (MHz) and power draw (W) of nvidia-smi's CSV samples ("1980, 412.5" a
+    line); lines it could not read (a "[N/A]") are left out; {} without any."""
+    read = []
+    for line in samples.splitlines():
+        try:
+            mhz, watts = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        read.append((mhz, watts))
+    if not read:
+        return {}
+    return {"sm_clock_mhz": round(statistics.fmean(m for m, _ in read), 1),
+            "power_w": round(statistics.fmean(w for _, w in read), 1)}
+
+
+@contextlib.contextmanager
+def gpu_clocks(period_s: float = 0.2):
+    """The SM clock and power draw while the block runs, read by nvidia-smi from a thread about
+    every ``period_s`` (one nvidia-smi run a reading: a looping one buffers its output where
+    a pipe takes it, and loses it when stopped): the dict it yields gets clock_summary's keys
+    on exit ({} without nvidia-smi). A variant that draws more power can lower the clocks of
+    the whole step; this shows it. (The GPU index as CUDA counts it: nvidia-smi's on one-GPU
+    hosts.)"""
+    found: dict = {}
+    cmd = ["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=clocks.sm,power.draw",
+           "--format=csv,noheader,nounits"]
+    readings: list[str] = []
+    stop = threading.Event()
+
+    def sample():
+        while True:
+            try:
+                readings.append(subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout)
+            except (OSError, subprocess.SubprocessError):
+                return
+            if stop.wait(period_s):
+                return
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        sampler.join(timeout=15)
+        found.update(clock_summary("".join(readings)))
 
 
 def timed_round(step, grads: list, forward) -> dict:
@@ -69,7 +121,9 @@ def main() -> None:
             with switched(ABLATIONS[what] if variant != "default" else {}):
                 row = {"T": T, "D": D, "pattern": name, "ablate": what, "round": r, "variant": variant,
                        "device": torch.cuda.get_device_name(), "tuned_as": os.environ.get("TUNED_AS")}
-                print(json.dumps(row | timed_round(step, [q, k, v], lambda: op(q, k, v))), flush=True)
+                with gpu_clocks() as clocks:
+                    timing = timed_round(step, [q, k, v], lambda: op(q, k, v))
+                print(json.dumps(row | timing | clocks), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ CUDA-graph replay, with the variant's change. A long run can drift (an H100 at T
 by 5-7% over one call as it warmed), which moves both variants' rounds alike but not equally:
 for a switch that leaves the forward kernel's code alone, each backward kernel's change
 relative to the forward's of the same rounds (``dq/fwd``, ``dkdv/fwd``) takes the drift out.
+Rounds recorded since the twenty-eighth session carry the SM clock and power nvidia-smi
+sampled during them (``sm_clock_mhz``, ``power_w``): the table gives the clock's means.
 
     python bench/ab_summary.py bench/results/2026-12-07-NVIDIA-H100-80GB-HBM3-run28-ab-pairs-cap128.jsonl
     bash bench/device_ab.sh | ...                 (or: python bench/ab_summary.py - < ab.jsonl)
@@ -74,7 +76,8 @@ def summary(section: list[dict]) -> dict:
     out = {"pattern": section[0].get("pattern"), "T": section[0].get("T"), "D": section[0].get("D"),
            "ablate": section[0].get("ablate") or name, "rounds": min(len(default), len(variant)), "ms": {},
            "change": {}}
-    columns = {"fwdbwd_kernels": lambda r: r.get("kernel_ms"), "fwd_graph": lambda r: r.get("fwd_graph_ms")}
+    columns = {"fwdbwd_kernels": lambda r: r.get("kernel_ms"), "fwd_graph": lambda r: r.get("fwd_graph_ms"),
+               "sm_clock": lambda r: r.get("sm_clock_mhz")}
     columns |= {short: (lambda r, k=kernel: r.get("kernels", {}).get(k)) for kernel, short in KERNELS.items()}
     for column, read in columns.items():
         a, b = _mean(default, read), _mean(variant, read)
@@ -97,17 +100,22 @@ def _ms(pair: tuple) -> str:
     return "—" if a is None or b is None else f"{a:.4f} → {b:.4f}"
 
 
+def _mhz(pair: tuple) -> str:
+    a, b = pair
+    return "—" if a is None or b is None else f"{a:.0f} → {b:.0f}"
+
+
 def markdown(summaries: list[dict]) -> str:
     """A table, one row per A/B: default → variant ms and the change."""
     lines = ["| switch | pattern | T | D | rounds | f+b kernels ms | change | dK/dV ms | change | dK/dV ÷ fwd "
-             "| dQ | dQ ÷ fwd | fwd kernel | fwd graph |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dQ | dQ ÷ fwd | fwd kernel | fwd graph | SM MHz |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         c = s["change"]
         lines.append(f"| {s['ablate']} | {s['pattern']} | {s['T']} | {s['D']} | {s['rounds']} | "
                      f"{_ms(s['ms']['fwdbwd_kernels'])} | {_pct(c['fwdbwd_kernels'])} | {_ms(s['ms']['dkdv'])} | "
                      f"{_pct(c['dkdv'])} | {_pct(c.get('dkdv/fwd'))} | {_pct(c['dq'])} | {_pct(c.get('dq/fwd'))} | "
-                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} |")
+                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_mhz(s['ms']['sm_clock'])} |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -393,3 +394,38 @@ def test_the_ab_summary_says_so_when_a_file_has_no_rounds(tmp_path, capsys):
     empty.write_text("bench exit 124\n")
     assert ab_summary.main(["ab_summary.py", str(empty)]) == 1
     assert "no A/B records" in capsys.readouterr().err
+
+
+def test_the_clock_summary_averages_the_samples_it_can_read():
+    samples = "1980, 400.0\n1755, 600.0\n[N/A], [N/A]\n\n"
+    assert ab_interleaved.clock_summary(samples) == {"sm_clock_mhz": 1867.5, "power_w": 500.0}
+    assert ab_interleaved.clock_summary("") == {}
+
+
+def test_gpu_clocks_yields_an_empty_dict_without_nvidia_smi(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+    monkeypatch.setattr(ab_interleaved.subprocess, "run", missing)
+    monkeypatch.setattr(ab_interleaved.torch.cuda, "current_device", lambda: 0)
+    with ab_interleaved.gpu_clocks() as found:
+        pass
+    assert found == {}
+
+
+def test_gpu_clocks_fills_its_dict_with_the_readings_of_the_blocks_time_on_exit(monkeypatch):
+    """A reading at the block's start, more while it runs, their mean when it ends."""
+    readings = iter(["1980, 400.0\n", "1700, 500.0\n", "[N/A], [N/A]\n"] + ["1700, 500.0\n"] * 100)
+    asked = []
+
+    def fake_run(cmd, **kwargs):
+        asked.append(cmd)
+        return ab_interleaved.subprocess.CompletedProcess(cmd, 0, stdout=next(readings))
+    monkeypatch.setattr(ab_interleaved.subprocess, "run", fake_run)
+    monkeypatch.setattr(ab_interleaved.torch.cuda, "current_device", lambda: 0)
+    with ab_interleaved.gpu_clocks(period_s=0.01) as found:
+        while len(asked) < 3:
+            time.sleep(0.01)
+        assert found == {}
+    n = len(asked) - 1  # readings of 1700 MHz / 500 W besides the first (one unreadable)
+    assert found["sm_clock_mhz"] == pytest.approx(round((1980 + 1700 * (n - 1)) / n, 1))
+    assert asked[0][:3] == ["nvidia-smi", "--id=0", "--query-gpu=clocks.sm,power.draw"]
