@@ -54,11 +54,11 @@ def clock_summary(samples: str) -> dict:
 @contextlib.contextmanager
 def gpu_clocks(period_s: float = 0.2):
     """The SM clock and power draw while the block runs, read by nvidia-smi from a thread about
-    every ``period_s`` (one nvidia-smi run a reading: a looping one buffers its output where
-    a pipe takes it, and loses it when stopped): the dict it yields gets clock_summary's keys
-    on exit ({} without nvidia-smi). A variant that draws more power can lower the clocks of
-    the whole step; this shows it. (The GPU index as CUDA counts it: nvidia-smi's on one-GPU
-    hosts.)"""
+    every ``period_s`` (one nvidia-smi run a reading, so each reading is whole when read: a
+    looping nvidia-smi stopped mid-run may not have written what it buffered): the dict it
+    yields gets clock_summary's keys on exit ({} without nvidia-smi). A variant that draws
+    more power can lower the clocks of the whole step; this shows it. (The GPU index as CUDA
+    counts it: nvidia-smi's on one-GPU hosts.)"""
     found: dict = {}
     cmd = ["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=clocks.sm,power.draw",
            "--format=csv,noheader,nounits"]
