@@ -36,16 +36,19 @@ def read_records(lines) -> list[dict]:
     return [r for r in records if "variant" in r and "kernel_ms" in r]
 
 
+def _ab_key(record: dict) -> tuple:
+    return record.get("pattern"), record.get("T"), record.get("D"), record.get("ablate")
+
+
 def sections(records: list[dict]) -> list[list[dict]]:
     """Consecutive records of one A/B: the same pattern, T, D and switch. The switch is the
     record's ``ablate`` (ab_interleaved.py writes it); records without it (older files) start
     a new A/B where the round number falls back (a run starts at round 0)."""
     out: list[list[dict]] = []
     for r in records:
-        key = (r.get("pattern"), r.get("T"), r.get("D"), r.get("ablate"))
         if out:
             last = out[-1][-1]
-            same = (last.get("pattern"), last.get("T"), last.get("D"), last.get("ablate")) == key
+            same = _ab_key(last) == _ab_key(r)
             restarted = r.get("ablate") is None and r.get("round", 0) < last.get("round", 0)
             switch = {x["variant"] for x in out[-1]} - {"default"}
             other = r["variant"] != "default" and switch and r["variant"] not in switch
@@ -95,14 +98,9 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
 
 
-def _ms(pair: tuple) -> str:
+def _before_after(pair: tuple, digits: int = 4) -> str:
     a, b = pair
-    return "—" if a is None or b is None else f"{a:.4f} → {b:.4f}"
-
-
-def _mhz(pair: tuple) -> str:
-    a, b = pair
-    return "—" if a is None or b is None else f"{a:.0f} → {b:.0f}"
+    return "—" if a is None or b is None else f"{a:.{digits}f} → {b:.{digits}f}"
 
 
 def markdown(summaries: list[dict]) -> str:
@@ -113,9 +111,10 @@ def markdown(summaries: list[dict]) -> str:
     for s in summaries:
         c = s["change"]
         lines.append(f"| {s['ablate']} | {s['pattern']} | {s['T']} | {s['D']} | {s['rounds']} | "
-                     f"{_ms(s['ms']['fwdbwd_kernels'])} | {_pct(c['fwdbwd_kernels'])} | {_ms(s['ms']['dkdv'])} | "
+                     f"{_before_after(s['ms']['fwdbwd_kernels'])} | {_pct(c['fwdbwd_kernels'])} | "
+                     f"{_before_after(s['ms']['dkdv'])} | "
                      f"{_pct(c['dkdv'])} | {_pct(c.get('dkdv/fwd'))} | {_pct(c['dq'])} | {_pct(c.get('dq/fwd'))} | "
-                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_mhz(s['ms']['sm_clock'])} |")
+                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_before_after(s['ms']['sm_clock'], 0)} |")
     return "\n".join(lines)
 
 

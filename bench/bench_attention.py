@@ -95,9 +95,8 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0,
-           "posstats": lambda r: r["residue_heads"], "nocap": lambda r: r["D"] == 64, "cap128": lambda r: r["D"] == 64,
-           "pairs128": lambda r: lowering.head_pad(r["D"]) < 128,
-           "cap128s2": lambda r: r["D"] == 64}
+           "posstats": lambda r: r["residue_heads"], "pairs128": lambda r: lowering.head_pad(r["D"]) < 128,
+           "nocap": lambda r: r["D"] == 64, "cap128": lambda r: r["D"] == 64, "cap128s2": lambda r: r["D"] == 64}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",

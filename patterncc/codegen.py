@@ -105,11 +105,9 @@ POSITION_STATS = True
 # for every head dim (bench/RESULTS.md, twenty-eighth session). The A/B row `pairs` turns it off.
 PAIRED_STATS = True
 # Pairs only from this padded head dim up (0: every head dim); below it LSE and Delta are two
-# buffers, by token in token order (with POSITION_STATS, by position in residue order). Under
-# the H100's register-capped D=64 dK/dV tile, pairs off measured dK/dV -3.1% (longformer),
-# -3.3% (the dilated window), -1.8% (BigBird) and +7.1% (the causal window), 16K, interleaved
-# A/B (twenty-eighth session); at D=128 pairs are worth -3.4%. Kept at 0 until its own A/B
-# (row `pairs128`: pairs from 128) has run on a GPU.
+# buffers, by token in token order (with POSITION_STATS, by position in residue order): the
+# choice the measurements above leave open at D=64. Kept at 0 until its own A/B (row
+# `pairs128`: pairs from 128) has run on a GPU.
 PAIRED_STATS_MIN_HEAD_PAD = 0
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
