@@ -45,7 +45,10 @@ third session), and these columns tell a kernel change from host noise. The forw
 GPU time is ``pcc_fwdbwd_kernel_ms`` / ``flex_fwdbwd_kernel_ms``: its kernels' durations
 summed (torch.profiler, gradients set to None before each step, L2 not flushed), so the gap
 to the do_bench time is what the host adds. Before a pattern's timings, patterncc and Flex
-each run their forward+backward untimed for 0.5 s (``settle``).
+each run their forward+backward untimed for 0.5 s (``settle``). Where a row's wall time went:
+``flex_setup_s`` (Flex's block mask, compile and settle) and ``row_s`` (the whole row, its A/B
+rows not counted), for planning device calls and for telling whether a carried compile cache
+(bench/device_setup.sh) took Flex's compile off.
 """
 from __future__ import annotations
 
@@ -321,6 +324,7 @@ def main() -> None:
             for name in names:
                 done += 1
                 _progress(done, total, f"D={D} T={T} {name}")
+                row_t0 = time.perf_counter()
                 op = patterncc.compile(PATTERNS[name], block_size=64, backend="triton")
                 lay = op.layout(T, H)
                 density = lay.density
@@ -337,9 +341,10 @@ def main() -> None:
                 pfb_ms = bench(pfb, [q, k, v])
                 pfb_kernels: dict = {}
                 pfb_kernel = kernel_ms(pfb, [q, k, v], by_name=pfb_kernels)
-                flex_f = flex_fb = flex_graph = flex_fb_kernel = None
+                flex_f = flex_fb = flex_graph = flex_fb_kernel = flex_setup = None
                 if not skip_flex:
                     try:
+                        flex_t0 = time.perf_counter()
                         mm = flex_mask_mod(name, op, T, H, dev)
                         bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
                                                _compile=True)
@@ -347,6 +352,7 @@ def main() -> None:
                             flex(q, k, v, block_mask=bm).backward(do)
                         flex(q, k, v, block_mask=bm)
                         settle(ffb, [q, k, v])
+                        flex_setup = time.perf_counter() - flex_t0
                         flex_f = bench(lambda: flex(q, k, v, block_mask=bm))
                         flex_graph = bench_graph(lambda: flex(q, k, v, block_mask=bm), f"flex {name}")
                         flex_fb = bench(ffb, [q, k, v])
@@ -375,7 +381,8 @@ def main() -> None:
                          pcc_fwdbwd_kernels={n: round(ms, 4) for n, ms in pfb_kernels.items()},
                          eff_fwdbwd_kernel=dfb * density / pfb_kernel if (dfb and pfb_kernel) else None,
                          speedup_vs_flex_fwdbwd_kernel=(flex_fb_kernel / pfb_kernel
-                                                        if (flex_fb_kernel and pfb_kernel) else None))
+                                                        if (flex_fb_kernel and pfb_kernel) else None),
+                         flex_setup_s=None if flex_setup is None else round(flex_setup, 1), row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)
                 del out

@@ -23,6 +23,8 @@
 # pairs128 (LSE and Delta as pairs only from a padded head dim of 128: two buffers at D=64).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
 # FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
+# SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz: copied
+# to .devcache/ and carried (carry [".whl", ".devcache"]), it spares the next call Flex's compile.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
 # table land under $OUT. Pattern names: longformer, bigbird, causal_window, dilated.
 set -u
@@ -31,6 +33,7 @@ export PATTERNCC_AUTOTUNE=${PATTERNCC_AUTOTUNE-0}
 TS=${TS:-16384} DS=${DS:-64,128} ABLATE=${ABLATE-residue,tokens,thin,split} timeout ${BENCH_TIMEOUT:-420} \
   python3 bench/bench_attention.py > "$OUT/bench.log" 2> "$OUT/bench.err"; echo "bench exit $?"
 tail -40 "$OUT/bench.log"
+[ "${SAVE_CACHE:-0}" = 1 ] && save_inductor_cache
 [ "${EXTRAS:-1}" = 0 ] && exit 0
 timeout ${OVERHEAD_TIMEOUT:-90} python3 bench/overheads.py > "$OUT/overheads.jsonl" 2> "$OUT/overheads.err"; echo "overheads exit $?"
 cat "$OUT/overheads.jsonl"

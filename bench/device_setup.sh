@@ -11,6 +11,26 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# Inductor's cache (FlexAttention's compiled graphs and their Triton kernels; patterncc's own
+# kernels stay in Triton's cache): .devcache/inductor.tgz, when carried, is an earlier call's
+# $OUT/inductor.tgz (save_inductor_cache), so Flex's compile is a cache hit on a fresh machine.
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+if [ -f .devcache/inductor.tgz ]; then
+  tar -xzf .devcache/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR" \
+    && echo "inductor cache carried: $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files" | tee -a "$OUT/gpu.txt"
+fi
+# save_inductor_cache: Inductor's cache packed into $OUT/inductor.tgz, for `carry` (.devcache/) next
+# call; left out, with a line saying so, where it is over what a file from $OUT may be (16 MiB).
+save_inductor_cache() {
+  tar -czf "$OUT/inductor.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . || return
+  local size; size=$(stat -c %s "$OUT/inductor.tgz")
+  if [ "$size" -gt $((15 * 1024 * 1024)) ]; then
+    rm "$OUT/inductor.tgz"; echo "inductor cache: $((size >> 20)) MiB packed, over 15 MiB: not kept"
+  else
+    echo "inductor cache: $((size >> 10)) KiB in \$OUT/inductor.tgz"
+  fi
+}
 
 # gpu_tests_start DIR [FILTER]: tests/gpu (those matching -k FILTER) split into ${CHUNKS:-6}
 # pytest processes started in the background (the tests are compile-bound), logs in DIR;
