@@ -83,7 +83,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "affine128": {"AFFINE_TOKENS_MAX_HEAD_PAD": 256}, "spread": {"SPREAD_PIECES": 0.0},
              "spreadcap": {"SPREAD_SLOTS": 1}, "pairthin": {"PAIR_THIN": False}, "thinkeys": {"THIN_KEYS": False},
              "seqlen16": {"SEQ_LEN_CLASSES": False}, "posstats": {"POSITION_STATS": False},
-             "pairs": {"PAIRED_STATS": False}, "pairs128": {"PAIRED_STATS_MIN_HEAD_PAD": 128},
+             "pairs": {"PAIRED_STATS": False}, "pairsall": {"PAIRED_STATS_MIN_HEAD_PAD": 0},
              "nocap": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 3)}},
              "cap128": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 3, maxnreg=128)}},
              "cap128s2": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 2, maxnreg=128)}}}
@@ -98,7 +98,7 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "affine": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) <= codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "affine128": lambda r: r["residue_heads"] and lowering.head_pad(r["D"]) > codegen.AFFINE_TOKENS_MAX_HEAD_PAD,
            "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0,
-           "posstats": lambda r: r["residue_heads"], "pairs128": lambda r: lowering.head_pad(r["D"]) < 128,
+           "posstats": lambda r: r["residue_heads"], "pairsall": lambda r: lowering.head_pad(r["D"]) < 128,
            "nocap": lambda r: r["D"] == 64, "cap128": lambda r: r["D"] == 64, "cap128s2": lambda r: r["D"] == 64}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
@@ -114,7 +114,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "seqlen16": "dK/dV compiled once for every length (no vector LSE and Delta loads for multiples of 16)",
           "posstats": "residue order's Delta and LSE by token, not by kernel position (strided dK/dV loads)",
           "pairs": "LSE and Delta in two buffers, by token in token order (two masked dK/dV loads), not as pairs",
-          "pairs128": "LSE and Delta as pairs only from a padded head dim of 128 (two buffers at D=64)",
+          "pairsall": "LSE and Delta as pairs at every head dim (the default: from a padded head dim of 128)",
           "nocap": "dK/dV at D=64 not capped at 128 registers (32x64, 3 stages: three programs per SM, not four)",
           "cap128": "dK/dV at D=64 capped at 128 registers (32x64, 3 stages: the H100 table's tile, for other GPUs)",
           "cap128s2": "dK/dV at D=64 capped at 128 registers, 2 stages (four programs per SM)"}

@@ -2,7 +2,7 @@
 # One device call of interleaved A/Bs (bench/ab_interleaved.py), a list of (switch, pattern, T, D)
 # run one after another, then their summary table (bench/ab_summary.py). Run from the
 # repository root on the GPU machine:
-#   AB="pairs128 longformer 16384 64|pairs128 causal_window 16384 64" bash bench/device_ab.sh
+#   AB="pairsall longformer 16384 64|pairsall causal_window 16384 64" bash bench/device_ab.sh
 #   AB="nocap longformer 65536 64" ROUNDS=4 ABT=200 bash bench/device_ab.sh
 # Switch names are bench_attention.ABLATIONS' rows; ROUNDS rounds each (default 3), each A/B cut
 # at ABT seconds (default 110: a 16K A/B of 3 rounds took 25-40 s on an H100, 64K 40-60 s).

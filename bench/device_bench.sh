@@ -20,7 +20,7 @@
 # in token order: two dK/dV loads, not one of pairs), nocap (dK/dV at D=64 forced to the 32x64
 # 3-stage tile without the H100 table's 128-register cap), cap128 (with it: the H100's tile forced
 # on another GPU, e.g. an H200, whose table has no cap), cap128s2 (the capped tile, 2 stages),
-# pairs128 (LSE and Delta as pairs only from a padded head dim of 128: two buffers at D=64).
+# pairsall (LSE and Delta as pairs at every head dim, not only from a padded head dim of 128).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
 # FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz: copied

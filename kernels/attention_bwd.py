@@ -16,7 +16,8 @@ Two or three passes, one launch each, deterministic:
    dQ is not wanted (dK/dV only).
    Delta is stored by token, or in residue order by kernel position with a copy of the
    LSE beside it (``_store_stats``), so that dK/dV loads both as contiguous vectors; with
-   STATS_PAIRED by position in every launch, as (LSE, Delta) pairs that it loads at once.
+   STATS_PAIRED by position in every launch from a HEAD_PAD of STATS_PAIRED_MIN_HEAD_PAD, as
+   (LSE, Delta) pairs that it loads at once.
 3. ``_attn_bwd_dkdv``: one program per (kv head, key row) tile walks the *kv index*: the
    transposed layout of every query head sharing that kv head (GQA/MQA), so the program
    owns its dK/dV rows and sums over the group's query heads without races.

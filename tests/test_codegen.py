@@ -306,8 +306,8 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
     ("AFFINE_TOKENS_MAX_HEAD_PAD", "AFFINE_MAX_HEAD_PAD = tl.constexpr(64)", 0, "AFFINE_MAX_HEAD_PAD = tl.constexpr(0)"),
     ("POSITION_STATS", "STATS_BY_POSITION = tl.constexpr(True)", False, "STATS_BY_POSITION = tl.constexpr(False)"),
     ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(True)", False, "STATS_PAIRED = tl.constexpr(False)"),
-    ("PAIRED_STATS_MIN_HEAD_PAD", "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)", 128,
-     "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(128)"),
+    ("PAIRED_STATS_MIN_HEAD_PAD", "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(128)", 0,
+     "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""
@@ -410,8 +410,9 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block, paired):
     """Compile every generated kernel ahead of time for an H100 (sm_90): the CPU test run
     uses Triton's interpreter, which would not catch what only the compiler rejects.
-    ``paired``: codegen.PAIRED_STATS (on by default) on, every variant; or off, the variants
-    of the two-buffer LSE and Delta path."""
+    ``paired``: codegen.PAIRED_STATS (on by default) on, every variant (pairs from a padded head
+    dim of 128: head dim 80 compiles them, 64 the two buffers); or off, the variants of the
+    two-buffer LSE and Delta path."""
     pytest.importorskip("triton.backends.nvidia")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Triton fixed interpreter mode for its own helpers when it was imported

@@ -191,18 +191,20 @@ def test_residue_order_stats_by_position_match_reference(name, d, delta_in_dq, o
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["longformer", "dilated", "card"])
 def test_stats_as_pairs_match_reference(name, d, delta_in_dq, monkeypatch):
-    """codegen.PAIRED_STATS (on by default): (LSE, Delta) pairs by kernel
-    position in every launch, token order (longformer: split rows, thin rows and keys) and
-    residue order; by dQ, or by the Delta pass (DELTA_IN_DQ off, and dK/dV alone). GQA, two
-    batches, odd length; buffers poisoned with NaN, so a position no pass stores shows."""
-    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True)
+    """codegen.PAIRED_STATS (on by default) at every head dim (PAIRED_STATS_MIN_HEAD_PAD 0): (LSE,
+    Delta) pairs by kernel position in every launch, token order (longformer: split rows, thin
+    rows and keys) and residue order; by dQ, or by the Delta pass (DELTA_IN_DQ off, and dK/dV
+    alone). GQA, two batches, odd length; buffers poisoned with NaN, so a position no pass
+    stores shows."""
+    _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True,
+                                            PAIRED_STATS_MIN_HEAD_PAD=0)
 
 
 @pytest.mark.parametrize("delta_in_dq", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", ["longformer", "dilated"])
 def test_stats_pairs_from_a_head_dim_match_reference(name, d, delta_in_dq, monkeypatch):
-    """codegen.PAIRED_STATS_MIN_HEAD_PAD = 128: pairs at D=128, two buffers at D=64 (by token in
+    """codegen.PAIRED_STATS_MIN_HEAD_PAD = 128 (the default): pairs at D=128, two buffers at D=64 (by token in
     token order, by position in residue order), from one generated module; as above."""
     _assert_stats_setting_matches_reference(name, d, delta_in_dq, monkeypatch, PAIRED_STATS=True,
                                             PAIRED_STATS_MIN_HEAD_PAD=128)
