@@ -382,7 +382,8 @@ def main() -> None:
                          eff_fwdbwd_kernel=dfb * density / pfb_kernel if (dfb and pfb_kernel) else None,
                          speedup_vs_flex_fwdbwd_kernel=(flex_fb_kernel / pfb_kernel
                                                         if (flex_fb_kernel and pfb_kernel) else None),
-                         flex_setup_s=None if flex_setup is None else round(flex_setup, 1), row_s=round(time.perf_counter() - row_t0, 1))
+                         flex_setup_s=None if flex_setup is None else round(flex_setup, 1),
+                         row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)
                 del out
