@@ -21,8 +21,9 @@
 # 3-stage tile without the H100 table's 128-register cap), cap128 (with it: the H100's tile forced
 # on another GPU, e.g. an H200, whose table has no cap), cap128s2 (the capped tile, 2 stages),
 # pairsall (LSE and Delta as pairs at every head dim, not only from a padded head dim of 128).
-# On a fresh machine the first pattern took 3-4 minutes (2026-12-02), most of it probably
-# FlexAttention's torch.compile; SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
+# On a fresh machine the first pattern took 3-4 minutes (2026-12-02); the rows' flex_setup_s put
+# 237 of its 259 s in FlexAttention's block mask, compile and settle (2026-12-07; 10-13 s for
+# each later pattern). SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz: copied
 # to .devcache/ and carried (carry [".whl", ".devcache"]), it spares the next call Flex's compile.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
