@@ -49,6 +49,22 @@ STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)
 # @template-begin
 
 
+@triton.constexpr_function
+def stats_paired(head_pad):
+    """Whether a launch of padded head dim ``head_pad`` keeps LSE and Delta as (LSE, Delta) pairs
+    by kernel position (STATS_PAIRED, from a HEAD_PAD of STATS_PAIRED_MIN_HEAD_PAD): decided
+    here alone, at compile time in the kernels and by the backend (sizing the buffers) on the
+    generated module."""
+    return bool(STATS_PAIRED and head_pad >= STATS_PAIRED_MIN_HEAD_PAD)
+
+
+@triton.constexpr_function
+def stats_by_position(permuted, head_pad):
+    """Whether Delta (with an LSE copy) is stored by kernel position, STATS_LEN a head, rather
+    than by token: as pairs, or in residue order (STATS_BY_POSITION). See _store_stats."""
+    return bool(stats_paired(head_pad) or (permuted and STATS_BY_POSITION))
+
+
 @triton.jit(do_not_specialize=["SEQ_LEN", "M_BLOCKS", "H"])
 def _attn_bwd_preprocess(Out, dOut, Lse, Delta, LsePos, head_dil, head_seg, SEQ_LEN, M_BLOCKS, STATS_LEN, H,
                          HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -72,7 +88,7 @@ def _attn_bwd_preprocess(Out, dOut, Lse, Delta, LsePos, head_dil, head_seg, SEQ_
 @triton.jit
 def _stats_row0(bh, SEQ_LEN, STATS_LEN, PERMUTED: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Where query head ``bh``'s Delta (and its LSE copy) start: see _store_stats."""
-    if (STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD) or (PERMUTED and STATS_BY_POSITION):
+    if stats_by_position(PERMUTED, HEAD_PAD):
         return bh.to(tl.int64) * STATS_LEN
     else:
         return bh.to(tl.int64) * SEQ_LEN
@@ -89,7 +105,7 @@ def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMU
     so), so p = 0 there. STATS_PAIRED: by position in every launch (from a HEAD_PAD of
     STATS_PAIRED_MIN_HEAD_PAD), as (LSE, Delta) pairs in one buffer (Delta and LsePos both
     point at it), which dK/dV reads with one load."""
-    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
+    if stats_paired(HEAD_PAD):
         pos = stats_row0 + first + tl.arange(0, tok.shape[0])
         tl.store(LsePos + pos[:, None] * 2 + tl.arange(0, 2)[None, :], tl.join(lse, delta))
     elif PERMUTED and STATS_BY_POSITION:
@@ -103,7 +119,7 @@ def _store_stats(Delta, LsePos, stats_row0, first, tok, valid, delta, lse, PERMU
 @triton.jit
 def _load_delta(Delta, stats_row0, first, tok, valid, PERMUTED: tl.constexpr, HEAD_PAD: tl.constexpr):
     """Delta of query positions first .. first + len(tok) - 1 (see _store_stats)."""
-    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
+    if stats_paired(HEAD_PAD):
         return tl.load(Delta + (stats_row0 + first + tl.arange(0, tok.shape[0])) * 2 + 1)
     elif PERMUTED and STATS_BY_POSITION:
         return tl.load(Delta + stats_row0 + first + tl.arange(0, tok.shape[0]))
@@ -265,7 +281,7 @@ def _dkdv_step(k, v, dk, dv, Q, dOut, Qd, dOd, Lse, Delta, LsePos, m_first, head
     do = _walked_tile(dOut, dOd, q_row0, b * H + head, m_first, tok_m, valid_m, seg, BLOCK_M, HEAD_DIM,
                       HEAD_PAD, PERMUTED, USE_TMA)
     stats_row0 = _stats_row0(b * H + head, SEQ_LEN, STATS_LEN, PERMUTED, HEAD_PAD)
-    if STATS_PAIRED and HEAD_PAD >= STATS_PAIRED_MIN_HEAD_PAD:
+    if stats_paired(HEAD_PAD):
         lse, delta = _load_stat_pairs(LsePos, stats_row0, m_first, BLOCK_M)
     else:
         lse = _load_lse(Lse, LsePos, q_row0, stats_row0, m_first, tok_m, valid_m, PERMUTED)

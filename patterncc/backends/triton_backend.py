@@ -394,11 +394,11 @@ class _Launch:
         # past T where residue-order classes are padded to whole blocks.
         self.positions = self.plan.dq.rows_per_head * self.plan.dq.row_block
         # LSE and Delta as pairs by kernel position (codegen.PAIRED_STATS, from a padded head dim
-        # of PAIRED_STATS_MIN_HEAD_PAD: what the module's STATS_PAIRED constants say).
-        self.paired_stats = codegen.PAIRED_STATS and self.d_pad >= codegen.PAIRED_STATS_MIN_HEAD_PAD
-        # Delta and the LSE copy by kernel position (residue order, codegen.POSITION_STATS; with
-        # pairs, every launch): positions a head; 0 where Delta is by token.
-        by_position = self.paired_stats or (self.consts["PERMUTED"] and codegen.POSITION_STATS)
+        # of PAIRED_STATS_MIN_HEAD_PAD), or Delta and an LSE copy by kernel position (residue
+        # order, codegen.POSITION_STATS): asked of the generated module, whose kernels decide it
+        # the same way at compile time. stats_len: positions a head; 0 where Delta is by token.
+        self.paired_stats = self.gen.module.stats_paired(self.d_pad)
+        by_position = self.gen.module.stats_by_position(self.consts["PERMUTED"], self.d_pad)
         self.stats_len = self.positions if by_position else 0
         self.settled: set = set()  # (kind, PATTERNCC_AUTOTUNE) pairs known not to need tuning
         self.direct = DirectLaunches()
