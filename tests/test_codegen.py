@@ -321,6 +321,27 @@ def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, v
     assert off.module is not default.module
 
 
+@pytest.mark.parametrize("paired,min_pad,position,permuted,head_pad,want_pairs,want_by_position", [
+    (True, 128, True, 0, 64, False, False),    # the default below its threshold, token order: by token
+    (True, 128, True, 1, 64, False, True),     # ... residue order: by position, two buffers
+    (True, 128, True, 0, 128, True, True),     # from the threshold up: pairs in every launch
+    (True, 0, False, 0, 32, True, True),       # pairs at every head dim
+    (False, 0, False, 1, 128, False, False),   # neither switch: by token even in residue order
+    (False, 0, True, 2, 128, False, True),
+])
+def test_stats_layout_is_decided_by_the_module(paired, min_pad, position, permuted, head_pad, want_pairs,
+                                               want_by_position, monkeypatch, tmp_path):
+    """The generated module's stats_paired / stats_by_position, which the kernels evaluate at
+    compile time and the backend asks to size the buffers, follow the codegen switches."""
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(codegen, "PAIRED_STATS", paired)
+    monkeypatch.setattr(codegen, "PAIRED_STATS_MIN_HEAD_PAD", min_pad)
+    monkeypatch.setattr(codegen, "POSITION_STATS", position)
+    module = codegen.load(patterncc.parse("window(6) | dilate(2)")).module
+    assert module.stats_paired(head_pad) is want_pairs
+    assert module.stats_by_position(permuted, head_pad) is want_by_position
+
+
 def test_modules_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
