@@ -5,7 +5,10 @@ an order effect of bench_attention.py's ablation rows (the variant is always tim
 the default) shows as a difference between rounds rather than between variants. Each
 round also records the allocator's device allocations and frees during its timing: a
 cudaFree synchronises the host, which leaves gaps in do_bench's time but not in the
-kernel sum. Run on the GPU machine from the repository root:
+kernel sum. Before round 0 the default runs untimed for $HEAT_S seconds (default 5): without
+it the first timed slot of an A/B ran at higher clocks than the rest (thirtieth session, six
+A/Bs on the H100: 1923-1962 MHz against 1830-1920) and, in four of the six, its forward+backward
+0.6-1.1% faster than the default's later slots: a bias towards the default, which holds that slot. Run on the GPU machine from the repository root:
   TS=65536 DS=128 PATTERN=causal_window ABLATE=delta ROUNDS=3 python3 bench/ab_interleaved.py
 Prints one JSON line per round and variant; bench/ab_summary.py makes a table of them.
 """
@@ -101,8 +104,22 @@ def chosen() -> tuple[str, str]:
     return name, what
 
 
+def heat_seconds() -> float:
+    """$HEAT_S: seconds of untimed default steps right before round 0 (default 5), checked
+    before any GPU work."""
+    text = os.environ.get("HEAT_S", "5")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise SystemExit(f"HEAT_S={text!r}: give a number of seconds >= 0")
+    return seconds
+
+
 def main() -> None:
     name, what = chosen()
+    heat = heat_seconds()
     tuned_as()
     T, D = int(os.environ.get("TS", "65536")), int(os.environ.get("DS", "128"))
     rounds = int(os.environ.get("ROUNDS", "3"))
@@ -116,6 +133,7 @@ def main() -> None:
     for variant in ("default", what):
         with switched(ABLATIONS[what] if variant != "default" else {}):
             settle(step, [q, k, v])
+    settle(step, [q, k, v], heat)  # the GPU at its working clocks before the first timed slot
     for r in range(rounds):
         for variant in ("default", what) if r % 2 == 0 else (what, "default"):
             with switched(ABLATIONS[what] if variant != "default" else {}):

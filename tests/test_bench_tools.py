@@ -70,6 +70,20 @@ def test_the_interleaved_ab_refuses_unknown_names_and_defaults_to_the_delta_swit
         ab_interleaved.chosen()
 
 
+@pytest.mark.parametrize("text,seconds", [(None, 5.0), ("0", 0.0), ("12.5", 12.5), ("-1", None), ("nan", None),
+                                          ("5s", None)])
+def test_the_interleaved_abs_heat_up_is_seconds_from_heat_s(text, seconds, monkeypatch):
+    if text is None:
+        monkeypatch.delenv("HEAT_S", raising=False)
+    else:
+        monkeypatch.setenv("HEAT_S", text)
+    if seconds is None:
+        with pytest.raises(SystemExit, match=f"HEAT_S='{text}': give a number of seconds >= 0"):
+            ab_interleaved.heat_seconds()
+    else:
+        assert ab_interleaved.heat_seconds() == seconds
+
+
 def test_the_benchmark_writes_its_json_under_out_with_the_tag(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     monkeypatch.setenv("TAG", "16k")
