@@ -24,8 +24,11 @@
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02); the rows' flex_setup_s put
 # 237 of its 259 s in FlexAttention's block mask, compile and settle (2026-12-07; 10-13 s for
 # each later pattern). SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
-# SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz: copied
-# to .devcache/ and carried (carry [".whl", ".devcache"]), it spares the next call Flex's compile.
+# SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz (in 15 MiB
+# parts, inductor.tgz.part-NN, where larger: 23 MiB after four 16K rows, 2026-12-07): copied to
+# .devcache/ (old copies removed) and carried (carry [".whl", ".devcache"]), it is meant to spare
+# the next call Flex's compile. BigBird's Flex setup is long too: its 16K D=64 row did not finish
+# in the 160 s a call left it after longformer's and the dilated window's rows (2026-12-07).
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
 # table land under $OUT. Pattern names: longformer, bigbird, causal_window, dilated.
 set -u

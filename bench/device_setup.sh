@@ -12,27 +12,31 @@ export PYTHONUNBUFFERED=1 PATTERNCC_CACHE_DIR=/tmp/pcc
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 # Inductor's cache (FlexAttention's compiled graphs and their Triton kernels; patterncc's own
-# kernels stay in Triton's cache): .devcache/inductor.tgz, when carried, is an earlier call's
-# $OUT/inductor.tgz (save_inductor_cache), so Flex's compile is a cache hit on a fresh machine.
+# kernels stay in Triton's cache): .devcache/inductor.tgz (or its parts), when carried, is an
+# earlier call's $OUT/inductor.tgz* (save_inductor_cache), so Flex's compile is a cache hit on a
+# fresh machine (whether it is, and how much of Flex's setup that spares: not yet measured).
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
-if [ -f .devcache/inductor.tgz ]; then
-  tar -xzf .devcache/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR" \
+# Whole, or in parts (save_inductor_cache), which then are what counts.
+cache_files=$(ls .devcache/inductor.tgz.part-* 2>/dev/null || ls .devcache/inductor.tgz 2>/dev/null)
+if [ -n "$cache_files" ]; then
+  cat $cache_files | tar -xz -C "$TORCHINDUCTOR_CACHE_DIR" \
     && echo "inductor cache carried: $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files" | tee -a "$OUT/gpu.txt"
 fi
 # save_inductor_cache: Inductor's cache packed into $OUT/inductor.tgz, for `carry` (.devcache/) next
-# call; left out, with a line saying so, where it is over what a file from $OUT may be (16 MiB).
+# call; cut into parts of 15 MiB (inductor.tgz.part-00, -01, ...) where it is over what one file
+# from $OUT may be (16 MiB: the thirtieth session's cache after four 16K rows packed to 23 MiB).
 # At most 8 files come back from $OUT: a call that saves the cache leaves room for it (the
 # twenty-ninth session's call wrote 9, and the cache was the one left out).
 save_inductor_cache() {
   tar -czf "$OUT/inductor.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . || return
-  local size files; size=$(stat -c %s "$OUT/inductor.tgz"); files=$(find "$OUT" -type f | wc -l)
+  local size files; size=$(stat -c %s "$OUT/inductor.tgz")
   if [ "$size" -gt $((15 * 1024 * 1024)) ]; then
-    rm "$OUT/inductor.tgz"; echo "inductor cache: $((size >> 20)) MiB packed, over 15 MiB: not kept"
-  else
-    echo "inductor cache: $((size >> 10)) KiB in \$OUT/inductor.tgz"
-    [ "$files" -le 8 ] || echo "inductor cache: \$OUT holds $files files, over the 8 that come back"
+    split -b 15M -d "$OUT/inductor.tgz" "$OUT/inductor.tgz.part-" && rm "$OUT/inductor.tgz"
   fi
+  files=$(find "$OUT" -type f | wc -l)
+  echo "inductor cache: $((size >> 10)) KiB in $(ls "$OUT"/inductor.tgz* | wc -l) file(s), \$OUT/inductor.tgz*"
+  [ "$files" -le 8 ] || echo "inductor cache: \$OUT holds $files files, over the 8 that come back"
 }
 
 # gpu_tests_start DIR [FILTER]: tests/gpu (those matching -k FILTER) split into ${CHUNKS:-6}
