@@ -9,6 +9,10 @@ for a switch that leaves the forward kernel's code alone, each backward kernel's
 relative to the forward's of the same rounds (``dq/fwd``, ``dkdv/fwd``) takes the drift out.
 Rounds recorded since the twenty-eighth session carry the SM clock and power nvidia-smi
 sampled during them (``sm_clock_mhz``, ``power_w``): the table gives the clock's means.
+The ``f+b by round`` column is the forward+backward change within each round (the variant
+against the default of the same round), lowest to highest: an A/A on the H100 (the same
+kernels both sides, thirtieth session) spread from -0.8% to +1.7% that way, so a change whose rounds
+straddle zero, or that is under about 1%, is not resolved by one A/B.
 
     python bench/ab_summary.py bench/results/2026-12-07-NVIDIA-H100-80GB-HBM3-run28-ab-pairs-cap128.jsonl
     bash bench/device_ab.sh | ...                 (or: python bench/ab_summary.py - < ab.jsonl)
@@ -69,8 +73,17 @@ def _change(new: float | None, old: float | None) -> float | None:
     return None if new is None or not old else new / old - 1
 
 
+def round_changes(default: list[dict], variant: list[dict], read) -> list[float]:
+    """The variant's change against the default within each round both have a value in, by
+    round number."""
+    base = {r.get("round"): read(r) for r in default}
+    return [read(r) / base[r.get("round")] - 1 for r in variant
+            if base.get(r.get("round")) and read(r) is not None]
+
+
 def summary(section: list[dict]) -> dict:
-    """One A/B's means per variant and the variant's changes (fractions: -0.05 is 5% faster)."""
+    """One A/B's means per variant and the variant's changes (fractions: -0.05 is 5% faster),
+    with ``by_round``: the forward+backward kernel change of each round (round_changes)."""
     default = [r for r in section if r["variant"] == "default"]
     variant = [r for r in section if r["variant"] != "default"]
     if not default or not variant:
@@ -91,6 +104,7 @@ def summary(section: list[dict]) -> dict:
         own = out["change"].get(short)
         if own is not None and fwd is not None:
             out["change"][f"{short}/fwd"] = (1 + own) / (1 + fwd) - 1
+    out["by_round"] = round_changes(default, variant, columns["fwdbwd_kernels"])
     return out
 
 
@@ -103,15 +117,20 @@ def _before_after(pair: tuple, digits: int = 4) -> str:
     return "—" if a is None or b is None else f"{a:.{digits}f} → {b:.{digits}f}"
 
 
+def _spread(changes: list[float]) -> str:
+    return "—" if not changes else f"{100 * min(changes):+.1f} .. {100 * max(changes):+.1f}%"
+
+
 def markdown(summaries: list[dict]) -> str:
     """A table, one row per A/B: default → variant ms and the change."""
-    lines = ["| switch | pattern | T | D | rounds | f+b kernels ms | change | dK/dV ms | change | dK/dV ÷ fwd "
-             "| dQ | dQ ÷ fwd | fwd kernel | fwd graph | SM MHz |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| switch | pattern | T | D | rounds | f+b kernels ms | change | f+b by round | dK/dV ms | change "
+             "| dK/dV ÷ fwd | dQ | dQ ÷ fwd | fwd kernel | fwd graph | SM MHz |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         c = s["change"]
         lines.append(f"| {s['ablate']} | {s['pattern']} | {s['T']} | {s['D']} | {s['rounds']} | "
                      f"{_before_after(s['ms']['fwdbwd_kernels'])} | {_pct(c['fwdbwd_kernels'])} | "
+                     f"{_spread(s.get('by_round', []))} | "
                      f"{_before_after(s['ms']['dkdv'])} | "
                      f"{_pct(c['dkdv'])} | {_pct(c.get('dkdv/fwd'))} | {_pct(c['dq'])} | {_pct(c.get('dq/fwd'))} | "
                      f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_before_after(s['ms']['sm_clock'], 0)} |")

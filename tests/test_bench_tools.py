@@ -390,6 +390,18 @@ def test_the_ab_summary_takes_each_switchs_rounds_and_the_drift_out_of_the_backw
     assert nocap["change"]["dkdv"] == pytest.approx(0.1) and nocap["change"]["fwd"] == pytest.approx(0)
     table = ab_summary.markdown(found).splitlines()
     assert len(table) == 4 and table[2].startswith("| pairs | longformer | 16384 | 64 | 2 |") and "-1.0%" in table[2]
+    assert pairs["by_round"] == pytest.approx([0.007 / 0.6] * 2) and "| +1.2 .. +1.2% |" in table[2]
+
+
+def test_the_ab_summary_gives_each_rounds_change_by_round_number():
+    """The variant against the default of its own round (not of the slot before it), lowest to
+    highest in the table; a round the default lacks is left out."""
+    rounds = [_ab_round("default", 0, 0.10, 0.30), _ab_round("pairs", 0, 0.10, 0.33),
+              _ab_round("pairs", 1, 0.10, 0.27), _ab_round("default", 1, 0.10, 0.36),
+              _ab_round("pairs", 2, 0.10, 0.30)]
+    (found,) = [ab_summary.summary(s) for s in ab_summary.sections(rounds)]
+    assert found["by_round"] == pytest.approx([0.03 / 0.6, -0.09 / 0.66])
+    assert "| -13.6 .. +5.0% |" in ab_summary.markdown([found])
 
 
 def test_the_ab_summary_splits_older_files_where_a_run_starts_again():
