@@ -7,8 +7,9 @@ round also records the allocator's device allocations and frees during its timin
 cudaFree synchronises the host, which leaves gaps in do_bench's time but not in the
 kernel sum. Before round 0 the default runs untimed for $HEAT_S seconds (default 5): without
 it the first timed slot of an A/B ran at higher clocks than the rest (thirtieth session, six
-A/Bs on the H100: 1923-1962 MHz against 1830-1920) and, in four of the six, its forward+backward
-0.6-1.1% faster than the default's later slots: a bias towards the default, which holds that slot. Run on the GPU machine from the repository root:
+A/Bs on the H100: 1923-1962 MHz against 1830-1920) and, in four of the six, its
+forward+backward 0.6-1.1% faster than the default's later slots: a bias towards the default,
+which holds that slot. Run on the GPU machine from the repository root:
   TS=65536 DS=128 PATTERN=causal_window ABLATE=delta ROUNDS=3 python3 bench/ab_interleaved.py
 Prints one JSON line per round and variant; bench/ab_summary.py makes a table of them.
 """

@@ -11,8 +11,8 @@ Rounds recorded since the twenty-eighth session carry the SM clock and power nvi
 sampled during them (``sm_clock_mhz``, ``power_w``): the table gives the clock's means.
 The ``f+b by round`` column is the forward+backward change within each round (the variant
 against the default of the same round), lowest to highest: an A/A on the H100 (the same
-kernels both sides, thirtieth session) spread from -0.8% to +1.7% that way, so a change whose rounds
-straddle zero, or that is under about 1%, is not resolved by one A/B.
+kernels both sides, thirtieth session) spread from -0.8% to +1.7% that way, so a change
+whose rounds straddle zero, or that is under about 1%, is not resolved by one A/B.
 
     python bench/ab_summary.py bench/results/2026-12-07-NVIDIA-H100-80GB-HBM3-run28-ab-pairs-cap128.jsonl
     bash bench/device_ab.sh | ...                 (or: python bench/ab_summary.py - < ab.jsonl)
