@@ -46,9 +46,10 @@ GPU time is ``pcc_fwdbwd_kernel_ms`` / ``flex_fwdbwd_kernel_ms``: its kernels' d
 summed (torch.profiler, gradients set to None before each step, L2 not flushed), so the gap
 to the do_bench time is what the host adds. Before a pattern's timings, patterncc and Flex
 each run their forward+backward untimed for 0.5 s (``settle``). Where a row's wall time went:
-``flex_setup_s`` (Flex's block mask, compile and settle) and ``row_s`` (the whole row, its A/B
-rows not counted), for planning device calls and for telling whether a carried compile cache
-(bench/device_setup.sh) took Flex's compile off.
+``flex_setup_s`` (Flex's block mask, compile and settle; ``flex_mask_s`` the block mask's
+part, which BigBird's per-head mask of patterncc's random blocks may make long) and ``row_s``
+(the whole row, its A/B rows not counted), for planning device calls and for telling whether a
+carried compile cache (bench/device_setup.sh) took Flex's compile off.
 """
 from __future__ import annotations
 
@@ -341,13 +342,15 @@ def main() -> None:
                 pfb_ms = bench(pfb, [q, k, v])
                 pfb_kernels: dict = {}
                 pfb_kernel = kernel_ms(pfb, [q, k, v], by_name=pfb_kernels)
-                flex_f = flex_fb = flex_graph = flex_fb_kernel = flex_setup = None
+                flex_f = flex_fb = flex_graph = flex_fb_kernel = flex_setup = flex_mask = None
                 if not skip_flex:
                     try:
                         flex_t0 = time.perf_counter()
                         mm = flex_mask_mod(name, op, T, H, dev)
                         bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
                                                _compile=True)
+                        torch.cuda.synchronize()
+                        flex_mask = time.perf_counter() - flex_t0  # (its part of flex_setup_s)
                         def ffb():
                             flex(q, k, v, block_mask=bm).backward(do)
                         flex(q, k, v, block_mask=bm)
@@ -383,6 +386,7 @@ def main() -> None:
                          speedup_vs_flex_fwdbwd_kernel=(flex_fb_kernel / pfb_kernel
                                                         if (flex_fb_kernel and pfb_kernel) else None),
                          flex_setup_s=None if flex_setup is None else round(flex_setup, 1),
+                         flex_mask_s=None if flex_mask is None else round(flex_mask, 1),
                          row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)

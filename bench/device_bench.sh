@@ -23,7 +23,8 @@
 # pairsall (LSE and Delta as pairs at every head dim, not only from a padded head dim of 128).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02); the rows' flex_setup_s put
 # 237 of its 259 s in FlexAttention's block mask, compile and settle (2026-12-07; 10-13 s for
-# each later pattern). SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
+# each later pattern; flex_mask_s, since the thirtieth session, is the block mask's part of it).
+# SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz (in 15 MiB
 # parts, inductor.tgz.part-NN, where larger: 23 MiB after four 16K rows, 2026-12-07): copied to
 # .devcache/ (old copies removed) and carried (carry [".whl", ".devcache"]), it is meant to spare
