@@ -31,6 +31,9 @@ makes every backward probability exp2(s - LSE) exactly 0 for them.
 import triton
 import triton.language as tl
 
+# The generated module's header sets this (codegen.PEEL_THIN_COLUMN).
+PEEL_THIN_COLUMN = tl.constexpr(False)
+
 # @template-begin
 
 
@@ -81,11 +84,27 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
         # Thin global key columns first: a few keys cost a 16-wide tile, not a whole block.
-        for e in range(tl.load(item_nstart + item), tl.load(item_nend + item)):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW,
-                                    tl.load(nflags + e), at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
-                                    NARROW, HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, False, PRECISION, UPCAST,
-                                    FOLD_SCALE, TAIL, CLASS_GAP)
+        n_lo = tl.load(item_nstart + item)
+        n_hi = tl.load(item_nend + item)
+        if PEEL_THIN_COLUMN:
+            # The first step starts from the empty state: outside a loop the compiler drops the
+            # rescale of a zero accumulator, and the steps left (rarely any) go unpipelined.
+            if n_hi > n_lo:
+                acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, n_lo, at_m,
+                                                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                                                  HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
+                                                  FOLD_SCALE, TAIL, CLASS_GAP)
+            for e in tl.range(n_lo + 1, n_hi, num_stages=1):
+                acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m,
+                                                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                                                  HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
+                                                  FOLD_SCALE, TAIL, CLASS_GAP)
+        else:
+            for e in range(n_lo, n_hi):
+                acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m,
+                                                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
+                                                  HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
+                                                  FOLD_SCALE, TAIL, CLASS_GAP)
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start * N_TILES, end * N_TILES,
                                       kblock, entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
@@ -205,6 +224,19 @@ def _thin_partial(Q, K, V, Kd, Vd, ScratchO, ScratchM, ScratchL, q_row0, kv_row0
         tl.store(_scratch_ptrs(ScratchO, slot, b, B, tile * BLOCK_M + local, NARROW, ROW_BLOCK, HEAD_PAD), acc)
         tl.store(ScratchM + s_row + local + r16, m_i)
         tl.store(ScratchL + s_row + local + r16, l_i)
+
+
+@triton.jit
+def _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m, sub_row, head, dil, seg,
+                      tables, qk_scale, SEQ_LEN, NARROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEAD_PAD: tl.constexpr, STACKED: tl.constexpr, PERMUTED: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr, TAIL: tl.constexpr,
+                      CLASS_GAP: tl.constexpr):
+    """The online-softmax step of narrow entry ``e``: its 16-key sub-block of a thin column,
+    loaded by pointers (no TMA)."""
+    return _attend(q, acc, m_i, l_i, K, V, K, V, kv_row0, kv_bh, tl.load(nblock + e) * NARROW, tl.load(nflags + e),
+                   at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM, HEAD_PAD, STACKED,
+                   PERMUTED, False, PRECISION, UPCAST, FOLD_SCALE, TAIL, CLASS_GAP)
 
 
 @triton.jit

@@ -112,6 +112,15 @@ PAIRED_STATS = True
 # patterns' sum is level; 128 is kept for the margin it gives longformer's D=64 target, the
 # causal window's cells staying over theirs. The A/B row `pairsall` puts pairs at every head dim (0).
 PAIRED_STATS_MIN_HEAD_PAD = 128
+# The forward's first thin-column step (kernels/attention_fwd.py: a 16-key tile of a thin global
+# column, before the row's walk) outside the loop, which starts from the empty softmax state, and
+# the rest of a row's thin-column steps in a loop that is not software-pipelined. Longformer's far
+# rows have one such step each; in a loop Triton pipelines it (async copies, barriers) and rescales
+# the zero accumulator. sm_90 SASS (Triton 3.9, bf16, longformer, TMA tiles): the step's code
+# 336 -> 216 instructions at D=64 and 424 -> 280 at D=128, the main walk unchanged; about 3% of a
+# row's instructions. Predicted: longformer's forward about -3%; other patterns unchanged. Off
+# until measured on a GPU (thirtieth session, built without one); A/B row `peel` turns it on.
+PEEL_THIN_COLUMN = False
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
@@ -341,10 +350,10 @@ def _template(name: str) -> str:
 
 def switches() -> tuple:
     """The switches that change the generated source (MERGE_BANDS, AFFINE_TOKENS_MAX_HEAD_PAD,
-    SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS, PAIRED_STATS_MIN_HEAD_PAD), as a key: load's module
-    cache and the backend's launch constants carry it."""
+    SEQ_LEN_CLASSES, POSITION_STATS, PAIRED_STATS, PAIRED_STATS_MIN_HEAD_PAD, PEEL_THIN_COLUMN), as a
+    key: load's module cache and the backend's launch constants carry it."""
     return (MERGE_BANDS, int(AFFINE_TOKENS_MAX_HEAD_PAD), bool(SEQ_LEN_CLASSES), bool(POSITION_STATS),
-            bool(PAIRED_STATS), int(PAIRED_STATS_MIN_HEAD_PAD))
+            bool(PAIRED_STATS), int(PAIRED_STATS_MIN_HEAD_PAD), bool(PEEL_THIN_COLUMN))
 
 
 def dkdv_unspecialised() -> list[str]:
@@ -388,6 +397,8 @@ def render(plan: PredicatePlan) -> str:
         f"STATS_PAIRED = tl.constexpr({bool(PAIRED_STATS)})",
         "# ... from this HEAD_PAD up (codegen.PAIRED_STATS_MIN_HEAD_PAD).",
         f"STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr({int(PAIRED_STATS_MIN_HEAD_PAD)})",
+        "# The forward's first thin-column step outside its loop (codegen.PEEL_THIN_COLUMN).",
+        f"PEEL_THIN_COLUMN = tl.constexpr({bool(PEEL_THIN_COLUMN)})",
         "",
         "",
         _predicate_fn(plan, "token_mask", transposed=False),

@@ -310,6 +310,27 @@ def test_thin_query_rows_match_reference(src, t, h, hkv, d, b, bs, split, config
 THIN_KEY_CASES = THIN_ROW_CASES + [("window(8) | global([0, 5, 40, -1])", 301, 2, 1, 32, 2, 64, 3)]
 
 
+# The forward's first thin-column step outside its loop (codegen.PEEL_THIN_COLUMN): residue
+# order with split rows, GQA and odd T; 128-token blocks (two query tiles a row); and rows
+# with three narrow entries (global keys in three 16-key sub-blocks: the unpipelined loop).
+PEEL_CASES = [THIN_KEY_CASES[2], THIN_KEY_CASES[4], THIN_KEY_CASES[5]]
+
+
+@pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split", PEEL_CASES, ids=[c[0][:40] for c in PEEL_CASES])
+def test_first_thin_column_step_outside_its_loop_matches_reference(src, t, h, hkv, d, b, bs, split, monkeypatch):
+    """PEEL_THIN_COLUMN: a row's first narrow entry starts the online softmax from the empty
+    state outside the loop, the others follow in it; matched to the float64 reference with
+    poisoned outputs."""
+    monkeypatch.setattr(codegen, "PEEL_THIN_COLUMN", True)
+    assert "PEEL_THIN_COLUMN = tl.constexpr(True)" in codegen.load(patterncc.parse(src)).source
+    errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
+    assert_close(errs)
+    q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)
+    items = triton_backend.launch_for(q, k, get_layout(patterncc.parse(src), t, h, bs), split).plan.fwd.items
+    entries = (items.narrow_end - items.narrow_start).cpu()
+    assert entries.max() >= (3 if "40" in src else 1), "no row with the narrow entries the case is for"
+
+
 # On (the default), the thin-row cases are test_thin_query_rows_match_reference's runs; so
 # here they run off, and the case those lack runs both ways.
 THIN_KEY_RUNS = [(*c, False) for c in THIN_KEY_CASES] + [(*THIN_KEY_CASES[-1], True)]
