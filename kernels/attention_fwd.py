@@ -94,17 +94,12 @@ def _attn_fwd(
                                                   sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
                                                   HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
                                                   FOLD_SCALE, TAIL, CLASS_GAP)
-            for e in tl.range(n_lo + 1, n_hi, num_stages=1):
-                acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m,
-                                                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                                                  HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
-                                                  FOLD_SCALE, TAIL, CLASS_GAP)
-        else:
-            for e in range(n_lo, n_hi):
-                acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m,
-                                                  sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW,
-                                                  HEAD_DIM, HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST,
-                                                  FOLD_SCALE, TAIL, CLASS_GAP)
+            n_lo += 1
+        for e in tl.range(n_lo, n_hi, num_stages=1 if PEEL_THIN_COLUMN else None):
+            acc, m_i, l_i = _thin_column_step(q, acc, m_i, l_i, K, V, kv_row0, kv_bh, nblock, nflags, e, at_m,
+                                              sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN, NARROW, HEAD_DIM,
+                                              HEAD_PAD, STACKED, PERMUTED, PRECISION, UPCAST, FOLD_SCALE, TAIL,
+                                              CLASS_GAP)
         acc, m_i, l_i = _walk_entries(q, acc, m_i, l_i, K, V, Kd, Vd, kv_row0, kv_bh, start * N_TILES, end * N_TILES,
                                       kblock, entry_flags, at_m, sub_row, head, dil, seg, tables, qk_scale, SEQ_LEN,
                                       HEAD_DIM, HEAD_PAD, LAYOUT_BLOCK, BLOCK_N, STACKED, PERMUTED, USE_TMA,
