@@ -88,7 +88,7 @@ ABLATIONS = {"residue": {"RESIDUE_ORDER": False}, "thin": {"THIN_COLUMNS": False
              "nocap": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 3)}},
              "cap128": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 3, maxnreg=128)}},
              "cap128s2": {"CONFIGS": {("dkdv", 64): tuning.K(32, 64, 4, 2, maxnreg=128)}},
-             "peel": {"PEEL_THIN_COLUMN": True}}
+             "nopeel": {"PEEL_THIN_COLUMN": False}}
 # What a row must have for its A/B switch to change anything (other switches: every row).
 APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["residue_heads"],
            "rtma": lambda r: r["residue_heads"], "thin": lambda r: r["narrow_tiles_fwd"],
@@ -102,7 +102,7 @@ APPLIES = {"residue": lambda r: r["residue_heads"], "tokens": lambda r: r["resid
            "tailfree": lambda r: r["kernel_full_fraction"] < 1, "seqlen16": lambda r: r["T"] % 16 == 0,
            "posstats": lambda r: r["residue_heads"], "pairsall": lambda r: lowering.head_pad(r["D"]) < 128,
            "nocap": lambda r: r["D"] == 64, "cap128": lambda r: r["D"] == 64, "cap128s2": lambda r: r["D"] == 64,
-           "peel": lambda r: r["narrow_tiles_fwd"]}
+           "nopeel": lambda r: r["narrow_tiles_fwd"]}
 LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "tall rows forced",
           "tokens": "general residue tokens", "split": "split rows first off",
           "fold": "scale fold off", "rtma": "residue TMA boxes off", "thinrows": "thin query rows off",
@@ -121,7 +121,7 @@ LABELS = {"residue": "residue order off", "thin": "thin columns off", "stack": "
           "nocap": "dK/dV at D=64 not capped at 128 registers (32x64, 3 stages: three programs per SM, not four)",
           "cap128": "dK/dV at D=64 capped at 128 registers (32x64, 3 stages: the H100 table's tile, for other GPUs)",
           "cap128s2": "dK/dV at D=64 capped at 128 registers, 2 stages (four programs per SM)",
-          "peel": "the forward's first thin-column step outside its loop (the rest unpipelined)"}
+          "nopeel": "the forward's thin-column steps all in its pipelined loop (the first not peeled)"}
 
 # The reference patterns of DESIGN.md, in the pattern language.
 PATTERNS = {

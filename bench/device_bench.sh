@@ -21,7 +21,7 @@
 # 3-stage tile without the H100 table's 128-register cap), cap128 (with it: the H100's tile forced
 # on another GPU, e.g. an H200, whose table has no cap), cap128s2 (the capped tile, 2 stages),
 # pairsall (LSE and Delta as pairs at every head dim, not only from a padded head dim of 128),
-# peel (the forward's first thin-column step outside its loop: codegen.PEEL_THIN_COLUMN, off until measured).
+# nopeel (the forward's thin-column steps all in its pipelined loop: codegen.PEEL_THIN_COLUMN off).
 # On a fresh machine the first pattern took 3-4 minutes (2026-12-02); the rows' flex_setup_s put
 # 237 of its 259 s in FlexAttention's block mask, compile and settle (2026-12-07; 10-13 s for
 # each later pattern; flex_mask_s, since the thirtieth session, is the block mask's part of it).

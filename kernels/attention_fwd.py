@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 # The generated module's header sets this (codegen.PEEL_THIN_COLUMN).
-PEEL_THIN_COLUMN = tl.constexpr(False)
+PEEL_THIN_COLUMN = tl.constexpr(True)
 
 # @template-begin
 

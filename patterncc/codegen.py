@@ -118,9 +118,12 @@ PAIRED_STATS_MIN_HEAD_PAD = 128
 # rows have one such step each; in a loop Triton pipelines it (async copies, barriers) and rescales
 # the zero accumulator. sm_90 SASS (Triton 3.9, bf16, longformer, TMA tiles): the step's code
 # 336 -> 216 instructions at D=64 and 424 -> 280 at D=128, the main walk unchanged; about 3% of a
-# row's instructions. Predicted: longformer's forward about -3%; other patterns unchanged. Off
-# until measured on a GPU (thirtieth session, built without one); A/B row `peel` turns it on.
-PEEL_THIN_COLUMN = False
+# row's instructions. Predicted: longformer's forward -2% to -3.5%; other patterns unchanged.
+# Measured (H100, thirty-first session, interleaved A/B, 3 rounds each): longformer's forward in
+# graph replay -0.7% to -1.4% a round at 16K and 64K D=64, -1.2% to -2.1% at 16K D=128 (faster in
+# all nine rounds; the A/A's forward moved -0.3% to +0.8%); the backward's kernels are the same.
+# On since; the A/B row `nopeel` turns it off.
+PEEL_THIN_COLUMN = True
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
 KERNEL_NAMES = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")

@@ -308,7 +308,7 @@ def test_merged_bands_are_one_interval_in_the_forward_predicate_only(monkeypatch
     ("PAIRED_STATS", "STATS_PAIRED = tl.constexpr(True)", False, "STATS_PAIRED = tl.constexpr(False)"),
     ("PAIRED_STATS_MIN_HEAD_PAD", "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(128)", 0,
      "STATS_PAIRED_MIN_HEAD_PAD = tl.constexpr(0)"),
-    ("PEEL_THIN_COLUMN", "PEEL_THIN_COLUMN = tl.constexpr(False)", True, "PEEL_THIN_COLUMN = tl.constexpr(True)"),
+    ("PEEL_THIN_COLUMN", "PEEL_THIN_COLUMN = tl.constexpr(True)", False, "PEEL_THIN_COLUMN = tl.constexpr(False)"),
 ])
 def test_switch_changes_one_constexpr_and_the_module_key(switch, default_line, value, line, monkeypatch, tmp_path):
     """Codegen switches the kernels read as a constexpr of the generated header."""
@@ -427,15 +427,15 @@ def aot_compile(gen, dtype: str, head_dim: int, block: int, rows: int, permuted:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,head_dim,block,paired,peel", [("bf16", 80, 64, True, False),
-                                                              ("fp16", 64, 128, True, False),
-                                                              ("bf16", 64, 64, False, True)])
+@pytest.mark.parametrize("dtype,head_dim,block,paired,peel", [("bf16", 80, 64, True, True),
+                                                              ("fp16", 64, 128, True, True),
+                                                              ("bf16", 64, 64, False, False)])
 def test_kernels_compile_for_sm90_without_a_gpu(monkeypatch, tmp_path, dtype, head_dim, block, paired, peel):
     """Compile every generated kernel ahead of time for an H100 (sm_90): the CPU test run
     uses Triton's interpreter, which would not catch what only the compiler rejects.
     ``paired``: codegen.PAIRED_STATS (on by default) on, every variant (pairs from a padded head
     dim of 128: head dim 80 compiles them, 64 the two buffers); or off, the variants of the
-    two-buffer LSE and Delta path. ``peel``: codegen.PEEL_THIN_COLUMN (off by default) on."""
+    two-buffer LSE and Delta path. ``peel``: codegen.PEEL_THIN_COLUMN (on by default) on, or off."""
     pytest.importorskip("triton.backends.nvidia")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Triton fixed interpreter mode for its own helpers when it was imported

@@ -317,14 +317,15 @@ THIN_KEY_CASES = THIN_ROW_CASES + [("window(8) | global([0, 5, 40, -1])", 301, 2
 PEEL_CASES = [(*THIN_KEY_CASES[2], 1), (*THIN_KEY_CASES[4], 1), (*THIN_KEY_CASES[5], 3)]
 
 
+@pytest.mark.parametrize("peel", [True, False])
 @pytest.mark.parametrize("src,t,h,hkv,d,b,bs,split,entries", PEEL_CASES, ids=[c[0][:40] for c in PEEL_CASES])
-def test_first_thin_column_step_outside_its_loop_matches_reference(src, t, h, hkv, d, b, bs, split, entries,
+def test_first_thin_column_step_outside_its_loop_matches_reference(src, t, h, hkv, d, b, bs, split, entries, peel,
                                                                    monkeypatch):
-    """PEEL_THIN_COLUMN: a row's first narrow entry starts the online softmax from the empty
-    state outside the loop, the others follow in it; matched to the float64 reference with
-    poisoned outputs."""
-    monkeypatch.setattr(codegen, "PEEL_THIN_COLUMN", True)
-    assert "PEEL_THIN_COLUMN = tl.constexpr(True)" in codegen.load(patterncc.parse(src)).source
+    """PEEL_THIN_COLUMN (on by default): a row's first narrow entry starts the online softmax
+    from the empty state outside the loop, the others follow in it; or (off) every entry in
+    the pipelined loop. Matched to the float64 reference with poisoned outputs."""
+    monkeypatch.setattr(codegen, "PEEL_THIN_COLUMN", peel)
+    assert f"PEEL_THIN_COLUMN = tl.constexpr({peel})" in codegen.load(patterncc.parse(src)).source
     errs, *_ = run_case(src, t, h, hkv, d, b, bs, split=split)
     assert_close(errs)
     q, k, _ = _inputs(b, h, hkv, t, d, torch.float32)

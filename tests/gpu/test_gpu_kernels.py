@@ -140,16 +140,17 @@ def test_thin_key_items_match_reference(src, d, thin_keys, monkeypatch):
     _assert_matches_reference(op, q, k, v, t, h)
 
 
+@pytest.mark.parametrize("peel", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("src", [REFERENCE["longformer"], REFERENCE["card"], "window(64) | global([3, 40, 700, 701])"])
-def test_first_thin_column_step_outside_its_loop_matches_reference(src, d, monkeypatch):
-    """codegen.PEEL_THIN_COLUMN (off by default; on here): the forward's first thin-column step
-    before its loop, from the empty softmax state, the rest in an unpipelined loop (three
-    sub-blocks of global keys in the last case); GQA, two batches, odd length, residue-order
-    heads in card."""
+def test_first_thin_column_step_outside_its_loop_matches_reference(src, d, peel, monkeypatch):
+    """codegen.PEEL_THIN_COLUMN (on by default): the forward's first thin-column step before
+    its loop, from the empty softmax state, the rest in an unpipelined loop (three sub-blocks
+    of global keys in the last case); or (off) every step in the pipelined loop. GQA, two
+    batches, odd length, residue-order heads in card."""
     from patterncc import codegen
     from patterncc.backends import triton_backend
-    monkeypatch.setattr(codegen, "PEEL_THIN_COLUMN", True)
+    monkeypatch.setattr(codegen, "PEEL_THIN_COLUMN", peel)
     op = patterncc.compile(src, block_size=64, backend="triton")
     t, h = 4001, 4
     q, k, v = _inputs(2, h, 2, t, d, torch.bfloat16)
