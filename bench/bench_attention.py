@@ -47,9 +47,11 @@ summed (torch.profiler, gradients set to None before each step, L2 not flushed),
 to the do_bench time is what the host adds. Before a pattern's timings, patterncc and Flex
 each run their forward+backward untimed for 0.5 s (``settle``). Where a row's wall time went:
 ``flex_setup_s`` (Flex's block mask, compile and settle; ``flex_mask_s`` the block mask's
-part, which BigBird's per-head mask of patterncc's random blocks may make long) and ``row_s``
-(the whole row, its A/B rows not counted), for planning device calls and for telling whether a
-carried compile cache (bench/device_setup.sh) took Flex's compile off.
+part) and ``row_s`` (the whole row, its A/B rows not counted), for planning device calls.
+Flex's block mask is ``flex_block_mask``'s: the one ``create_block_mask`` builds (the same
+blocks in the same order, tested), without the Inductor compile that cost 3-4 minutes of ptxas
+per mask shape on the H100 machine; FLEX_MASK=compile builds it with
+``create_block_mask(..., _compile=True)`` as before the thirty-first session.
 """
 from __future__ import annotations
 
@@ -154,6 +156,39 @@ def flex_mask_mod(name: str, op, T: int, H: int, dev: str):
             return ((qb - kb).abs() <= 1) | (q < 128) | (k < 128) | rnd[h, qb, kb]
         return bigbird
     raise KeyError(name)
+
+
+# FlexAttention's block size: create_block_mask's default, which the Flex rows have always used.
+FLEX_BLOCK = 128
+# Elements of the mask evaluated at once (heads x query rows x keys) by flex_block_mask.
+FLEX_MASK_CHUNK = 1 << 26
+
+
+def flex_block_mask(mask_mod, heads: int, T: int, dev: str, block: int = FLEX_BLOCK,
+                    chunk: int = FLEX_MASK_CHUNK):
+    """FlexAttention's BlockMask for ``mask_mod`` (B=1, ``heads`` mask heads, a T x T mask),
+    the one ``create_block_mask`` gives, without its compile: the mask evaluated on the device
+    by broadcasting, a slab of whole query blocks at a time (about ``chunk`` elements), each
+    block classed FULL (every pair), partial (some) or empty by FlexAttention's own helpers.
+    On the H100 machine ``create_block_mask(..., _compile=True)`` spent 3-4 minutes per mask
+    shape in ptxas on Inductor's kernel that sorts each row's blocks (thirty-first session);
+    this takes seconds, and Flex then runs the same block mask (tests/test_bench_tools.py
+    checks it against ``create_block_mask``)."""
+    from torch.nn.attention.flex_attention import (_convert_mask_to_block_mask,
+                                                   _create_sparse_block_from_block_mask)
+    rows = max(block, chunk // (heads * T) // block * block)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    h = torch.arange(heads, device=dev).view(1, heads, 1, 1)
+    k = torch.arange(T, device=dev).view(1, 1, 1, T)
+    partial, full = [], []
+    for q0 in range(0, T, rows):
+        q = torch.arange(q0, min(q0 + rows, T), device=dev).view(1, 1, -1, 1)
+        m = torch.as_tensor(mask_mod(b, h, q, k), device=dev).expand(1, heads, q.shape[2], T)
+        p, f = _convert_mask_to_block_mask(m, block, block, separate_full_blocks=True)
+        partial.append(p)
+        full.append(f)
+    return _create_sparse_block_from_block_mask((torch.cat(partial, 2), torch.cat(full, 2)), mask_mod,
+                                                (T, T), block, block)
 
 
 def _fresh_grads(fn, grads: list):
@@ -296,6 +331,7 @@ def main() -> None:
     Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
     names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
+    compiled_mask = os.environ.get("FLEX_MASK") == "compile"  # create_block_mask's compile, not flex_block_mask
     ablate = checked_names([a for a in os.environ.get("ABLATE", "").split(",") if a], ABLATIONS, "ABLATE")
     tuned_as()
     meta = versions()
@@ -350,8 +386,11 @@ def main() -> None:
                     try:
                         flex_t0 = time.perf_counter()
                         mm = flex_mask_mod(name, op, T, H, dev)
-                        bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
-                                               _compile=True)
+                        if compiled_mask:
+                            bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
+                                                   _compile=True)
+                        else:
+                            bm = flex_block_mask(mm, H if name == "bigbird" else 1, T, dev)
                         torch.cuda.synchronize()
                         flex_mask = time.perf_counter() - flex_t0  # (its part of flex_setup_s)
                         def ffb():
@@ -390,6 +429,7 @@ def main() -> None:
                                                         if (flex_fb_kernel and pfb_kernel) else None),
                          flex_setup_s=None if flex_setup is None else round(flex_setup, 1),
                          flex_mask_s=None if flex_mask is None else round(flex_mask, 1),
+                         flex_mask_by="create_block_mask compiled" if compiled_mask else "flex_block_mask",
                          row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)

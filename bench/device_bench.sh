@@ -22,15 +22,16 @@
 # on another GPU, e.g. an H200, whose table has no cap), cap128s2 (the capped tile, 2 stages),
 # pairsall (LSE and Delta as pairs at every head dim, not only from a padded head dim of 128),
 # nopeel (the forward's thin-column steps all in its pipelined loop: codegen.PEEL_THIN_COLUMN off).
-# On a fresh machine the first pattern took 3-4 minutes (2026-12-02); the rows' flex_setup_s put
-# 237 of its 259 s in FlexAttention's block mask, compile and settle (2026-12-07; 10-13 s for
-# each later pattern; flex_mask_s, since the thirtieth session, is the block mask's part of it).
+# On a fresh machine the first pattern took 3-4 minutes (2026-12-02): the rows' flex_mask_s put
+# 175-233 s of it in create_block_mask's compile (ptxas on Inductor's kernel that sorts each
+# row's blocks, once per mask shape: BigBird's per-head mask is a shape of its own; 2026-12-07).
+# The bench now builds the same block mask without a compile (bench_attention.flex_block_mask);
+# FLEX_MASK=compile goes back to create_block_mask's compile.
 # SKIP_FLEX=1 leaves the Flex columns out for A/B-only calls.
 # SAVE_CACHE=1 packs Inductor's cache (Flex's compiled kernels) into $OUT/inductor.tgz (in 15 MiB
 # parts, inductor.tgz.part-NN, where larger: 23 MiB after four 16K rows, 2026-12-07): copied to
-# .devcache/ (old copies removed) and carried (carry [".whl", ".devcache"]), it is meant to spare
-# the next call Flex's compile. BigBird's Flex setup is long too: its 16K D=64 row did not finish
-# in the 160 s a call left it after longformer's and the dilated window's rows (2026-12-07).
+# .devcache/ (old copies removed) and carried (carry [".whl", ".devcache"]), it spares the next
+# call Flex's own compile (5-10 s a pattern), which without the block mask's compile is small.
 # JSON (rewritten after each row: a timeout keeps the finished rows), logs and the Markdown
 # table land under $OUT. Pattern names: longformer, bigbird, causal_window, dilated.
 set -u

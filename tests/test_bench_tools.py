@@ -455,3 +455,27 @@ def test_gpu_clocks_fills_its_dict_with_the_readings_of_the_blocks_time_on_exit(
     n = len(asked) - 1  # readings of 1700 MHz / 500 W besides the first (one unreadable)
     assert found["sm_clock_mhz"] == pytest.approx(round((1980 + 1700 * (n - 1)) / n, 1))
     assert asked[0][:3] == ["nvidia-smi", "--id=0", "--query-gpu=clocks.sm,power.draw"]
+
+
+@pytest.mark.parametrize("T", [1000, 1024])
+@pytest.mark.parametrize("name", ["longformer", "bigbird", "causal_window", "dilated"])
+def test_flex_block_mask_is_create_block_masks_without_its_compile(name, T):
+    """The bench's block mask for FlexAttention, evaluated a slab of query blocks at a time
+    (three slabs here, the last one short when T is not a multiple of 128), is the one
+    create_block_mask builds: the same partial and FULL blocks, in the same order, both ways."""
+    import torch
+    import patterncc
+    from torch.nn.attention.flex_attention import create_block_mask
+    H = 4
+    op = patterncc.compile(bench_attention.PATTERNS[name], block_size=64)
+    mm = bench_attention.flex_mask_mod(name, op, T, H, "cpu")
+    heads = H if name == "bigbird" else 1
+    want = create_block_mask(mm, 1, heads, T, T, device="cpu", _compile=False)
+    got = bench_attention.flex_block_mask(mm, heads, T, "cpu", chunk=heads * T * 3 * 128)
+    assert got.BLOCK_SIZE == want.BLOCK_SIZE and got.seq_lengths == want.seq_lengths == (T, T)
+    fields = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"]
+    for f in fields:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert int(got.kv_num_blocks.sum()) > 0  # partial blocks (and FULL ones but in the dilated window)
+    assert (int(got.full_kv_num_blocks.sum()) > 0) == (name != "dilated")
