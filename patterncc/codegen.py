@@ -121,8 +121,8 @@ PAIRED_STATS_MIN_HEAD_PAD = 128
 # row's instructions. Predicted: longformer's forward -2% to -3.5%; other patterns unchanged.
 # Measured (H100, thirty-first session, interleaved A/B, 3 rounds each): longformer's forward in
 # graph replay -0.7% to -1.4% a round at 16K and 64K D=64, -1.2% to -2.1% at 16K D=128 (faster in
-# all nine rounds; the A/A's forward moved -0.3% to +0.8%); the backward's kernels are the same.
-# On since; the A/B row `nopeel` turns it off.
+# all nine rounds; the A/A's forward moved -0.2% to +0.8%); the backward's kernels are the same.
+# On since that session; the A/B row `nopeel` turns it off.
 PEEL_THIN_COLUMN = True
 TEMPLATES = ("common.py", "attention_fwd.py", "attention_bwd.py")
 MARKER = "# @template-begin"
