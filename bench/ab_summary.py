@@ -12,7 +12,10 @@ sampled during them (``sm_clock_mhz``, ``power_w``): the table gives the clock's
 The ``f+b by round`` column is the forward+backward change within each round (the variant
 against the default of the same round), lowest to highest: an A/A on the H100 (the same
 kernels both sides, thirtieth session) spread from -0.8% to +1.7% that way, so a change
-whose rounds straddle zero, or that is under about 1%, is not resolved by one A/B.
+whose rounds straddle zero, or that is under about 1%, is not resolved by one A/B. The
+``graph by round`` column does the same for the forward in CUDA-graph replay, which the
+first timed slot's higher clocks did not bias (thirty-first session: the A/A's forward moved
+-0.2% to +0.8% a round there, while the profiler's kernel durations spread more).
 
     python bench/ab_summary.py bench/results/2026-12-07-NVIDIA-H100-80GB-HBM3-run28-ab-pairs-cap128.jsonl
     bash bench/device_ab.sh | ...                 (or: python bench/ab_summary.py - < ab.jsonl)
@@ -83,7 +86,8 @@ def round_changes(default: list[dict], variant: list[dict], read) -> list[float]
 
 def summary(section: list[dict]) -> dict:
     """One A/B's means per variant and the variant's changes (fractions: -0.05 is 5% faster),
-    with ``by_round``: the forward+backward kernel change of each round (round_changes)."""
+    with ``by_round``: the forward+backward kernel change of each round (round_changes), and
+    ``graph_by_round``: the same for the forward in graph replay."""
     default = [r for r in section if r["variant"] == "default"]
     variant = [r for r in section if r["variant"] != "default"]
     if not default or not variant:
@@ -105,6 +109,7 @@ def summary(section: list[dict]) -> dict:
         if own is not None and fwd is not None:
             out["change"][f"{short}/fwd"] = (1 + own) / (1 + fwd) - 1
     out["by_round"] = round_changes(default, variant, columns["fwdbwd_kernels"])
+    out["graph_by_round"] = round_changes(default, variant, columns["fwd_graph"])
     return out
 
 
@@ -124,8 +129,8 @@ def _spread(changes: list[float]) -> str:
 def markdown(summaries: list[dict]) -> str:
     """A table, one row per A/B: default → variant ms and the change."""
     lines = ["| switch | pattern | T | D | rounds | f+b kernels ms | change | f+b by round | dK/dV ms | change "
-             "| dK/dV ÷ fwd | dQ | dQ ÷ fwd | fwd kernel | fwd graph | SM MHz |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dK/dV ÷ fwd | dQ | dQ ÷ fwd | fwd kernel | fwd graph | graph by round | SM MHz |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         c = s["change"]
         lines.append(f"| {s['ablate']} | {s['pattern']} | {s['T']} | {s['D']} | {s['rounds']} | "
@@ -133,7 +138,8 @@ def markdown(summaries: list[dict]) -> str:
                      f"{_spread(s.get('by_round', []))} | "
                      f"{_before_after(s['ms']['dkdv'])} | "
                      f"{_pct(c['dkdv'])} | {_pct(c.get('dkdv/fwd'))} | {_pct(c['dq'])} | {_pct(c.get('dq/fwd'))} | "
-                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_before_after(s['ms']['sm_clock'], 0)} |")
+                     f"{_pct(c['fwd'])} | {_pct(c['fwd_graph'])} | {_spread(s.get('graph_by_round', []))} | "
+                     f"{_before_after(s['ms']['sm_clock'], 0)} |")
     return "\n".join(lines)
 
 

@@ -367,9 +367,9 @@ def test_kernel_rates_count_each_passs_products_on_its_walked_blocks(tmp_path):
     assert got["device"] == "X" and (got["T"], got["D"]) == (1024, 64)
 
 
-def _ab_round(variant, r, fwd, dkdv, ablate="pairs", pattern="longformer"):
+def _ab_round(variant, r, fwd, dkdv, ablate="pairs", pattern="longformer", graph=None):
     return {"T": 16384, "D": 64, "pattern": pattern, "ablate": ablate, "round": r, "variant": variant,
-            "kernel_ms": fwd + 0.2 + dkdv, "fwd_graph_ms": fwd,
+            "kernel_ms": fwd + 0.2 + dkdv, "fwd_graph_ms": fwd if graph is None else graph,
             "kernels": {"_attn_fwd": fwd, "_attn_bwd_dq": 0.2, "_attn_bwd_dkdv": dkdv}}
 
 
@@ -395,13 +395,16 @@ def test_the_ab_summary_takes_each_switchs_rounds_and_the_drift_out_of_the_backw
 
 def test_the_ab_summary_gives_each_rounds_change_by_round_number():
     """The variant against the default of its own round (not of the slot before it), lowest to
-    highest in the table; a round the default lacks is left out."""
-    rounds = [_ab_round("default", 0, 0.10, 0.30), _ab_round("pairs", 0, 0.10, 0.33),
-              _ab_round("pairs", 1, 0.10, 0.27), _ab_round("default", 1, 0.10, 0.36),
-              _ab_round("pairs", 2, 0.10, 0.30)]
+    highest in the table, forward+backward kernels and forward graph replay; a round the
+    default lacks is left out."""
+    rounds = [_ab_round("default", 0, 0.10, 0.30, graph=0.20), _ab_round("pairs", 0, 0.10, 0.33, graph=0.19),
+              _ab_round("pairs", 1, 0.10, 0.27, graph=0.21), _ab_round("default", 1, 0.10, 0.36, graph=0.20),
+              _ab_round("pairs", 2, 0.10, 0.30, graph=0.10)]
     (found,) = [ab_summary.summary(s) for s in ab_summary.sections(rounds)]
     assert found["by_round"] == pytest.approx([0.03 / 0.6, -0.09 / 0.66])
-    assert "| -13.6 .. +5.0% |" in ab_summary.markdown([found])
+    assert found["graph_by_round"] == pytest.approx([-0.05, 0.05])
+    row = ab_summary.markdown([found]).splitlines()[2]
+    assert "| -13.6 .. +5.0% |" in row and row.endswith("| -5.0 .. +5.0% | — |")
 
 
 def test_the_ab_summary_splits_older_files_where_a_run_starts_again():
