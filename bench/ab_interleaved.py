@@ -9,7 +9,11 @@ kernel sum. Before round 0 the default runs untimed for $HEAT_S seconds (default
 it the first timed slot of an A/B ran at higher clocks than the rest (thirtieth session, six
 A/Bs on the H100: 1923-1962 MHz against 1830-1920) and, in four of the six, its
 forward+backward 0.6-1.1% faster than the default's later slots: a bias towards the default,
-which holds that slot. Run on the GPU machine from the repository root:
+which holds that slot. Five seconds did not remove it (thirty-first session: that slot at
+1855-1949 MHz against 1708-1871 after the heat-up), but the forward in graph replay, timed last
+in each slot, showed no such bias there (an A/A moved it -0.2% to +0.8% a round): read a
+forward change from ``graph by round`` (bench/ab_summary.py). Run on the GPU machine from the
+repository root:
   TS=65536 DS=128 PATTERN=causal_window ABLATE=delta ROUNDS=3 python3 bench/ab_interleaved.py
 Prints one JSON line per round and variant; bench/ab_summary.py makes a table of them.
 """
