@@ -386,11 +386,11 @@ def main() -> None:
                     try:
                         flex_t0 = time.perf_counter()
                         mm = flex_mask_mod(name, op, T, H, dev)
+                        mask_heads = H if name == "bigbird" else None  # (BigBird's random blocks differ by head)
                         if compiled_mask:
-                            bm = create_block_mask(mm, None, H if name == "bigbird" else None, T, T, device=dev,
-                                                   _compile=True)
+                            bm = create_block_mask(mm, None, mask_heads, T, T, device=dev, _compile=True)
                         else:
-                            bm = flex_block_mask(mm, H if name == "bigbird" else 1, T, dev)
+                            bm = flex_block_mask(mm, mask_heads or 1, T, dev)
                         torch.cuda.synchronize()
                         flex_mask = time.perf_counter() - flex_t0  # (its part of flex_setup_s)
                         def ffb():
@@ -429,7 +429,8 @@ def main() -> None:
                                                         if (flex_fb_kernel and pfb_kernel) else None),
                          flex_setup_s=None if flex_setup is None else round(flex_setup, 1),
                          flex_mask_s=None if flex_mask is None else round(flex_mask, 1),
-                         flex_mask_by="create_block_mask compiled" if compiled_mask else "flex_block_mask",
+                         flex_mask_by=None if skip_flex else ("create_block_mask compiled" if compiled_mask
+                                                              else "flex_block_mask"),
                          row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)
