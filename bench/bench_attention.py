@@ -50,7 +50,7 @@ each run their forward+backward untimed for 0.5 s (``settle``). Where a row's wa
 part) and ``row_s`` (the whole row, its A/B rows not counted), for planning device calls.
 Flex's block mask is ``flex_block_mask``'s: the one ``create_block_mask`` builds (the same
 blocks in the same order, tested), without the Inductor compile that cost 3-4 minutes of ptxas
-per mask shape on the H100 machine; FLEX_MASK=compile builds it with
+per mask shape on the H100 machine (FLEX_MASK=slabs, the default); FLEX_MASK=compile builds it with
 ``create_block_mask(..., _compile=True)`` as before the thirty-first session.
 """
 from __future__ import annotations
@@ -162,6 +162,8 @@ def flex_mask_mod(name: str, op, T: int, H: int, dev: str):
 FLEX_BLOCK = 128
 # Elements of the mask evaluated at once (heads x query rows x keys) by flex_block_mask.
 FLEX_MASK_CHUNK = 1 << 26
+# $FLEX_MASK: how the Flex rows' block mask is built.
+FLEX_MASKS = {"slabs": "flex_block_mask (the default)", "compile": "create_block_mask(..., _compile=True)"}
 
 
 def flex_block_mask(mask_mod, heads: int, T: int, dev: str, block: int = FLEX_BLOCK,
@@ -331,7 +333,7 @@ def main() -> None:
     Ds = [int(x) for x in os.environ.get("DS", "64,128").split(",")]
     names = checked_names(os.environ.get("PATTERNS", ",".join(PATTERNS)).split(","), PATTERNS, "PATTERNS")
     skip_flex = os.environ.get("SKIP_FLEX") == "1"
-    compiled_mask = os.environ.get("FLEX_MASK") == "compile"  # create_block_mask's compile, not flex_block_mask
+    mask_by, = checked_names([os.environ.get("FLEX_MASK") or "slabs"], FLEX_MASKS, "FLEX_MASK")
     ablate = checked_names([a for a in os.environ.get("ABLATE", "").split(",") if a], ABLATIONS, "ABLATE")
     tuned_as()
     meta = versions()
@@ -387,7 +389,7 @@ def main() -> None:
                         flex_t0 = time.perf_counter()
                         mm = flex_mask_mod(name, op, T, H, dev)
                         mask_heads = H if name == "bigbird" else None  # (BigBird's random blocks differ by head)
-                        if compiled_mask:
+                        if mask_by == "compile":
                             bm = create_block_mask(mm, None, mask_heads, T, T, device=dev, _compile=True)
                         else:
                             bm = flex_block_mask(mm, mask_heads or 1, T, dev)
@@ -429,8 +431,7 @@ def main() -> None:
                                                         if (flex_fb_kernel and pfb_kernel) else None),
                          flex_setup_s=None if flex_setup is None else round(flex_setup, 1),
                          flex_mask_s=None if flex_mask is None else round(flex_mask, 1),
-                         flex_mask_by=None if skip_flex else ("create_block_mask compiled" if compiled_mask
-                                                              else "flex_block_mask"),
+                         flex_mask_by=None if skip_flex else mask_by,
                          row_s=round(time.perf_counter() - row_t0, 1))
                 r.update(kernel_stats(lay, q))
                 record(r)

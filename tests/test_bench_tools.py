@@ -56,6 +56,8 @@ def test_the_benchmark_refuses_unknown_pattern_and_ablation_names_before_it_star
         bench_attention.checked_names(["causal", "bigbird"], bench_attention.PATTERNS, "PATTERNS")
     with pytest.raises(SystemExit, match="ABLATE: unknown splitt"):
         bench_attention.checked_names(["split", "splitt"], bench_attention.ABLATIONS, "ABLATE")
+    with pytest.raises(SystemExit, match="FLEX_MASK: unknown compiled; choose from slabs, compile"):
+        bench_attention.checked_names(["compiled"], bench_attention.FLEX_MASKS, "FLEX_MASK")
 
 
 def test_the_interleaved_ab_refuses_unknown_names_and_defaults_to_the_delta_switch(monkeypatch):
